@@ -1,0 +1,507 @@
+"""Shared code of the ISIC 2024 pipeline: reading the Kaggle files, folds, the competition metric,
+atomic writes, and the demo data set.
+
+Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv, DATA/*-image.hdf5
+Writes: WORK/folds.csv (isic_id,patient_id,target,fold), once; every later stage reads it.
+
+Command:
+    python common.py demo demo_data                        # the demo set, Kaggle layout (~1 min)
+    python common.py demo tiny --patients 30 --test-patients 6   # a tiny one, for trying things
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+KAGGLE_DATA = "/kaggle/input/isic-2024-challenge"
+
+TRAIN_ONLY = ["target", "lesion_id", "iddx_full", "iddx_1", "iddx_2", "iddx_3", "iddx_4", "iddx_5",
+              "mel_mitotic_index", "mel_thick_mm", "tbp_lv_dnn_lesion_confidence"]
+NUMERIC = ["age_approx", "clin_size_long_diam_mm", "tbp_lv_A", "tbp_lv_Aext", "tbp_lv_B", "tbp_lv_Bext",
+           "tbp_lv_C", "tbp_lv_Cext", "tbp_lv_H", "tbp_lv_Hext", "tbp_lv_L", "tbp_lv_Lext", "tbp_lv_areaMM2",
+           "tbp_lv_area_perim_ratio", "tbp_lv_color_std_mean", "tbp_lv_deltaA", "tbp_lv_deltaB",
+           "tbp_lv_deltaL", "tbp_lv_deltaLB", "tbp_lv_deltaLBnorm", "tbp_lv_eccentricity",
+           "tbp_lv_minorAxisMM", "tbp_lv_nevi_confidence", "tbp_lv_norm_border", "tbp_lv_norm_color",
+           "tbp_lv_perimeterMM", "tbp_lv_radial_color_std_max", "tbp_lv_stdL", "tbp_lv_stdLExt",
+           "tbp_lv_symm_2axis", "tbp_lv_symm_2axis_angle", "tbp_lv_x", "tbp_lv_y", "tbp_lv_z"]
+CATEGORICAL = ["sex", "anatom_site_general", "tbp_tile_type", "tbp_lv_location", "tbp_lv_location_simple",
+               "attribution"]
+TRAIN_COLUMNS = ("isic_id target patient_id age_approx sex anatom_site_general clin_size_long_diam_mm image_type "
+                 "tbp_tile_type tbp_lv_A tbp_lv_Aext tbp_lv_B tbp_lv_Bext tbp_lv_C tbp_lv_Cext tbp_lv_H tbp_lv_Hext "
+                 "tbp_lv_L tbp_lv_Lext tbp_lv_areaMM2 tbp_lv_area_perim_ratio tbp_lv_color_std_mean tbp_lv_deltaA "
+                 "tbp_lv_deltaB tbp_lv_deltaL tbp_lv_deltaLB tbp_lv_deltaLBnorm tbp_lv_eccentricity tbp_lv_location "
+                 "tbp_lv_location_simple tbp_lv_minorAxisMM tbp_lv_nevi_confidence tbp_lv_norm_border "
+                 "tbp_lv_norm_color tbp_lv_perimeterMM tbp_lv_radial_color_std_max tbp_lv_stdL tbp_lv_stdLExt "
+                 "tbp_lv_symm_2axis tbp_lv_symm_2axis_angle tbp_lv_x tbp_lv_y tbp_lv_z attribution "
+                 "copyright_license lesion_id iddx_full iddx_1 iddx_2 iddx_3 iddx_4 iddx_5 mel_mitotic_index "
+                 "mel_thick_mm tbp_lv_dnn_lesion_confidence").split()
+TEST_COLUMNS = [c for c in TRAIN_COLUMNS if c not in TRAIN_ONLY]
+FLOAT_COLUMNS = set(NUMERIC) | {"target", "mel_thick_mm", "tbp_lv_dnn_lesion_confidence"}
+MISSING = {"", "na", "nan", "n/a", "null", "none"}
+
+
+class DataError(Exception):
+    """Bad input: the message names the file, the row or isic_id, and what is wrong."""
+
+
+def log(*args):
+    print(time.strftime("%H:%M:%S"), *args, flush=True)
+
+
+# ---------------------------------------------------------------- reading the Kaggle files
+
+def default_data_dir():
+    return KAGGLE_DATA if os.path.isdir(KAGGLE_DATA) else None
+
+
+def data_path(data_dir, name):
+    if data_dir is None:
+        raise DataError("no --data given: pass --data DIR (a folder holding train-metadata.csv, "
+                        "train-image.hdf5, test-metadata.csv, test-image.hdf5), or make the demo set "
+                        "with `python common.py demo demo_data` and pass --data demo_data")
+    path = os.path.join(data_dir, name)
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    return path
+
+
+def parse_floats(values, path, column):
+    """Strings to float64: '45', '45.0', '8.05E-13', ' 3.2 ' parse; '', 'NA', 'nan' are missing."""
+    text = np.char.lower(np.char.strip(np.asarray(values, dtype=str)))
+    missing = np.isin(text, list(MISSING))
+    out = np.full(len(text), np.nan)
+    try:
+        out[~missing] = text[~missing].astype(np.float64)
+    except ValueError:
+        for row, t in enumerate(text):
+            if t not in MISSING:
+                try:
+                    float(t)
+                except ValueError:
+                    raise DataError(f"{path}: row {row + 2}, column {column}: {values[row]!r} "
+                                    "is not a number") from None
+    return out
+
+
+def read_metadata(path, required=None):
+    """A Kaggle metadata CSV as {column: array}: numeric columns float64 (NaN = missing), others str.
+
+    Raises DataError for a missing file or column, a ragged row or a duplicated isic_id."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            raise DataError(f"{path}: the file is empty (no header line)")
+        header = [h.strip() for h in header]
+        rows = list(reader)
+    rows = [r for r in rows if r]
+    for i, r in enumerate(rows):
+        if len(r) != len(header):
+            raise DataError(f"{path}: row {i + 2} has {len(r)} fields, the header has {len(header)}")
+    missing = [c for c in (required or ["isic_id"]) if c not in header]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {', '.join(missing)}")
+    cols = list(zip(*rows)) if rows else [()] * len(header)
+    table = {}
+    for name, values in zip(header, cols):
+        table[name] = (parse_floats(values, path, name) if name in FLOAT_COLUMNS
+                       else np.array([v.strip() for v in values], dtype=object))
+    ids = table["isic_id"]
+    uniq, counts = np.unique(ids.astype(str), return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{path}: duplicated isic_id {', '.join(uniq[counts > 1][:5])}")
+    if "target" in table and np.isnan(table["target"]).any():
+        row = int(np.flatnonzero(np.isnan(table["target"]))[0])
+        raise DataError(f"{path}: isic_id {ids[row]} (row {row + 2}) has no target")
+    return table
+
+
+def read_train(data_dir):
+    return read_metadata(data_path(data_dir, "train-metadata.csv"),
+                         required=["isic_id", "patient_id", "target"])
+
+
+def read_test(data_dir):
+    return read_metadata(data_path(data_dir, "test-metadata.csv"), required=["isic_id", "patient_id"])
+
+
+def decode_image(raw, isic_id="?"):
+    """JPEG (or PNG) bytes to an RGB uint8 array; grayscale, RGBA and CMYK are converted."""
+    from PIL import Image
+    if len(raw) == 0:
+        raise DataError(f"isic_id {isic_id}: the image value is empty")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types for truncated or corrupt bytes
+        raise DataError(f"isic_id {isic_id}: the image cannot be decoded ({e})") from None
+
+
+def read_image_bytes(h5, isic_id):
+    """The stored bytes of one image: one fixed-length byte string per isic_id, as Kaggle stores it."""
+    value = h5[isic_id][()]
+    return value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
+
+
+def check_image_ids(h5_path, ids):
+    """Every metadata isic_id must have an image, and the reverse."""
+    import h5py
+    with h5py.File(h5_path, "r") as h5:
+        stored = set(h5.keys())
+    lacking = [i for i in ids if i not in stored]
+    if lacking:
+        raise DataError(f"{h5_path}: no image for {len(lacking)} isic_id(s) of the metadata, "
+                        f"e.g. {', '.join(lacking[:5])}")
+    extra = sorted(stored - set(ids))
+    if extra:
+        raise DataError(f"{h5_path}: {len(extra)} image(s) whose isic_id is not in the metadata, "
+                        f"e.g. {', '.join(extra[:5])}")
+
+
+# ---------------------------------------------------------------- atomic writes, id-checked arrays
+
+def atomic_write(path, write):
+    """Calls write(file) on a temporary file beside `path`, then renames it: a crash leaves the old
+    file or none, never half of one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_csv(path, header, columns):
+    def write(f):
+        text = io.StringIO()
+        w = csv.writer(text, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(zip(*columns))
+        f.write(text.getvalue().encode())
+    atomic_write(path, write)
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
+
+
+def save_array(path, array, ids):
+    """X.npy with its row ids in X_ids.txt; the ids go first so a reader never sees new rows
+    with stale ids."""
+    ids_path = path[:-4] + "_ids.txt"
+    atomic_write(ids_path, lambda f: f.write(("\n".join(ids) + "\n").encode()))
+    atomic_write(path, lambda f: np.save(f, array))
+
+
+def load_array(path, expected_ids):
+    """X.npy, checked against the ids beside it and against the rows the caller expects."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found (run the stage that writes it first)")
+    array = np.load(path)
+    with open(path[:-4] + "_ids.txt") as f:
+        ids = f.read().split()
+    if len(ids) != len(array):
+        raise DataError(f"{path}: {len(array)} rows but {len(ids)} ids beside it")
+    check_ids(path, ids, expected_ids)
+    return array
+
+
+def check_ids(path, ids, expected_ids):
+    ids, expected = np.asarray(ids, dtype=str), np.asarray(expected_ids, dtype=str)
+    if len(ids) != len(expected) or (ids != expected).any():
+        first = (int(np.flatnonzero(ids[:len(expected)] != expected[:len(ids)])[0])
+                 if (ids[:len(expected)] != expected[:len(ids)]).any() else min(len(ids), len(expected)))
+        raise DataError(f"{path}: its ids do not line up with this run's ({len(ids)} rows against "
+                        f"{len(expected)}; first difference at row {first}): is it from another run?")
+
+
+def write_args(path, args):
+    write_json(path, {"argv": sys.argv, "args": vars(args), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+# ---------------------------------------------------------------- folds and the metric
+
+def make_folds(patient_ids, targets, n_folds=5, seed=42):
+    """Fold of each row: grouped by patient, positives spread as evenly as the grouping allows.
+
+    Patients in a seeded random order, those with the most positives first, each to the fold with
+    the fewest positives so far (then the fewest rows)."""
+    patients, codes = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+    pos = np.bincount(codes, weights=np.asarray(targets, dtype=float), minlength=len(patients))
+    rows = np.bincount(codes, minlength=len(patients))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    order = order[np.argsort(-pos[order], kind="stable")]
+    fold_pos, fold_rows = np.zeros(n_folds), np.zeros(n_folds)
+    patient_fold = np.empty(len(patients), dtype=np.int64)
+    for p in order:
+        f = np.lexsort((fold_rows, fold_pos))[0] if pos[p] > 0 else np.argmin(fold_rows)
+        patient_fold[p] = f
+        fold_pos[f] += pos[p]
+        fold_rows[f] += rows[p]
+    return patient_fold[codes]
+
+
+def load_folds(work, train, n_folds=5, seed=42):
+    """WORK/folds.csv, made on first use; later stages check it matches the train metadata."""
+    path = os.path.join(work, "folds.csv")
+    ids = train["isic_id"].astype(str)
+    if not os.path.exists(path):
+        folds = make_folds(train["patient_id"], train["target"], n_folds, seed)
+        write_csv(path, ["isic_id", "patient_id", "target", "fold"],
+                  [ids, train["patient_id"], train["target"].astype(int), folds])
+        log(f"wrote {path}: {n_folds} folds grouped by patient, seed {seed}")
+    table = read_metadata(path, required=["isic_id", "fold"])
+    check_ids(path, table["isic_id"], ids)
+    return table["fold"].astype(int)
+
+
+def roc_points(y_true, y_score):
+    """FPR and TPR at each distinct threshold, (0, 0) first; tied scores form one point."""
+    order = np.argsort(-y_score, kind="mergesort")
+    y, s = y_true[order], y_score[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    return np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1]
+
+
+def pauc(y_true, y_pred, min_tpr=0.80):
+    """Kaggle's ISIC 2024 score: the ROC area above TPR = min_tpr (0..0.2 for 0.8).
+
+    Flip the labels, negate the predictions, cut the ROC curve at FPR = 1 - min_tpr with one
+    interpolated point, and take the trapezoid area of that piece."""
+    y_true = np.asarray(y_true, dtype=float)
+    y_pred = np.asarray(y_pred, dtype=float)
+    if len(y_true) != len(y_pred):
+        raise ValueError(f"pauc: {len(y_true)} labels but {len(y_pred)} predictions")
+    if np.isnan(y_pred).any():
+        raise ValueError("pauc: the predictions contain NaN")
+    if y_true.min() == y_true.max():
+        raise ValueError("pauc: the labels hold one class only")
+    max_fpr = 1.0 - min_tpr
+    fpr, tpr = roc_points(1.0 - y_true, -y_pred)
+    stop = np.searchsorted(fpr, max_fpr, "right")
+    y_cut = np.interp(max_fpr, fpr[stop - 1:stop + 1], tpr[stop - 1:stop + 1])
+    fpr = np.r_[fpr[:stop], max_fpr]
+    tpr = np.r_[tpr[:stop], y_cut]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def rank01(x):
+    """Ranks 1..n with ties averaged, divided by n."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    run = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = (starts[run] + ends[run] + 1) / 2.0
+    return ranks / len(x)
+
+
+# ---------------------------------------------------------------- the demo data set
+
+LOCATIONS = {"head/neck": ["Head & Neck"],
+             "anterior torso": ["Torso Front Top Half", "Torso Front Bottom Half", "Torso Front"],
+             "posterior torso": ["Torso Back Top Third", "Torso Back Middle Third", "Torso Back Bottom Third",
+                                 "Torso Back"],
+             "upper extremity": ["Left Arm - Upper", "Left Arm - Lower", "Right Arm - Upper",
+                                 "Right Arm - Lower", "Left Arm", "Right Arm"],
+             "lower extremity": ["Left Leg - Upper", "Left Leg - Lower", "Right Leg - Upper",
+                                 "Right Leg - Lower", "Left Leg", "Right Leg"]}
+ATTRIBUTIONS = ["Memorial Sloan Kettering Cancer Center", "ACEMID MIA",
+                "ViDIR Group, Department of Dermatology, Medical University of Vienna",
+                "Frazer Institute, The University of Queensland, Dermatology Research Centre",
+                "Department of Dermatology, Hospital Clínic de Barcelona", "University Hospital of Basel",
+                "Department of Dermatology, University of Athens, Andreas Syggros Hospital of Skin and "
+                "Venereal Diseases, Alexandra Hospital"]
+
+
+def simple_location(loc):
+    for side in ("Left", "Right"):
+        for limb in ("Arm", "Leg"):
+            if loc.startswith(f"{side} {limb}"):
+                return f"{side} {limb}"
+    return {"Head & Neck": "Head & Neck"}.get(loc, "Torso Back" if "Back" in loc else "Torso Front")
+
+
+def demo_lesions(rng, n_patients, first_patient, first_lesion, malignant_rate):
+    """Metadata of a demo cohort. Patients differ more than their lesions do (skin tone, photo
+    set-up, lesion load), so absolute values are confounded; a malignant lesion stands out from
+    its own patient's lesions (larger, darker, more irregular) by less than patients differ."""
+    rows = []
+    for p in range(n_patients):
+        pid = f"IP_{first_patient + p:07d}"
+        n = int(np.clip(rng.lognormal(3.0, 0.8), 3, 300))
+        age = float(rng.choice(np.arange(20, 90, 5))) if rng.random() > 0.01 else np.nan
+        sex = rng.choice(["male", "female", ""], p=[0.52, 0.46, 0.02])
+        attribution = ATTRIBUTIONS[rng.integers(len(ATTRIBUTIONS))]
+        tile = rng.choice(["3D: XP", "3D: white"], p=[0.7, 0.3])
+        skin = rng.normal([60.0, 15.0, 25.0], [9.0, 3.0, 4.0])          # the patient's L, A, B
+        size_scale = rng.lognormal(0.0, 0.35)
+        style = rng.normal(0, 1, 6)                                     # patient-level offsets
+        n_mal = rng.binomial(n, malignant_rate) if rng.random() < 0.5 else 0
+        mal = np.zeros(n, bool)
+        mal[rng.choice(n, min(n_mal, max(1, n // 4)), replace=False)] = True
+        for j in range(n):
+            m = mal[j]
+            site = rng.choice(list(LOCATIONS), p=[0.1, 0.22, 0.3, 0.16, 0.22])
+            loc = rng.choice(LOCATIONS[site]) if rng.random() > 0.01 else "Unknown"
+            d = rng.normal(0, 1, 8) + m * np.array([1.4, 1.2, 1.3, 1.1, 1.2, 1.0, 0.0, 0.0])
+            diam = size_scale * np.exp(1.0 + 0.25 * d[0]) + 1.0
+            L = skin[0] - 18 - 4 * d[1] + 6 * style[0]
+            A, B = skin[1] + 3 + 1.5 * d[2] + 2 * style[1], skin[2] + 3 + 2 * rng.normal()
+            area = np.pi * diam * diam / 4 * rng.uniform(0.55, 0.8)
+            border = np.clip(4.0 + 1.2 * d[3] + 1.5 * style[2], 1, 10)
+            perim = 2 * np.sqrt(np.pi * area) * (1 + 0.05 * border)
+            color_std = max(0.0, 0.5 + 0.6 * d[4] + 0.5 * style[3])
+            symm = np.clip(0.3 + 0.06 * d[5] + 0.05 * style[4], 0.05, 0.9)
+            x, y, z = rng.normal(0, 150), rng.uniform(300, 1700), rng.normal(0, 60)
+            Lext, Aext, Bext = skin + rng.normal(0, 1.5, 3)
+            dL, dA, dB = L - Lext, A - Aext, B - Bext
+            nevi = float(np.clip(100 / (1 + np.exp(-(1.5 - 1.2 * d[0] - d[4] + style[5]))), 0, 100))
+            row = {"isic_id": None, "target": float(m), "patient_id": pid, "age_approx": age, "sex": sex,
+                   "anatom_site_general": site if rng.random() > 0.015 else "",
+                   "clin_size_long_diam_mm": round(diam, 2), "image_type": "TBP tile: close-up",
+                   "tbp_tile_type": tile, "tbp_lv_A": A, "tbp_lv_Aext": Aext, "tbp_lv_B": B,
+                   "tbp_lv_Bext": Bext, "tbp_lv_C": np.hypot(A, B), "tbp_lv_Cext": np.hypot(Aext, Bext),
+                   "tbp_lv_H": np.degrees(np.arctan2(B, A)), "tbp_lv_Hext": np.degrees(np.arctan2(Bext, Aext)),
+                   "tbp_lv_L": L, "tbp_lv_Lext": Lext, "tbp_lv_areaMM2": area,
+                   "tbp_lv_area_perim_ratio": perim * perim / area, "tbp_lv_color_std_mean": color_std,
+                   "tbp_lv_deltaA": dA, "tbp_lv_deltaB": dB, "tbp_lv_deltaL": dL,
+                   "tbp_lv_deltaLB": np.hypot(dL, dB), "tbp_lv_deltaLBnorm": np.sqrt(dL ** 2 + dA ** 2 + dB ** 2),
+                   "tbp_lv_eccentricity": float(np.clip(0.75 + 0.1 * d[6], 0.2, 0.99)),
+                   "tbp_lv_location": loc, "tbp_lv_location_simple": simple_location(loc),
+                   "tbp_lv_minorAxisMM": diam * rng.uniform(0.5, 0.9), "tbp_lv_nevi_confidence": nevi,
+                   "tbp_lv_norm_border": border, "tbp_lv_norm_color": float(np.clip(2 + 2 * d[4], 0, 10)),
+                   "tbp_lv_perimeterMM": perim, "tbp_lv_radial_color_std_max": color_std * rng.uniform(0.3, 1),
+                   "tbp_lv_stdL": 1 + 0.4 * abs(d[1]), "tbp_lv_stdLExt": rng.uniform(1, 4),
+                   "tbp_lv_symm_2axis": symm, "tbp_lv_symm_2axis_angle": float(rng.integers(0, 36) * 5),
+                   "tbp_lv_x": x, "tbp_lv_y": y, "tbp_lv_z": z, "attribution": attribution,
+                   "copyright_license": rng.choice(["CC-BY", "CC-BY-NC", "CC-0"]),
+                   "lesion_id": f"IL_{rng.integers(10 ** 7):07d}" if m or rng.random() < 0.1 else "",
+                   "iddx_full": "Malignant::Malignant melanocytic proliferations (Melanoma)::Melanoma Invasive"
+                   if m else "Benign",
+                   "iddx_1": "Malignant" if m else "Benign",
+                   "iddx_2": "Malignant melanocytic proliferations (Melanoma)" if m else "",
+                   "iddx_3": "Melanoma Invasive" if m else "", "iddx_4": "", "iddx_5": "",
+                   "mel_mitotic_index": "<1/mm^2" if m and rng.random() < 0.5 else "",
+                   "mel_thick_mm": round(rng.uniform(0.2, 2), 2) if m and rng.random() < 0.5 else np.nan,
+                   "tbp_lv_dnn_lesion_confidence": float(rng.uniform(50, 100))}
+            rows.append(row)
+    for k, row in enumerate(rows):
+        row["isic_id"] = f"ISIC_{first_lesion + k:07d}"
+    return rows
+
+
+def demo_tile(rng, row, trait):
+    """A lesion tile of 61 to 239 px: a dark blob coloured by the row's L/A/B on its patient's skin.
+    `trait` adds a blue-white veil with dark dots, a malignant sign that no tabular column carries."""
+    from PIL import Image, ImageDraw, ImageFilter
+    size = int(np.clip(rng.normal(131, 30), 61, 239))
+    skin = lab_to_rgb(row["tbp_lv_Lext"], row["tbp_lv_Aext"], row["tbp_lv_Bext"])
+    lesion = lab_to_rgb(row["tbp_lv_L"], row["tbp_lv_A"], row["tbp_lv_B"])
+    im = Image.new("RGB", (size, size), skin)
+    draw = ImageDraw.Draw(im)
+    r = size * np.clip(0.12 + 0.02 * row["clin_size_long_diam_mm"], 0.12, 0.4)
+    c = size / 2 + rng.normal(0, size * 0.04, 2)
+    angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
+    wobble = 1 + rng.normal(0, 0.02 * row["tbp_lv_norm_border"], 24)
+    draw.polygon([(c[0] + r * w * np.cos(a), c[1] + r * w * np.sin(a) * 0.8) for a, w in zip(angles, wobble)],
+                 fill=lesion)
+    if trait:
+        draw.ellipse([c[0] - r * 0.6, c[1] - r * 0.5, c[0] + r * 0.6, c[1] + r * 0.5], fill=(120, 150, 215))
+        for _ in range(10):
+            q = c + rng.normal(0, r * 0.3, 2)
+            draw.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=(40, 30, 60))
+    im = im.filter(ImageFilter.GaussianBlur(1.0))
+    noise = rng.normal(0, 6, (size, size, 3))
+    arr = np.clip(np.asarray(im, dtype=float) + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def lab_to_rgb(L, A, B):
+    """CIELAB to 8-bit sRGB (D65), enough for drawing tiles."""
+    fy = (L + 16) / 116
+    f = np.array([fy + A / 500, fy, fy - B / 200])
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * [0.9505, 1.0, 1.089]
+    rgb = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]) @ xyz
+    rgb = np.where(rgb > 0.0031308, 1.055 * np.clip(rgb, 0, None) ** (1 / 2.4) - 0.055, 12.92 * rgb)
+    return tuple(int(v) for v in np.clip(rgb * 255, 0, 255))
+
+
+def write_metadata(path, rows, columns):
+    def cell(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else repr(round(float(v), 10))
+        return str(v)
+    write_csv(path, columns, list(zip(*[[cell(r[c]) for c in columns] for r in rows])))
+
+
+def write_images(path, ids, images):
+    import h5py
+
+    def write(f):
+        with h5py.File(f, "w") as h5:
+            for i, raw in zip(ids, images):
+                h5.create_dataset(i, data=np.bytes_(raw))
+    atomic_write(path, write)
+
+
+def make_demo(out_dir, n_patients=120, n_test_patients=20, malignant_rate=0.03, trait_rate=0.7, seed=0):
+    """The demo set in the exact Kaggle layout (file names, 55/44 columns in order, HDF5 JPEGs),
+    plus demo_test_labels.csv (the hidden answers, so a demo run can be scored on its test set).
+
+    70% of malignant tiles (and 3% of benign ones) carry a visual trait no tabular column has."""
+    rng = np.random.default_rng(seed)
+    train = demo_lesions(rng, n_patients, 1000000, 1000000, malignant_rate)
+    test = demo_lesions(rng, n_test_patients, 2000000, 2000000, malignant_rate)
+    os.makedirs(out_dir, exist_ok=True)
+    for name, rows in (("train", train), ("test", test)):
+        ids = [r["isic_id"] for r in rows]
+        trait = [rng.random() < (trait_rate if r["target"] else 0.03) for r in rows]
+        write_images(os.path.join(out_dir, f"{name}-image.hdf5"), ids,
+                     [demo_tile(rng, r, t) for r, t in zip(rows, trait)])
+        write_metadata(os.path.join(out_dir, f"{name}-metadata.csv"), rows,
+                       TRAIN_COLUMNS if name == "train" else TEST_COLUMNS)
+    write_csv(os.path.join(out_dir, "sample_submission.csv"), ["isic_id", "target"],
+              [[r["isic_id"] for r in test], ["0.3"] * len(test)])
+    write_csv(os.path.join(out_dir, "demo_test_labels.csv"), ["isic_id", "target"],
+              [[r["isic_id"] for r in test], [int(r["target"]) for r in test]])
+    n_pos = sum(r["target"] for r in train)
+    log(f"demo set in {out_dir}: train {len(train)} lesions of {n_patients} patients ({int(n_pos)} malignant), "
+        f"test {len(test)} lesions of {n_test_patients} patients")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="write the demo data set in the Kaggle layout")
+    demo.add_argument("out_dir")
+    demo.add_argument("--patients", type=int, default=120)
+    demo.add_argument("--test-patients", type=int, default=20)
+    demo.add_argument("--malignant-rate", type=float, default=0.03)
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    make_demo(args.out_dir, args.patients, args.test_patients, args.malignant_rate, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Tabular features: the raw TBP measurements, engineered and clinical ABCDE features, categorical
+one-hots fitted on train, lesion counts, and every numeric feature normalized against the same
+patient's other lesions (the "ugly duckling" sign: z-score, percentile rank, deviation from the
+patient median, is-max and is-min).
+
+Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv, WORK/folds.csv (made if missing)
+Writes: WORK/features/{train,test}.npy (float32) with {train,test}_ids.txt beside them,
+        WORK/features/columns.txt, WORK/features/args.json
+
+    python features.py --data demo_data --work work                     # tiny: the demo set
+    python features.py --data /kaggle/input/isic-2024-challenge --work work
+    python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
+"""
+import argparse
+import os
+import re
+
+import numpy as np
+
+from common import (CATEGORICAL, NUMERIC, DataError, default_data_dir, load_folds, log, read_test,
+                    read_train, save_array, write_args, atomic_write)
+
+STATS = ("z", "pct", "dev", "is_max", "is_min")
+
+
+def engineered_features(t):
+    """The public feature set's ratios and interactions, plus clinical ABCDE features.
+
+    Asymmetry, Border, Colour and Diameter are measured per lesion; Evolution cannot be (one visit),
+    so it stands in as change against the patient's own lesions, from patient_normalize."""
+    np.seterr(divide="ignore", invalid="ignore")  # zero denominators become NaN below
+    g = {c[7:] if c.startswith("tbp_lv_") else c: t[c] for c in NUMERIC}
+    size, age = g["clin_size_long_diam_mm"], g["age_approx"]
+    area, perim = g["areaMM2"], g["perimeterMM"]
+    delta_e = np.sqrt(g["deltaA"] ** 2 + g["deltaB"] ** 2 + g["deltaL"] ** 2)
+    border_complexity = g["norm_border"] + g["symm_2axis"]
+    shape_index = area / perim ** 2
+    f = {
+        "lesion_size_ratio": g["minorAxisMM"] / size,
+        "lesion_shape_index": shape_index,
+        "hue_contrast": np.abs(g["H"] - g["Hext"]),
+        "luminance_contrast": np.abs(g["L"] - g["Lext"]),
+        "lesion_color_difference": delta_e,
+        "border_complexity": border_complexity,
+        "color_uniformity": g["color_std_mean"] / g["radial_color_std_max"],
+        "position_distance_3d": np.sqrt(g["x"] ** 2 + g["y"] ** 2 + g["z"] ** 2),
+        "perimeter_to_area_ratio": perim / area,
+        "area_to_perimeter_ratio": area / perim,
+        "lesion_visibility_score": g["deltaLBnorm"] + g["norm_color"],
+        "symmetry_border_consistency": g["symm_2axis"] * g["norm_border"],
+        "consistency_symmetry_border": g["symm_2axis"] * g["norm_border"] / (g["symm_2axis"] + g["norm_border"]),
+        "color_consistency": g["stdL"] / g["Lext"],
+        "consistency_color": g["stdL"] * g["Lext"] / (g["stdL"] + g["Lext"]),
+        "size_age_interaction": size * age,
+        "hue_color_std_interaction": g["H"] * g["color_std_mean"],
+        "lesion_severity_index": (g["norm_border"] + g["norm_color"] + g["eccentricity"]) / 3,
+        "shape_complexity_index": border_complexity + shape_index,
+        "shape_color_consistency": g["eccentricity"] * g["color_std_mean"],
+        "border_length_ratio": perim / (2 * np.pi * np.sqrt(area / np.pi)),
+        "age_size_symmetry_index": age * g["areaMM2"] * g["symm_2axis"],
+        "age_normalized_nevi_confidence": g["nevi_confidence"] / age,
+        "age_normalized_nevi_confidence_2": np.sqrt(size ** 2 + age ** 2),
+        "color_contrast_index": g["deltaA"] + g["deltaB"] + g["deltaL"] + g["deltaLBnorm"],
+        "log_lesion_area": np.log1p(area),
+        "normalized_lesion_size": size / age,
+        "mean_hue_difference": (g["H"] + g["Hext"]) / 2,
+        "std_dev_contrast": np.sqrt((g["deltaA"] ** 2 + g["deltaB"] ** 2 + g["deltaL"] ** 2) / 3),
+        "color_shape_composite_index": (g["color_std_mean"] + g["area_perim_ratio"] + g["symm_2axis"]) / 3,
+        "lesion_orientation_3d": np.arctan2(g["y"], g["x"]),
+        "overall_asymmetry_factor": g["symm_2axis"] * g["eccentricity"],
+        "volume_approximation_3d": area * np.sqrt(g["x"] ** 2 + g["y"] ** 2 + g["z"] ** 2),
+        "color_range": np.abs(g["L"] - g["Lext"]) + np.abs(g["A"] - g["Aext"]) + np.abs(g["B"] - g["Bext"]),
+        "border_color_interaction": g["norm_border"] * g["norm_color"],
+        "border_color_interaction_2": g["norm_border"] * g["norm_color"] / (g["norm_border"] + g["norm_color"]),
+        "size_color_contrast_ratio": size / g["deltaLBnorm"],
+        "age_normalized_nevi_confidence_ratio": g["nevi_confidence"] / (1 + age),
+        "color_asymmetry_index": g["radial_color_std_max"] * g["symm_2axis"],
+        "color_variation_intensity": g["norm_color"] * g["deltaLBnorm"],
+        "color_contrast_ratio": g["deltaLBnorm"] / g["Lext"],
+        # clinical ABCDE
+        "abcde_asymmetry": g["symm_2axis"] * (1 + g["eccentricity"]),
+        "abcde_border_irregularity": g["area_perim_ratio"] / (4 * np.pi),
+        "abcde_color_variegation": g["color_std_mean"] + g["radial_color_std_max"] + g["norm_color"],
+        "abcde_color_darkness": g["Lext"] - g["L"],
+        "abcde_diameter_over_6mm": (size > 6).astype(float),
+        "abcde_not_nevus": 100 - g["nevi_confidence"],
+    }
+    names = list(f)
+    x = np.column_stack([f[n] for n in names]).astype(np.float64)
+    x[~np.isfinite(x)] = np.nan  # a zero denominator is missing, not infinite
+    return names, x
+
+
+def patient_normalize(x, patient_ids):
+    """Each feature against the same patient's other lesions.
+
+    Returns {"z", "pct", "dev", "is_max", "is_min"}, each (N, F): z-score (population std, 0 where
+    the std is 0), average rank within the patient (ties averaged) / n, x - median, and 1.0 where x
+    is the patient's max / min. Statistics skip missing values; a missing x gives NaN everywhere.
+    Vectorized over a sort by (patient, value): no loop over patients."""
+    x = np.asarray(x, dtype=np.float64)
+    n_rows, n_feat = x.shape
+    _, codes = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+    n_pat = codes.max() + 1 if n_rows else 0
+    out = {k: np.full((n_rows, n_feat), np.nan) for k in STATS}
+    by_patient = np.argsort(codes, kind="stable")
+    codes_p = codes[by_patient]
+    for j in range(n_feat):
+        col = x[by_patient, j]
+        # within each patient, values ascending with missing last (np.sort puts NaN last)
+        order = np.lexsort((col, codes_p))
+        v, c = col[order], codes_p[order]
+        rows = by_patient[order]
+        ok = ~np.isnan(v)
+        n = np.bincount(c[ok], minlength=n_pat)
+        start = np.r_[0, np.cumsum(np.bincount(c, minlength=n_pat))[:-1]]
+        mean = np.bincount(c[ok], weights=v[ok], minlength=n_pat) / np.maximum(n, 1)
+        var = np.bincount(c[ok], weights=(v[ok] - mean[c[ok]]) ** 2, minlength=n_pat) / np.maximum(n, 1)
+        std = np.sqrt(var)
+        median = (v[start + (np.maximum(n, 1) - 1) // 2] + v[start + np.maximum(n, 1) // 2]) / 2
+        vmin, vmax = v[start], v[start + np.maximum(n, 1) - 1]
+        # average rank of each run of equal values within a patient
+        new_run = np.r_[True, (c[1:] != c[:-1]) | (v[1:] != v[:-1])]
+        run = np.cumsum(new_run) - 1
+        run_start = np.flatnonzero(new_run)
+        run_end = np.r_[run_start[1:], len(v)]
+        rank = (run_start[run] + run_end[run] - 1) / 2.0 - start[c] + 1
+        s, vv, cc, rr = std[c[ok]], v[ok], c[ok], rows[ok]
+        out["z"][rr, j] = np.where(s > 0, (vv - mean[cc]) / np.where(s > 0, s, 1), 0.0)
+        out["pct"][rr, j] = rank[ok] / n[cc]
+        out["dev"][rr, j] = vv - median[cc]
+        out["is_max"][rr, j] = (vv == vmax[cc]).astype(float)
+        out["is_min"][rr, j] = (vv == vmin[cc]).astype(float)
+    return out
+
+
+def one_hot(values, vocabulary):
+    """Rows x len(vocabulary); a value never seen in train (or missing) is all zeros."""
+    index = {v: i for i, v in enumerate(vocabulary)}
+    out = np.zeros((len(values), len(vocabulary)))
+    pos = np.array([index.get(v, -1) for v in values], dtype=np.int64)
+    hit = pos >= 0
+    out[np.flatnonzero(hit), pos[hit]] = 1.0
+    return out
+
+
+def group_counts(*keys):
+    """For each row, how many rows share its combination of keys."""
+    joined = np.array(["\x1f".join(k) for k in zip(*keys)], dtype=object) if len(keys) > 1 else keys[0]
+    _, inverse, counts = np.unique(joined.astype(str), return_inverse=True, return_counts=True)
+    return counts[inverse].astype(float)
+
+
+def fit_vocabularies(train):
+    return {c: sorted(set(train[c]) - {""}) for c in CATEGORICAL if c in train}
+
+
+def build_features(table, vocabularies, patient_norm=True):
+    """Feature matrix (float32) and column names of one metadata table; the vocabularies come from
+    train, so train and test get the same columns."""
+    missing = [c for c in NUMERIC + list(vocabularies) if c not in table]
+    if missing:
+        raise DataError(f"metadata lacks column(s) {', '.join(missing)}")
+    eng_names, eng = engineered_features(table)
+    raw = np.column_stack([table[c] for c in NUMERIC])
+    numeric = np.hstack([raw, eng])
+    numeric_names = NUMERIC + eng_names
+    pid = table["patient_id"].astype(str)
+    site = table["anatom_site_general"].astype(str)
+    blocks = [numeric,
+              np.column_stack([group_counts(pid), group_counts(pid, site),
+                               group_counts(pid, table["tbp_lv_location_simple"].astype(str))])]
+    names = numeric_names + ["n_lesions_patient", "n_lesions_patient_site", "n_lesions_patient_location"]
+    if patient_norm:
+        pn = patient_normalize(numeric, pid)
+        for stat in STATS:
+            blocks.append(pn[stat])
+            names += [f"{n}_pn_{stat}" for n in numeric_names]
+    for c, vocab in vocabularies.items():
+        blocks.append(one_hot(table[c], vocab))
+        names += [f"{c}__{re.sub('[^0-9A-Za-z]+', '_', v)}" for v in vocab]  # LightGBM-safe names
+    return np.hstack(blocks).astype(np.float32), names
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
+    parser.add_argument("--work", default="work")
+    parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
+    args = parser.parse_args(argv)
+    train, test = read_train(args.data), read_test(args.data)
+    load_folds(args.work, train)
+    vocab = fit_vocabularies(train)
+    for c, v in vocab.items():
+        unseen = sorted(set(test[c]) - set(v) - {""})
+        if unseen:
+            log(f"test {c}: {len(unseen)} value(s) never seen in train, encoded as all-zero: {unseen[:3]}")
+    out = os.path.join(args.work, "features")
+    for name, table in (("train", train), ("test", test)):
+        x, names = build_features(table, vocab, patient_norm=not args.no_patient_norm)
+        save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
+        log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
+    atomic_write(os.path.join(out, "columns.txt"), lambda f: f.write(("\n".join(names) + "\n").encode()))
+    write_args(os.path.join(out, "args.json"), args)
+
+
+if __name__ == "__main__":
+    main()
