@@ -362,7 +362,7 @@ def demo_lesions(rng, n_patients, first_patient, first_lesion, malignant_rate):
             m = mal[j]
             site = rng.choice(list(LOCATIONS), p=[0.1, 0.22, 0.3, 0.16, 0.22])
             loc = rng.choice(LOCATIONS[site]) if rng.random() > 0.01 else "Unknown"
-            d = rng.normal(0, 1, 8) + m * np.array([1.4, 1.2, 1.3, 1.1, 1.2, 1.0, 0.0, 0.0])
+            d = rng.normal(0, 1, 8) + m * np.array([1.0, 0.8, 0.9, 0.7, 0.8, 0.6, 0.0, 0.0])
             diam = size_scale * np.exp(1.0 + 0.25 * d[0]) + 1.0
             L = skin[0] - 18 - 4 * d[1] + 6 * style[0]
             A, B = skin[1] + 3 + 1.5 * d[2] + 2 * style[1], skin[2] + 3 + 2 * rng.normal()
