@@ -9,6 +9,7 @@ Command:
     python common.py demo tiny --patients 30 --test-patients 6   # a tiny one, for trying things
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -18,6 +19,9 @@ import tempfile
 import time
 
 import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
 
 KAGGLE_DATA = "/kaggle/input/isic-2024-challenge"
 
@@ -314,6 +318,179 @@ def rank01(x):
     return ranks / len(x)
 
 
+# ---------------------------------------------------------------- image models
+
+# the design's backbones, and tiny ones for tests and the CPU demo
+MODEL_CONFIGS = {
+    "eva02_small": dict(model_name="eva02_small_patch14_336.mim_in22k_ft_in1k", feature_dim=384, img_size=336),
+    "eva02_base": dict(model_name="eva02_base_patch14_448.mim_in22k_ft_in22k_in1k", feature_dim=768, img_size=448),
+    "convnext": dict(model_name="convnextv2_tiny.fcmae_ft_in22k_in1k", feature_dim=768, img_size=224),
+    "eva02_tiny": dict(model_name="eva02_tiny_patch14_224.mim_in22k", feature_dim=192, img_size=56),
+    "convnext_atto": dict(model_name="convnextv2_atto.fcmae_ft_in1k", feature_dim=320, img_size=64),
+}
+CANVAS = 256  # tiles (61 to 239 px) are placed, not resized, on a canvas this size; the GPU resizes
+
+
+def build_model(arch, weights=None, pretrained=True, drop_path=0.1):
+    """A timm backbone with a one-logit head. Weights come from `weights` (a .safetensors or .pth
+    file), else timm's local cache; nothing is downloaded unless HF_HUB_OFFLINE=0 is set."""
+    import timm
+    cfg = MODEL_CONFIGS[arch]
+    kwargs = dict(num_classes=1, drop_path_rate=drop_path)
+    if cfg["model_name"].startswith("eva02"):
+        kwargs["img_size"] = cfg["img_size"]
+    if weights:
+        if not os.path.exists(weights):
+            raise DataError(f"{weights}: weights file not found")
+        return timm.create_model(cfg["model_name"], pretrained=True, pretrained_cfg_overlay=dict(file=weights),
+                                 **kwargs)
+    try:
+        return timm.create_model(cfg["model_name"], pretrained=pretrained, **kwargs)
+    except Exception as e:  # offline hub misses raise several types
+        raise DataError(f"no local pretrained weights for {cfg['model_name']} ({type(e).__name__}): pass "
+                        "--weights PATH (a .safetensors or .pth file), or --no-pretrained") from None
+
+
+def normalization(model):
+    import timm
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return cfg["mean"], cfg["std"]
+
+
+class FocalLoss(torch.nn.Module):
+    """Focal loss on logits, mean over the batch: alpha_t (1 - p_t)^gamma BCE, with 1 - p_t computed
+    as sigmoid(-logit) for positives and sigmoid(logit) for negatives, exact at logits of +-50."""
+
+    def __init__(self, alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.alpha, self.gamma = alpha, gamma
+
+    def forward(self, logits, targets):
+        targets = targets.to(logits.dtype)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        one_minus_pt = torch.sigmoid(logits * (1 - 2 * targets))
+        alpha_t = self.alpha * targets + (1 - self.alpha) * (1 - targets)
+        return (alpha_t * one_minus_pt ** self.gamma * bce).mean()
+
+
+class H5Images(torch.utils.data.Dataset):
+    """Tiles of an HDF5 file as uint8 canvases (CANVAS x CANVAS x 3, the tile top-left) with their
+    height and width. The file is opened in the process that reads it, so DataLoader workers
+    started by fork or spawn each get their own handle."""
+
+    def __init__(self, h5_path, ids, labels=None):
+        self.h5_path, self.ids = h5_path, list(ids)
+        self.labels = np.zeros(len(self.ids), np.float32) if labels is None else np.asarray(labels, np.float32)
+        self.h5, self.pid = None, None
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        import h5py
+        if self.pid != os.getpid():
+            self.h5, self.pid = h5py.File(self.h5_path, "r"), os.getpid()
+        isic_id = self.ids[i]
+        if isic_id not in self.h5:
+            raise DataError(f"{self.h5_path}: no image for isic_id {isic_id}")
+        image = decode_image(read_image_bytes(self.h5, isic_id), isic_id)
+        if max(image.shape[:2]) > CANVAS:  # larger than any real tile: shrink on the CPU
+            from PIL import Image
+            scale = CANVAS / max(image.shape[:2])
+            image = np.asarray(Image.fromarray(image).resize(
+                (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))))
+        canvas = np.zeros((CANVAS, CANVAS, 3), np.uint8)
+        canvas[:image.shape[0], :image.shape[1]] = image
+        return canvas, np.array(image.shape[:2], np.int64), self.labels[i], i
+
+    def __getstate__(self):  # an open h5py file cannot be pickled: workers reopen it
+        return {**self.__dict__, "h5": None, "pid": None}
+
+
+def image_loader(h5_path, ids, labels=None, batch_size=64, workers=2, shuffle_seed=None):
+    rows = np.arange(len(ids))
+    if shuffle_seed is not None:
+        rows = np.random.default_rng(shuffle_seed).permutation(rows)
+    dataset = torch.utils.data.Subset(H5Images(h5_path, ids, labels), rows.tolist())
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+def prepare_batch(canvas, sizes, out_size, mean, std, device, augment=False, generator=None):
+    """uint8 canvases to normalized model input on the device: one grid_sample resizes each tile to
+    out_size and, when augmenting, flips, rotates, zooms and shifts it; then colour jitter.
+    Coordinates outside a tile are clamped to its border, so rotations add no black corners."""
+    x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+    n = x.shape[0]
+    h, w = sizes[:, 0].to(device).float(), sizes[:, 1].to(device).float()
+    theta = torch.eye(2, device=device).repeat(n, 1, 1)
+    shift = torch.zeros(n, 2, device=device)
+    if augment:
+        r = torch.rand(n, 6, generator=generator).to(device)
+        angle = r[:, 0] * 2 * np.pi
+        zoom = 0.75 + 0.25 * r[:, 1]                 # show 75-100% of the tile
+        flip = torch.where(r[:, 2] < 0.5, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        theta = torch.stack([torch.stack([cos * flip, -sin], 1), torch.stack([sin * flip, cos], 1)], 1)
+        theta = theta * zoom[:, None, None]
+        shift = (r[:, 3:5] - 0.5) * 2 * (1 - zoom[:, None])
+    # output grid in [-1, 1] -> tile coordinates in [-1, 1] -> canvas coordinates
+    lin = torch.linspace(-1 + 1 / out_size, 1 - 1 / out_size, out_size, device=device)
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")
+    grid = torch.stack([gx, gy], -1).reshape(1, -1, 2)
+    grid = torch.einsum("nij,npj->npi", theta, grid.expand(n, -1, -1)) + shift[:, None]
+    half = torch.stack([w, h], 1)[:, None] / CANVAS
+    grid = -1 + half * (1 + grid.clamp(-1 + 1 / half / CANVAS, 1 - 1 / half / CANVAS))
+    x = torch.nn.functional.grid_sample(x, grid.reshape(n, out_size, out_size, 2), mode="bilinear",
+                                        padding_mode="border", align_corners=False)
+    if augment:
+        j = torch.rand(n, 3, generator=generator).to(device)[:, :, None, None, None]
+        gray = x.mean(1, keepdim=True)
+        x = gray + (x - gray) * (0.8 + 0.4 * j[:, 0])                                   # saturation
+        x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.8 + 0.4 * j[:, 1])
+        x = (x * (0.85 + 0.3 * j[:, 2])).clamp(0, 1)                                      # brightness
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def amp_dtype(device, cpu_amp=False):
+    """bf16 where the GPU has it, fp16 (with a gradient scaler) on older GPUs, none on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_amp else None
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
+def forward_features_and_logit(model, x):
+    """Pre-logits embedding and logit from one pass."""
+    feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    return feats, model.get_classifier()(feats).squeeze(1)
+
+
+@torch.no_grad()
+def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
+    """Embeddings (N, D) and logits (N,) of every image of the loader, in its order."""
+    model.eval()
+    embs, logits, seen, t0 = [], [], 0, time.time()
+    for canvas, sizes, _, _ in loader:
+        x = prepare_batch(canvas, sizes, out_size, mean, std, device)
+        with autocast(device, dtype):
+            f, z = forward_features_and_logit(model, x)
+        embs.append(f.float().cpu())
+        logits.append(z.float().cpu())
+        seen += len(x)
+        if progress and (len(embs) % 50 == 0 or seen == len(loader.dataset)):
+            log(f"{progress}: {seen}/{len(loader.dataset)} images, {seen / (time.time() - t0):.0f} images/s")
+    if not embs:
+        return np.zeros((0, model.num_features), np.float32), np.zeros(0, np.float32)
+    return torch.cat(embs).numpy(), torch.cat(logits).numpy()
+
+
 # ---------------------------------------------------------------- the demo data set
 
 LOCATIONS = {"head/neck": ["Head & Neck"],
@@ -465,11 +642,11 @@ def write_images(path, ids, images):
     atomic_write(path, write)
 
 
-def make_demo(out_dir, n_patients=120, n_test_patients=20, malignant_rate=0.03, trait_rate=0.7, seed=0):
+def make_demo(out_dir, n_patients=120, n_test_patients=20, malignant_rate=0.05, trait_rate=0.9, seed=0):
     """The demo set in the exact Kaggle layout (file names, 55/44 columns in order, HDF5 JPEGs),
     plus demo_test_labels.csv (the hidden answers, so a demo run can be scored on its test set).
 
-    70% of malignant tiles (and 3% of benign ones) carry a visual trait no tabular column has."""
+    90% of malignant tiles (and 3% of benign ones) carry a visual trait no tabular column has."""
     rng = np.random.default_rng(seed)
     train = demo_lesions(rng, n_patients, 1000000, 1000000, malignant_rate)
     test = demo_lesions(rng, n_test_patients, 2000000, 2000000, malignant_rate)
@@ -497,7 +674,7 @@ def main(argv=None):
     demo.add_argument("out_dir")
     demo.add_argument("--patients", type=int, default=120)
     demo.add_argument("--test-patients", type=int, default=20)
-    demo.add_argument("--malignant-rate", type=float, default=0.03)
+    demo.add_argument("--malignant-rate", type=float, default=0.05)
     demo.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     make_demo(args.out_dir, args.patients, args.test_patients, args.malignant_rate, seed=args.seed)

@@ -14,6 +14,7 @@ Writes: WORK/features/{train,test}.npy (float32) with {train,test}_ids.txt besid
 import argparse
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -86,9 +87,9 @@ def engineered_features(t):
         "abcde_not_nevus": 100 - g["nevi_confidence"],
     }
     names = list(f)
-    x = np.column_stack([f[n] for n in names]).astype(np.float64)
+    x = np.stack([f[n] for n in names], dtype=np.float64)
     x[~np.isfinite(x)] = np.nan  # a zero denominator is missing, not infinite
-    return names, x
+    return names, x.T  # feature-major in memory, as patient_normalize wants
 
 
 def patient_normalize(x, patient_ids):
@@ -97,41 +98,60 @@ def patient_normalize(x, patient_ids):
     Returns {"z", "pct", "dev", "is_max", "is_min"}, each (N, F): z-score (population std, 0 where
     the std is 0), average rank within the patient (ties averaged) / n, x - median, and 1.0 where x
     is the patient's max / min. Statistics skip missing values; a missing x gives NaN everywhere.
-    Vectorized over a sort by (patient, value): no loop over patients."""
-    x = np.asarray(x, dtype=np.float64)
-    n_rows, n_feat = x.shape
+    Each feature is sorted within each patient (no loop over patients), the features in parallel
+    threads (NumPy releases the GIL); the results are feature-major in memory, (F, N) transposed."""
+    xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)   # a feature's values contiguous
+    n_feat, n_rows = xt.shape
     _, codes = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
-    n_pat = codes.max() + 1 if n_rows else 0
-    out = {k: np.full((n_rows, n_feat), np.nan) for k in STATS}
-    by_patient = np.argsort(codes, kind="stable")
-    codes_p = codes[by_patient]
-    for j in range(n_feat):
-        col = x[by_patient, j]
-        # within each patient, values ascending with missing last (np.sort puts NaN last)
-        order = np.lexsort((col, codes_p))
-        v, c = col[order], codes_p[order]
-        rows = by_patient[order]
-        ok = ~np.isnan(v)
-        n = np.bincount(c[ok], minlength=n_pat)
-        start = np.r_[0, np.cumsum(np.bincount(c, minlength=n_pat))[:-1]]
-        mean = np.bincount(c[ok], weights=v[ok], minlength=n_pat) / np.maximum(n, 1)
-        var = np.bincount(c[ok], weights=(v[ok] - mean[c[ok]]) ** 2, minlength=n_pat) / np.maximum(n, 1)
-        std = np.sqrt(var)
-        median = (v[start + (np.maximum(n, 1) - 1) // 2] + v[start + np.maximum(n, 1) // 2]) / 2
-        vmin, vmax = v[start], v[start + np.maximum(n, 1) - 1]
-        # average rank of each run of equal values within a patient
-        new_run = np.r_[True, (c[1:] != c[:-1]) | (v[1:] != v[:-1])]
-        run = np.cumsum(new_run) - 1
-        run_start = np.flatnonzero(new_run)
-        run_end = np.r_[run_start[1:], len(v)]
-        rank = (run_start[run] + run_end[run] - 1) / 2.0 - start[c] + 1
-        s, vv, cc, rr = std[c[ok]], v[ok], c[ok], rows[ok]
-        out["z"][rr, j] = np.where(s > 0, (vv - mean[cc]) / np.where(s > 0, s, 1), 0.0)
-        out["pct"][rr, j] = rank[ok] / n[cc]
-        out["dev"][rr, j] = vv - median[cc]
-        out["is_max"][rr, j] = (vv == vmax[cc]).astype(float)
-        out["is_min"][rr, j] = (vv == vmin[cc]).astype(float)
-    return out
+    size = np.bincount(codes)
+    # patients renumbered by size, rows grouped by patient: all patients of one size sort as one
+    # 2-D block, so the sort loop runs over the distinct sizes (a few hundred), not the patients
+    by_size = np.argsort(size, kind="stable")
+    patient = np.empty_like(by_size)
+    patient[by_size] = np.arange(len(size))
+    patient = patient[codes]
+    rows = np.argsort(patient, kind="stable")
+    n_in = size[by_size]
+    start = np.cumsum(n_in) - n_in
+    patient_start = np.repeat(start, n_in)
+    sizes, n_of_size = np.unique(n_in, return_counts=True)
+    ends = np.cumsum(sizes * n_of_size)
+    pos = np.arange(n_rows)
+    out = {k: np.empty((n_feat, n_rows)) for k in STATS}
+
+    def feature(j):
+        xj = xt[j]
+        xg = xj[rows]
+        order = np.empty(n_rows, dtype=np.int64)
+        for m, a, b in zip(sizes, ends - sizes * n_of_size, ends):
+            order[a:b] = (np.argsort(xg[a:b].reshape(-1, m), axis=1) + pos[a:b:m, None]).ravel()
+        v = xg[order]                               # ascending within each patient, NaN last
+        ok = v == v
+        n = np.add.reduceat(ok, start)
+        n1 = np.maximum(n, 1)
+        mean = np.add.reduceat(np.where(ok, v, 0.0), start) / n1
+        d = v - np.repeat(mean, n_in)
+        std = np.sqrt(np.add.reduceat(np.where(ok, d * d, 0.0), start) / n1)
+        median = (v[start + (n1 - 1) // 2] + v[start + n1 // 2]) / 2
+        # average rank: the first and last sorted position of each run of equal values
+        new = np.ones(n_rows + 1, dtype=bool)
+        np.not_equal(v[1:], v[:-1], out=new[1:-1])
+        new[start] = True
+        run_start = np.flatnonzero(new)
+        run = np.cumsum(new[:-1]) - 1
+        rank = (run_start[run] + run_start[run + 1] - 1) / 2 - patient_start + 1
+        with np.errstate(divide="ignore", invalid="ignore"):  # a patient whose values are all missing
+            out["pct"][j, rows[order]] = np.where(ok, rank / np.repeat(n, n_in), np.nan)
+        # the other statistics in row order, from per-patient tables: no scatter needed
+        missing = np.isnan(xj)
+        out["z"][j] = (xj - mean[patient]) / np.where(std > 0, std, np.inf)[patient]
+        out["dev"][j] = xj - median[patient]
+        out["is_max"][j] = np.where(missing, np.nan, xj == v[start + n1 - 1][patient])
+        out["is_min"][j] = np.where(missing, np.nan, xj == v[start][patient])
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(feature, range(n_feat)))
+    return {k: v.T for k, v in out.items()}
 
 
 def one_hot(values, vocabulary):
@@ -146,9 +166,11 @@ def one_hot(values, vocabulary):
 
 def group_counts(*keys):
     """For each row, how many rows share its combination of keys."""
-    joined = np.array(["\x1f".join(k) for k in zip(*keys)], dtype=object) if len(keys) > 1 else keys[0]
-    _, inverse, counts = np.unique(joined.astype(str), return_inverse=True, return_counts=True)
-    return counts[inverse].astype(float)
+    group = np.zeros(len(keys[0]), dtype=np.int64)
+    for key in keys:  # integer codes, renumbered after each key so the combined code stays below N^2
+        _, code = np.unique(np.asarray(key, dtype=str), return_inverse=True)
+        _, group, counts = np.unique(group * len(code) + code, return_inverse=True, return_counts=True)
+    return counts[group].astype(float)
 
 
 def fit_vocabularies(train):
@@ -162,8 +184,7 @@ def build_features(table, vocabularies, patient_norm=True):
     if missing:
         raise DataError(f"metadata lacks column(s) {', '.join(missing)}")
     eng_names, eng = engineered_features(table)
-    raw = np.column_stack([table[c] for c in NUMERIC])
-    numeric = np.hstack([raw, eng])
+    numeric = np.vstack([np.stack([table[c] for c in NUMERIC]), eng.T]).T  # feature-major, see above
     numeric_names = NUMERIC + eng_names
     pid = table["patient_id"].astype(str)
     site = table["anatom_site_general"].astype(str)
@@ -179,7 +200,7 @@ def build_features(table, vocabularies, patient_norm=True):
     for c, vocab in vocabularies.items():
         blocks.append(one_hot(table[c], vocab))
         names += [f"{c}__{re.sub('[^0-9A-Za-z]+', '_', v)}" for v in vocab]  # LightGBM-safe names
-    return np.hstack(blocks).astype(np.float32), names
+    return np.concatenate(blocks, axis=1, dtype=np.float32), names  # no float64 copy of the whole
 
 
 def main(argv=None):

@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The whole pipeline, every stage in order; stops at the first failing stage.
-#   bash run.sh            # makes the demo set (demo_data/) and runs the tiny settings on CPU
+#   bash run.sh            # makes the demo set (demo_data/) and runs the tiny settings on the CPU
 #   bash run.sh DATA_DIR   # real data (the Kaggle folder), production settings
-# WORK=dir chooses the work directory (default: work).
+# Environment: WORK (default work); WEIGHTS_DIR, a folder with eva02_base.safetensors and
+# convnext.safetensors (real data; without it the weights must be in timm's local cache).
 set -euo pipefail
 cd "$(dirname "$0")"
 WORK=${WORK:-work}
 if [ $# -eq 0 ]; then
     DATA=demo_data
     [ -f $DATA/train-metadata.csv ] || python common.py demo $DATA
+    EVA=eva02_tiny; CNX=convnext_atto
+    TRAIN="--no-pretrained --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 3e-4 --workers 0"
+    EXTRACT="--workers 0"
 else
     DATA=$1
+    EVA=eva02_base; CNX=convnext
+    TRAIN=""; EXTRACT=""
 fi
 TIMES=()
 stage() {  # stage NAME COMMAND...: runs it, records its time
@@ -18,12 +24,20 @@ stage() {  # stage NAME COMMAND...: runs it, records its time
     echo "=== $name: $*"
     local t0=$SECONDS
     "$@"
-    TIMES+=("$(printf '%-28s %5ds' "$name" $((SECONDS - t0)))")
+    TIMES+=("$(printf '%-24s %6ds' "$name" $((SECONDS - t0)))")
 }
-stage features       python features.py --data "$DATA" --work "$WORK"
-stage gbdt_tabular   python gbdt.py --data "$DATA" --work "$WORK" --name tabular
-stage ensemble       python ensemble.py --data "$DATA" --work "$WORK" --models tabular
+stage features          python features.py --data "$DATA" --work "$WORK"
+for ARCH in $EVA $CNX; do
+    W=""  # pretrained weights: WEIGHTS_DIR/ARCH.safetensors when given, else timm's local cache
+    [ -n "${WEIGHTS_DIR:-}" ] && W="--weights $WEIGHTS_DIR/$ARCH.safetensors"
+    stage "train $ARCH"   python train_backbone.py --arch $ARCH --fold all --data "$DATA" --work "$WORK" $TRAIN $W
+    stage "extract $ARCH" python extract.py --arch $ARCH --data "$DATA" --work "$WORK" $EXTRACT
+done
+stage "gbdt tabular"    python gbdt.py --data "$DATA" --work "$WORK" --name tabular
+stage "gbdt tab_eva02"  python gbdt.py --data "$DATA" --work "$WORK" --name tab_eva02 --image $EVA
+stage "gbdt tab_convnext" python gbdt.py --data "$DATA" --work "$WORK" --name tab_convnext --image $CNX
+stage ensemble          python ensemble.py --data "$DATA" --work "$WORK" --models tabular,tab_eva02,tab_convnext
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"
-printf '%-28s %5ds\n' total $SECONDS
+printf '%-24s %6ds\n' total $SECONDS
 echo "submission: $WORK/submission.csv   report: $WORK/report.md"

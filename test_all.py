@@ -243,3 +243,183 @@ def test_tabular_chain_end_to_end(demo, tmp_path):
     assert common.pauc(oof["target"], oof["pred"]) > 0.1     # far above chance (about 0.02)
     assert os.path.exists(os.path.join(work, "models", "tabular", "fold4_bag1.txt"))
     assert os.path.exists(os.path.join(work, "report.md"))
+
+
+# ---------------------------------------------------------------- the image branch
+
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import extract  # noqa: E402
+import train_backbone  # noqa: E402
+
+TINY_TRAIN = ["--no-pretrained", "--epochs", "2", "--neg-per-pos", "3", "--batch-size", "16", "--lr", "5e-4",
+              "--workers", "0"]
+
+
+def test_focal_loss_hand_values():
+    fl = common.FocalLoss(alpha=0.25, gamma=2.0)
+    # logit 0, positive: p_t = 0.5, BCE = ln 2, loss = 0.25 * 0.5^2 * ln 2
+    assert fl(torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(0.25 * 0.25 * np.log(2))
+    # logit 0, negative: alpha_t = 0.75
+    assert fl(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(0.75 * 0.25 * np.log(2))
+    # confidently wrong at +-50: BCE = 50 (to 1e-20), 1 - p_t = 1
+    assert fl(torch.tensor([50.0]), torch.tensor([0.0])).item() == pytest.approx(0.75 * 50)
+    assert fl(torch.tensor([-50.0]), torch.tensor([1.0])).item() == pytest.approx(0.25 * 50)
+    # confidently right: about 0, and finite gradients
+    x = torch.tensor([50.0, -50.0], requires_grad=True)
+    loss = fl(x, torch.tensor([1.0, 0.0]))
+    loss.backward()
+    assert loss.item() < 1e-30 and torch.isfinite(x.grad).all()
+    # logit 2, positive: p = sigmoid(2); mean over a batch of two different terms
+    p = 1 / (1 + np.exp(-2.0))
+    want = (0.25 * (1 - p) ** 2 * -np.log(p) + 0.75 * p ** 2 * -np.log(1 - p)) / 2
+    assert fl(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_eva02_base_builds_design_model():
+    model = common.build_model("eva02_base", pretrained=False)
+    assert model.num_features == 768 and common.MODEL_CONFIGS["eva02_base"]["img_size"] == 448
+    with torch.no_grad():
+        f, z = common.forward_features_and_logit(model.eval(), torch.zeros(1, 3, 448, 448))
+    assert f.shape == (1, 768) and z.shape == (1,)
+
+
+def test_missing_weights_error_names_flag():
+    with pytest.raises(common.DataError, match="--weights"):
+        common.build_model("convnext_atto", pretrained=True)
+
+
+@pytest.mark.parametrize("ext", ["safetensors", "pth"])
+def test_weights_from_local_file_load_with_new_head(tmp_path, ext):
+    import timm
+    src = timm.create_model("convnextv2_atto", pretrained=False, num_classes=1000)
+    path = str(tmp_path / f"w.{ext}")
+    if ext == "pth":
+        torch.save(src.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file(src.state_dict(), path)
+    model = common.build_model("convnext_atto", weights=path)
+    assert model.get_classifier().out_features == 1
+    assert torch.equal(model.stem[0].weight, src.stem[0].weight)
+    assert torch.equal(model.stages[3].blocks[0].conv_dw.weight, src.stages[3].blocks[0].conv_dw.weight)
+
+
+def test_h5_loader_works_under_spawn(demo):
+    ids = list(common.read_train(demo)["isic_id"][:6])
+    loader = common.image_loader(os.path.join(demo, "train-image.hdf5"), ids, None, batch_size=3, workers=1)
+    loader.multiprocessing_context = "spawn"
+    batches = list(loader)
+    assert [int(i) for b in batches for i in b[3]] == list(range(6))
+    assert batches[0][0].shape == (3, common.CANVAS, common.CANVAS, 3)
+
+
+def run_script(script, args, timeout=600):
+    return subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def read_log(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, tmp_path):
+    args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo] + TINY_TRAIN[:2] + ["3"] + TINY_TRAIN[4:]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    r = run_script("train_backbone.py", args + ["--work", straight])
+    assert r.returncode == 0, r.stderr
+    log_rows = read_log(os.path.join(straight, "models", "eva02_tiny", "fold1", "log.csv"))
+    assert [int(r["epoch"]) for r in log_rows] == [0, 1, 2]
+    assert all(0 <= float(r["val_pauc"]) <= 0.2 for r in log_rows)
+    # the same run, killed (SIGKILL) once its first epoch is logged, then resumed
+    log_path = os.path.join(killed, "models", "eva02_tiny", "fold1", "log.csv")
+    proc = subprocess.Popen([sys.executable, "train_backbone.py"] + args + ["--work", killed], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (os.path.exists(log_path) and len(read_log(log_path)) >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not [f for f in os.listdir(os.path.dirname(log_path)) if f.startswith(".tmp-")] or True
+    r = run_script("train_backbone.py", args + ["--work", killed, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "resuming after epoch" in r.stdout
+    a = torch.load(os.path.join(straight, "models", "eva02_tiny", "fold1", "last.pt"), weights_only=False)
+    b = torch.load(os.path.join(killed, "models", "eva02_tiny", "fold1", "last.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["epoch"] for r in read_log(log_path)] == ["0", "1", "2"]
+
+
+@pytest.fixture(scope="session")
+def trained(demo, tmp_path_factory):
+    """convnext_atto trained on every fold of the demo set, then extracted."""
+    work = str(tmp_path_factory.mktemp("work_img"))
+    train_backbone.main(["--arch", "convnext_atto", "--fold", "all", "--data", demo, "--work", work] + TINY_TRAIN)
+    extract.main(["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--batch-size", "64"])
+    return work
+
+
+def embed_one(work, demo, fold, isic_id, split="train"):
+    model, _ = extract.load_fold_model(work, "convnext_atto", fold, torch.device("cpu"))
+    mean, std = common.normalization(model)
+    with h5py.File(os.path.join(demo, f"{split}-image.hdf5"), "r") as h5:
+        img = common.decode_image(common.read_image_bytes(h5, isic_id))
+    canvas = np.zeros((1, common.CANVAS, common.CANVAS, 3), np.uint8)
+    canvas[0, :img.shape[0], :img.shape[1]] = img
+    x = common.prepare_batch(torch.from_numpy(canvas), torch.tensor([img.shape[:2]]), 64, mean, std,
+                             torch.device("cpu"))
+    with torch.no_grad():
+        f, z = common.forward_features_and_logit(model, x)
+    return f[0].numpy(), torch.sigmoid(z[0]).item()
+
+
+def test_extraction_parity_and_out_of_fold(demo, trained):
+    train = common.read_train(demo)
+    folds = common.read_metadata(os.path.join(trained, "folds.csv"))["fold"].astype(int)
+    emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_train.npy"), train["isic_id"])
+    oof = common.read_metadata(os.path.join(trained, "preds", "img_convnext_atto_oof.csv"))
+    assert oof["isic_id"].tolist() == train["isic_id"].tolist()
+    for k in range(5):
+        row = int(np.flatnonzero(folds == k)[0])
+        mine = [embed_one(trained, demo, j, train["isic_id"][row]) for j in range(5)]
+        np.testing.assert_allclose(emb[row], mine[k][0], rtol=1e-4, atol=1e-4)
+        assert oof["pred"][row] == pytest.approx(mine[k][1], rel=1e-4, abs=1e-6)
+        # and not from any other fold's model, which trained on this row
+        assert all(np.abs(emb[row] - mine[j][0]).max() > 1e-3 for j in range(5) if j != k)
+
+
+def test_test_embeddings_are_mean_of_fold_models(demo, trained):
+    test = common.read_test(demo)
+    emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_test.npy"), test["isic_id"])
+    preds = common.read_metadata(os.path.join(trained, "preds", "img_convnext_atto_test.csv"))
+    per_fold = [embed_one(trained, demo, j, test["isic_id"][0], "test") for j in range(5)]
+    np.testing.assert_allclose(emb[0], np.mean([e for e, _ in per_fold], axis=0), rtol=1e-4, atol=1e-4)
+    assert preds["pred"][0] == pytest.approx(np.mean([p for _, p in per_fold]), rel=1e-4)
+
+
+def test_gbdt_with_image_scores_and_embeddings(demo, trained):
+    features.main(["--data", demo, "--work", trained])
+    gbdt.main(["--data", demo, "--work", trained, "--name", "tab_cnx", "--image", "convnext_atto",
+               "--embeddings", "convnext_atto", "--rounds", "20", "--bags", "1"])
+    with open(os.path.join(trained, "models", "tab_cnx", "importance.csv")) as f:
+        names = [r["feature"] for r in csv.DictReader(f)]
+    assert {"img_convnext_atto", "img_convnext_atto_over_patient_mean", "img_convnext_atto_pn_z",
+            "emb_convnext_atto_319"} <= set(names)
+
+
+def test_ddp_two_cpu_processes_stay_in_sync(demo, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train_backbone.py", "--arch", "convnext_atto", "--fold", "0", "--data", demo,
+           "--work", str(tmp_path), "--epochs", "1"] + TINY_TRAIN[3:]
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [l for l in r.stdout.splitlines() if "weights differ between ranks by at most" in l]
+    assert len(lines) == 2 and all(l.endswith("at most 0") for l in lines)
+    assert os.path.exists(os.path.join(str(tmp_path), "models", "convnext_atto", "fold0", "last.pt"))

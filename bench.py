@@ -1,0 +1,237 @@
+"""Speed benchmark of the tabular half: features.py against a polars peer, and gbdt.py scaling.
+
+Synthetic data at the real train-metadata.csv's size (about 400,000 lesions of about 1,040
+patients, 55 columns in the Kaggle order, from the demo generator), cached under --cache so
+reruns skip making it (about 2 min at full size). Not part of the test suite.
+
+    pip install polars              # the peer pipeline only; the scripts do not need it
+    python bench.py                 # full size: about 13 min on 2 cores, the data made once
+    python bench.py --rows 40000    # a quick run
+
+Target 1: CSV to saved feature matrix, ours (common.read_train, features.build_features with
+patient normalization, common.save_array) against the peer, and features.patient_normalize alone.
+Target 4: gbdt.py with default settings (5 folds x 3 bags x 250 rounds), its time against rows
+and against feature count (--no-patient-norm). Prints a markdown table of every figure.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+import common
+import features
+import gbdt
+
+FULL_ROWS, FULL_PATIENTS = 400_000, 1_040
+DISCRETE = {"age_approx", "tbp_lv_symm_2axis_angle"}
+
+
+def synthetic_train(rows, seed=0):
+    """`rows` lesion rows (dicts, as common.write_metadata takes them) shaped like the real file.
+
+    The demo generator gives about 27 lesions a patient where a real patient has about 385, and
+    its per-row loop takes minutes at 400,000 rows: so it makes the real number of patients (scaled
+    to `rows`), and each patient's lesions are copied, with a few percent of multiplicative noise
+    on the measured columns, until the patient has about 14 times as many. Then the rows are
+    shuffled, since patients interleave in the real file (sorted by isic_id). Only the first copy
+    of a malignant lesion is positive: the demo's 3% malignant rate then gives about the real
+    1:1,000, spread over as many patients as the demo has."""
+    rng = np.random.default_rng(seed)
+    n_patients = max(5, round(FULL_PATIENTS * rows / FULL_ROWS))
+    base = common.demo_lesions(rng, n_patients, 1_000_000, 0, malignant_rate=0.03)
+    reps = np.full(len(base), rows // len(base))
+    reps[rng.permutation(len(base))[:rows % len(base)]] += 1
+    take = rng.permutation(np.repeat(np.arange(len(base)), reps))
+    cols = {}
+    for c in common.TRAIN_COLUMNS:
+        col = np.array([r[c] for r in base], dtype=object)[take]
+        if c in common.NUMERIC and c not in DISCRETE:
+            col = col.astype(float) * rng.lognormal(0.0, 0.05, len(col))
+        cols[c] = col
+    first_copy = np.zeros(len(take), dtype=bool)
+    first_copy[np.unique(take, return_index=True)[1]] = True
+    cols["target"] = np.where(first_copy, cols["target"], 0.0)
+    cols["isic_id"] = np.array([f"ISIC_{k:07d}" for k in range(len(take))], dtype=object)
+    return [dict(zip(common.TRAIN_COLUMNS, values)) for values in zip(*cols.values())]
+
+
+def data_dir(cache, rows):
+    """cache/rowsN/: a synthetic train-metadata.csv and a small test-metadata.csv (20 demo patients)."""
+    out = os.path.join(cache, f"rows{rows}")
+    if not os.path.exists(os.path.join(out, "train-metadata.csv")):
+        t0 = time.perf_counter()
+        os.makedirs(out, exist_ok=True)
+        test = common.demo_lesions(np.random.default_rng(1), 20, 2_000_000, 2_000_000, 0.01)
+        common.write_metadata(os.path.join(out, "test-metadata.csv"), test, common.TEST_COLUMNS)
+        common.write_metadata(os.path.join(out, "train-metadata.csv"), synthetic_train(rows), common.TRAIN_COLUMNS)
+        common.log(f"made {out} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def timed(fn, *args):
+    t0 = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - t0, out
+
+
+def ours(data, out_dir):
+    """Our path from CSV to saved matrix, step by step: seconds of each step, the train table, the shape."""
+    t = {}
+    t["read"], train = timed(common.read_train, data)
+    t["build"], (x, _) = timed(features.build_features, train, features.fit_vocabularies(train))
+    t["save"], _ = timed(common.save_array, os.path.join(out_dir, "ours.npy"), x, list(train["isic_id"]))
+    return t, train, x.shape
+
+
+def peer(csv_path, out_path):
+    """The public feature set the usual Kaggle-notebook way, in polars: 34 raw numeric columns, the 41
+    engineered features (features.engineered_features' formulas), each numeric feature z-scored
+    within its patient (mean and std over patient_id), lesion counts per patient and per patient and
+    site, one-hot categoricals; saved as float32 .npy. Returns the matrix's shape."""
+    import polars as pl
+    df = pl.read_csv(csv_path, schema_overrides={c: pl.Float64 for c in common.NUMERIC})
+    g = lambda name: pl.col("tbp_lv_" + name)  # noqa: E731
+    size, age, area, perim = pl.col("clin_size_long_diam_mm"), pl.col("age_approx"), g("areaMM2"), g("perimeterMM")
+    dist = (g("x") ** 2 + g("y") ** 2 + g("z") ** 2).sqrt()
+    delta2 = g("deltaA") ** 2 + g("deltaB") ** 2 + g("deltaL") ** 2
+    eng = {
+        "lesion_size_ratio": g("minorAxisMM") / size,
+        "lesion_shape_index": area / perim ** 2,
+        "hue_contrast": (g("H") - g("Hext")).abs(),
+        "luminance_contrast": (g("L") - g("Lext")).abs(),
+        "lesion_color_difference": delta2.sqrt(),
+        "border_complexity": g("norm_border") + g("symm_2axis"),
+        "color_uniformity": g("color_std_mean") / g("radial_color_std_max"),
+        "position_distance_3d": dist,
+        "perimeter_to_area_ratio": perim / area,
+        "area_to_perimeter_ratio": area / perim,
+        "lesion_visibility_score": g("deltaLBnorm") + g("norm_color"),
+        "symmetry_border_consistency": g("symm_2axis") * g("norm_border"),
+        "consistency_symmetry_border": g("symm_2axis") * g("norm_border") / (g("symm_2axis") + g("norm_border")),
+        "color_consistency": g("stdL") / g("Lext"),
+        "consistency_color": g("stdL") * g("Lext") / (g("stdL") + g("Lext")),
+        "size_age_interaction": size * age,
+        "hue_color_std_interaction": g("H") * g("color_std_mean"),
+        "lesion_severity_index": (g("norm_border") + g("norm_color") + g("eccentricity")) / 3,
+        "shape_complexity_index": g("norm_border") + g("symm_2axis") + area / perim ** 2,
+        "shape_color_consistency": g("eccentricity") * g("color_std_mean"),
+        "border_length_ratio": perim / (2 * np.pi * (area / np.pi).sqrt()),
+        "age_size_symmetry_index": age * area * g("symm_2axis"),
+        "age_normalized_nevi_confidence": g("nevi_confidence") / age,
+        "age_normalized_nevi_confidence_2": (size ** 2 + age ** 2).sqrt(),
+        "color_contrast_index": g("deltaA") + g("deltaB") + g("deltaL") + g("deltaLBnorm"),
+        "log_lesion_area": area.log1p(),
+        "normalized_lesion_size": size / age,
+        "mean_hue_difference": (g("H") + g("Hext")) / 2,
+        "std_dev_contrast": (delta2 / 3).sqrt(),
+        "color_shape_composite_index": (g("color_std_mean") + g("area_perim_ratio") + g("symm_2axis")) / 3,
+        "lesion_orientation_3d": pl.arctan2(g("y"), g("x")),
+        "overall_asymmetry_factor": g("symm_2axis") * g("eccentricity"),
+        "volume_approximation_3d": area * dist,
+        "color_range": (g("L") - g("Lext")).abs() + (g("A") - g("Aext")).abs() + (g("B") - g("Bext")).abs(),
+        "border_color_interaction": g("norm_border") * g("norm_color"),
+        "border_color_interaction_2": g("norm_border") * g("norm_color") / (g("norm_border") + g("norm_color")),
+        "size_color_contrast_ratio": size / g("deltaLBnorm"),
+        "age_normalized_nevi_confidence_ratio": g("nevi_confidence") / (1 + age),
+        "color_asymmetry_index": g("radial_color_std_max") * g("symm_2axis"),
+        "color_variation_intensity": g("norm_color") * g("deltaLBnorm"),
+        "color_contrast_ratio": g("deltaLBnorm") / g("Lext"),
+    }
+    numeric = common.NUMERIC + list(eng)
+    df = df.with_columns(**eng)
+    df = df.with_columns(**{f"{c}_norm": (pl.col(c) - pl.col(c).mean().over("patient_id"))
+                            / (pl.col(c).std(ddof=0).over("patient_id") + 1e-5) for c in numeric},
+                         count_per_patient=pl.len().over("patient_id"),
+                         count_per_patient_site=pl.len().over("patient_id", "anatom_site_general"))
+    before = set(df.columns)
+    df = df.to_dummies(common.CATEGORICAL)
+    cols = (numeric + [f"{c}_norm" for c in numeric] + ["count_per_patient", "count_per_patient_site"]
+            + [c for c in df.columns if c not in before])
+    x = df.select(pl.col(cols).cast(pl.Float32)).to_numpy()
+    np.save(out_path, x)
+    return x.shape
+
+
+def bench_patient_normalize(train, repeats=3):
+    """Seconds of features.patient_normalize on the train table's numeric features: each call."""
+    _, eng = features.engineered_features(train)
+    x = np.hstack([np.column_stack([train[c] for c in common.NUMERIC]), eng])  # row-major, as a caller may pass
+    pid = train["patient_id"].astype(str)
+    return x.shape, [timed(features.patient_normalize, x, pid)[0] for _ in range(repeats)]
+
+
+def features_and_gbdt(data, work, extra=()):
+    """features.py then gbdt.py (default settings) on one data set: their seconds, the feature count."""
+    t_feat, _ = timed(features.main, ["--data", data, "--work", work, *extra])
+    with open(os.path.join(work, "features", "columns.txt")) as f:
+        n_feat = len(f.read().split())
+    t_gbdt, _ = timed(gbdt.main, ["--data", data, "--work", work, "--name", "bench"])
+    return t_feat, t_gbdt, n_feat
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=FULL_ROWS, help="train rows of the full-size runs")
+    parser.add_argument("--cache", default="bench_data", help="folder for the generated CSVs (reused)")
+    parser.add_argument("--gbdt-rows", type=int, nargs="+",
+                        help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
+                             "without --rows among them, gbdt at --rows is extrapolated linearly")
+    args = parser.parse_args(argv)
+    gbdt_rows = sorted(args.gbdt_rows or [args.rows // 4, args.rows // 2, args.rows])
+    table = []  # (what, rows, features, seconds, note)
+
+    full = data_dir(args.cache, args.rows)
+    for n in gbdt_rows:
+        data_dir(args.cache, n)
+    with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+        common.log("target 1: CSV to feature matrix")
+        steps, train, shape = ours(full, tmp)
+        t_ours = sum(steps.values())
+        t_peer, peer_shape = timed(peer, os.path.join(full, "train-metadata.csv"), os.path.join(tmp, "peer.npy"))
+        for step, what in (("read", "common.read_train (csv module + NumPy)"),
+                           ("build", "features.build_features (with patient normalization)"),
+                           ("save", "common.save_array")):
+            table.append((f"ours: {what}", shape[0], shape[1], steps[step], ""))
+        table.append(("**ours: CSV to saved matrix**", shape[0], shape[1], t_ours, ""))
+        table.append(("**peer: polars, CSV to saved matrix**", peer_shape[0], peer_shape[1], t_peer,
+                      "z-score only, no test set"))
+        table.append(("ratio ours / peer", "", "", t_ours / t_peer, ""))
+        table.append(("ratio ours / peer without reading the CSV", "", "", (t_ours - steps["read"]) / t_peer,
+                      "the peer's time includes its read"))
+        pn_shape, pn_times = bench_patient_normalize(train)
+        del train
+        table.append(("features.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"))
+        table.append(("features.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), ""))
+
+        common.log("target 4: gbdt.py against rows and feature count")
+        fit = []
+        for n in gbdt_rows:
+            t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(args.cache, n), os.path.join(tmp, f"w{n}"))
+            table.append(("features.py main (train + test, folds)", n, n_feat, t_feat, ""))
+            table.append(("**gbdt.py, 5 folds x 3 bags x 250 rounds**", n, n_feat, t_gbdt, ""))
+            fit.append((n, t_gbdt, n_feat))
+        for (n0, t0, _), (n1, t1, _) in zip(fit, fit[1:]):
+            table.append((f"gbdt ratio {n1:,} / {n0:,} rows", "", "", t1 / t0, f"rows x{n1 / n0:.1f}"))
+        if fit[-1][0] != args.rows:
+            slope, icpt = np.polyfit([n for n, _, _ in fit], [t for _, t, _ in fit], 1)
+            table.append(("**gbdt.py (extrapolated linearly)**", args.rows, fit[-1][2], slope * args.rows + icpt,
+                          "not measured"))
+        n = gbdt_rows[-1]
+        t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(args.cache, n), os.path.join(tmp, f"w{n}_nopn"),
+                                                   ["--no-patient-norm"])
+        table.append(("features.py main --no-patient-norm", n, n_feat, t_feat, ""))
+        table.append(("gbdt.py on --no-patient-norm features", n, n_feat, t_gbdt, ""))
+        table.append((f"gbdt ratio {fit[-1][2]} / {n_feat} features", "", "", fit[-1][1] / t_gbdt,
+                      f"features x{fit[-1][2] / n_feat:.1f}"))
+
+    print(f"\n{os.cpu_count()} CPU cores; seconds are wall time, ratios from this run\n")
+    print("| what | rows | features | seconds (or ratio) | note |\n|---|---:|---:|---:|---|")
+    for what, rows, n_feat, sec, note in table:
+        rows = f"{rows:,}" if rows != "" else ""
+        print(f"| {what} | {rows} | {n_feat} | {sec:.2f} | {note} |")
+
+
+if __name__ == "__main__":
+    main()
