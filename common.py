@@ -46,7 +46,7 @@ TRAIN_COLUMNS = ("isic_id target patient_id age_approx sex anatom_site_general c
                  "copyright_license lesion_id iddx_full iddx_1 iddx_2 iddx_3 iddx_4 iddx_5 mel_mitotic_index "
                  "mel_thick_mm tbp_lv_dnn_lesion_confidence").split()
 TEST_COLUMNS = [c for c in TRAIN_COLUMNS if c not in TRAIN_ONLY]
-FLOAT_COLUMNS = set(NUMERIC) | {"target", "mel_thick_mm", "tbp_lv_dnn_lesion_confidence"}
+FLOAT_COLUMNS = set(NUMERIC) | {"target", "mel_thick_mm", "tbp_lv_dnn_lesion_confidence", "fold", "pred"}
 MISSING = {"", "na", "nan", "n/a", "null", "none"}
 
 

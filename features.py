@@ -126,7 +126,7 @@ def patient_normalize(x, patient_ids):
         for m, a, b in zip(sizes, ends - sizes * n_of_size, ends):
             order[a:b] = (np.argsort(xg[a:b].reshape(-1, m), axis=1) + pos[a:b:m, None]).ravel()
         v = xg[order]                               # ascending within each patient, NaN last
-        ok = v == v
+        ok = v == v                                 # not missing
         n = np.add.reduceat(ok, start)
         n1 = np.maximum(n, 1)
         mean = np.add.reduceat(np.where(ok, v, 0.0), start) / n1
@@ -142,7 +142,8 @@ def patient_normalize(x, patient_ids):
         rank = (run_start[run] + run_start[run + 1] - 1) / 2 - patient_start + 1
         with np.errstate(divide="ignore", invalid="ignore"):  # a patient whose values are all missing
             out["pct"][j, rows[order]] = np.where(ok, rank / np.repeat(n, n_in), np.nan)
-        # the other statistics in row order, from per-patient tables: no scatter needed
+        # the other statistics in row order, from per-patient tables: no scatter needed;
+        # a std of 0 divides as infinity, so z = 0 there (and stays NaN for a missing x)
         missing = np.isnan(xj)
         out["z"][j] = (xj - mean[patient]) / np.where(std > 0, std, np.inf)[patient]
         out["dev"][j] = xj - median[patient]

@@ -55,6 +55,7 @@ def train_fold(args, fold, train, folds, h5_path, device, rank, world):
     if args.val_neg_per_pos:  # a subsample of validation negatives keeps validation fast
         val = val[epoch_rows(y[val], args.val_neg_per_pos, [args.seed, fold, 0])]
         val.sort()
+    torch.manual_seed(args.seed + fold)  # the head (and everything, without weights) starts the same
     model = build_model(args.arch, args.weights, not args.no_pretrained, args.drop_path).to(device)
     mean, std = normalization(model)
     if device.type == "cuda":
