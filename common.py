@@ -58,6 +58,15 @@ def log(*args):
     print(time.strftime("%H:%M:%S"), *args, flush=True)
 
 
+def run_main(main):
+    """The scripts' entry point: bad input ends with its message and exit status 2, no traceback."""
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 # ---------------------------------------------------------------- reading the Kaggle files
 
 def default_data_dir():
@@ -130,11 +139,12 @@ def read_metadata(path, required=None):
 
 def read_train(data_dir):
     return read_metadata(data_path(data_dir, "train-metadata.csv"),
-                         required=["isic_id", "patient_id", "target"])
+                         required=["isic_id", "patient_id", "target"] + NUMERIC + CATEGORICAL)
 
 
 def read_test(data_dir):
-    return read_metadata(data_path(data_dir, "test-metadata.csv"), required=["isic_id", "patient_id"])
+    return read_metadata(data_path(data_dir, "test-metadata.csv"),
+                         required=["isic_id", "patient_id"] + NUMERIC + CATEGORICAL)
 
 
 def decode_image(raw, isic_id="?"):
@@ -393,13 +403,17 @@ class H5Images(torch.utils.data.Dataset):
         isic_id = self.ids[i]
         if isic_id not in self.h5:
             raise DataError(f"{self.h5_path}: no image for isic_id {isic_id}")
-        image = decode_image(read_image_bytes(self.h5, isic_id), isic_id)
+        canvas = np.zeros((CANVAS, CANVAS, 3), np.uint8)
+        try:
+            image = decode_image(read_image_bytes(self.h5, isic_id), isic_id)
+        except DataError as e:  # a broken tile: size (0, 0), which every consumer leaves out
+            print(f"warning: {self.h5_path}: {e}", file=sys.stderr, flush=True)
+            return canvas, np.zeros(2, np.int64), self.labels[i], i
         if max(image.shape[:2]) > CANVAS:  # larger than any real tile: shrink on the CPU
             from PIL import Image
             scale = CANVAS / max(image.shape[:2])
             image = np.asarray(Image.fromarray(image).resize(
                 (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))))
-        canvas = np.zeros((CANVAS, CANVAS, 3), np.uint8)
         canvas[:image.shape[0], :image.shape[1]] = image
         return canvas, np.array(image.shape[:2], np.int64), self.labels[i], i
 
@@ -473,22 +487,32 @@ def forward_features_and_logit(model, x):
 
 
 @torch.no_grad()
+def split_broken(canvas, sizes, *rest):
+    """Drops the broken tiles (size 0) of a batch; returns the kept tensors and the broken mask."""
+    broken = sizes[:, 0] == 0
+    return [t[~broken] for t in (canvas, sizes) + rest], broken
+
+
+@torch.no_grad()
 def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
-    """Embeddings (N, D) and logits (N,) of every image of the loader, in its order."""
+    """Embeddings (N, D) and logits (N,) of every image of the loader, in its order; NaN for a tile
+    that cannot be decoded."""
     model.eval()
-    embs, logits, seen, t0 = [], [], 0, time.time()
-    for canvas, sizes, _, _ in loader:
-        x = prepare_batch(canvas, sizes, out_size, mean, std, device)
-        with autocast(device, dtype):
-            f, z = forward_features_and_logit(model, x)
-        embs.append(f.float().cpu())
-        logits.append(z.float().cpu())
-        seen += len(x)
-        if progress and (len(embs) % 50 == 0 or seen == len(loader.dataset)):
-            log(f"{progress}: {seen}/{len(loader.dataset)} images, {seen / (time.time() - t0):.0f} images/s")
-    if not embs:
-        return np.zeros((0, model.num_features), np.float32), np.zeros(0, np.float32)
-    return torch.cat(embs).numpy(), torch.cat(logits).numpy()
+    n = len(loader.dataset)
+    embs, logits = np.full((n, model.num_features), np.nan, np.float32), np.full(n, np.nan, np.float32)
+    seen, t0 = 0, time.time()
+    for batch, (canvas, sizes, _, _) in enumerate(loader):
+        (canvas, sizes), broken = split_broken(canvas, sizes)
+        rows = np.arange(seen, seen + len(broken))[~broken.numpy()]
+        seen += len(broken)
+        if len(rows):
+            x = prepare_batch(canvas, sizes, out_size, mean, std, device)
+            with autocast(device, dtype):
+                f, z = forward_features_and_logit(model, x)
+            embs[rows], logits[rows] = f.float().cpu().numpy(), z.float().cpu().numpy()
+        if progress and ((batch + 1) % 50 == 0 or seen == n):
+            log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")
+    return embs, logits
 
 
 # ---------------------------------------------------------------- the demo data set

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from common import (DataError, atomic_write, check_ids, default_data_dir, load_folds, log, pauc, rank01,
+from common import (run_main, DataError, atomic_write, check_ids, default_data_dir, load_folds, log, pauc, rank01,
                     read_metadata, read_test, read_train, write_args, write_csv)
 
 
@@ -82,4 +82,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,18 +9,20 @@ Reads:  DATA/{train,test}-metadata.csv, DATA/{train,test}-image.hdf5, WORK/folds
         WORK/models/ARCH/fold{k}/last.pt (or best.pt)
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
-        WORK/emb/ARCH_args.json
+        WORK/emb/ARCH_args.json; while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold,
+        what --resume reuses after an interruption)
 
     python extract.py --arch eva02_tiny --data demo_data --work work --workers 0     # tiny
     python extract.py --arch eva02_base --data /kaggle/input/isic-2024-challenge --work work
 """
 import argparse
 import os
+import shutil
 
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, DataError, amp_dtype, build_model, check_image_ids, data_path,
+from common import (run_main, MODEL_CONFIGS, DataError, amp_dtype, atomic_write, check_ids, build_model, check_image_ids, data_path,
                     default_data_dir, image_loader, load_folds, log, normalization, predict, read_test,
                     read_train, save_array, write_args, write_csv)
 
@@ -51,6 +53,7 @@ def main(argv=None):
                              "OOF scores are optimistic, having been chosen on those very rows")
     parser.add_argument("--frozen", action="store_true", help="pretrained backbone, no fine-tuning")
     parser.add_argument("--weights", help="with --frozen: pretrained weights file")
+    parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
@@ -84,24 +87,40 @@ def main(argv=None):
         scores = {k: load_fold_model(args.work, args.arch, k, "cpu", args.checkpoint)[1] for k in fold_models}
         test_folds = fold_models if args.test_models == "mean" else [max(scores, key=scores.get)]
         for k in fold_models:
-            model, _ = load_fold_model(args.work, args.arch, k, device, args.checkpoint)
             rows = np.flatnonzero(folds == k)
-            emb_train[rows], z = run(model, "train", train_ids[rows], f"fold {k} held-out train")
-            prob_train[rows] = sigmoid(z)
+            part = os.path.join(edir, "parts", f"{args.arch}_fold{k}.npz")
+            if args.resume and os.path.exists(part):  # this fold finished before an interruption
+                p = dict(np.load(part))
+                check_ids(part, p["train_ids"], train_ids[rows])
+                check_ids(part, p["test_ids"], test_ids if k in test_folds else [])
+                log(f"{args.arch} fold {k}: reusing {part}")
+            else:
+                model, _ = load_fold_model(args.work, args.arch, k, device, args.checkpoint)
+                p = {"train_ids": train_ids[rows], "test_ids": test_ids if k in test_folds else test_ids[:0]}
+                p["train_emb"], p["train_logit"] = run(model, "train", train_ids[rows], f"fold {k} held-out train")
+                p["test_emb"], p["test_logit"] = (run(model, "test", test_ids, f"fold {k} test") if k in test_folds
+                                                  else (emb_test[:0], prob_test[:0]))
+                atomic_write(part, lambda f: np.savez(f, **p))
+            emb_train[rows], prob_train[rows] = p["train_emb"], sigmoid(p["train_logit"])
             if k in test_folds:
-                e, z = run(model, "test", test_ids, f"fold {k} test")
-                emb_test += e / len(test_folds)
-                prob_test += sigmoid(z) / len(test_folds)
+                emb_test += p["test_emb"] / len(test_folds)
+                prob_test += sigmoid(p["test_logit"]) / len(test_folds)
         write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"), ["isic_id", "target", "fold", "pred"],
                   [train_ids, train["target"].astype(int), folds, prob_train])
         write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_test.csv"), ["isic_id", "pred"],
                   [test_ids, prob_test])
         log(f"{args.arch}: wrote preds/img_{args.arch}_oof.csv and _test.csv (test: fold models {test_folds})")
+    for split, emb, ids in (("train", emb_train, train_ids), ("test", emb_test, test_ids)):
+        broken = ids[np.isnan(emb).any(axis=1)]
+        if len(broken):
+            log(f"warning: {len(broken)} {split} image(s) cannot be decoded: {', '.join(broken[:20])}; their "
+                "image features are missing (NaN) and the GBDTs score them from their other features")
     save_array(os.path.join(edir, f"{args.arch}_train.npy"), emb_train, list(train_ids))
     save_array(os.path.join(edir, f"{args.arch}_test.npy"), emb_test, list(test_ids))
     write_args(os.path.join(edir, f"{args.arch}_args.json"), args)
+    shutil.rmtree(os.path.join(edir, "parts"), ignore_errors=True)
     log(f"{args.arch}: wrote emb/{args.arch}_train.npy {emb_train.shape} and emb/{args.arch}_test.npy {emb_test.shape}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, DataError, default_data_dir, load_folds, log, read_test,
+from common import (run_main, CATEGORICAL, NUMERIC, DataError, default_data_dir, load_folds, log, read_test,
                     read_train, save_array, write_args, atomic_write)
 
 STATS = ("z", "pct", "dev", "is_max", "is_min")
@@ -227,4 +227,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from common import (DataError, atomic_write, check_ids, default_data_dir, load_array, load_folds, log, pauc,
+from common import (run_main, DataError, atomic_write, check_ids, default_data_dir, load_array, load_folds, log, pauc,
                     read_metadata, read_test, read_train, write_args, write_csv)
 from features import patient_normalize
 
@@ -34,8 +34,10 @@ def image_score_features(work, arch, train, test):
         check_ids(path, preds["isic_id"], table["isic_id"])
         score = preds["pred"].astype(float)[:, None]
         pid = table["patient_id"].astype(str)
-        _, codes = np.unique(pid, return_inverse=True)
-        mean = (np.bincount(codes, weights=score[:, 0]) / np.bincount(codes))[codes]
+        patients, codes = np.unique(pid, return_inverse=True)
+        ok = ~np.isnan(score[:, 0])  # a tile that could not be decoded has no score
+        mean = (np.bincount(codes[ok], weights=score[ok, 0], minlength=len(patients))
+                / np.maximum(np.bincount(codes[ok], minlength=len(patients)), 1))[codes]
         ratio = np.where(mean != 0, score[:, 0] / np.where(mean != 0, mean, 1), np.nan)
         blocks.append(np.column_stack([score[:, 0], ratio, patient_normalize(score, pid)["z"][:, 0]]))
     names = [f"img_{arch}", f"img_{arch}_over_patient_mean", f"img_{arch}_pn_z"]
@@ -142,4 +144,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

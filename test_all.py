@@ -423,3 +423,208 @@ def test_ddp_two_cpu_processes_stay_in_sync(demo, tmp_path):
     lines = [l for l in r.stdout.splitlines() if "weights differ between ranks by at most" in l]
     assert len(lines) == 2 and all(l.endswith("at most 0") for l in lines)
     assert os.path.exists(os.path.join(str(tmp_path), "models", "convnext_atto", "fold0", "last.pt"))
+
+
+# ---------------------------------------------------------------- bad input, interruptions, reproducibility
+
+import io  # noqa: E402
+import shutil  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+
+def copy_demo(demo, dst):
+    shutil.copytree(demo, dst)
+    return str(dst)
+
+
+def rewrite_csv(path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = edit(rows)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing_file", "train-metadata.csv: file not found"),
+    ("missing_column", "missing required column.*tbp_lv_areaMM2"),
+    ("duplicate_id", "duplicated isic_id ISIC_1000003"),
+    ("not_a_number", "row 5, column tbp_lv_L: 'dark' is not a number"),
+    ("ragged_row", "row 3 has 54 fields, the header has 55"),
+])
+def test_bad_metadata_gives_clear_error_and_writes_nothing(demo, tmp_path, case, match):
+    data = copy_demo(demo, tmp_path / "data")
+    path = os.path.join(data, "train-metadata.csv")
+    if case == "missing_file":
+        os.remove(path)
+    elif case == "missing_column":
+        rewrite_csv(path, lambda rows: [r[:19] + r[20:] for r in rows])
+    elif case == "duplicate_id":
+        rewrite_csv(path, lambda rows: rows[:5] + [rows[4]] + rows[5:])
+    elif case == "not_a_number":
+        rewrite_csv(path, lambda rows: rows[:4] + [rows[4][:17] + ["dark"] + rows[4][18:]] + rows[5:])
+    elif case == "ragged_row":
+        rewrite_csv(path, lambda rows: rows[:2] + [rows[2][:-1]] + rows[3:])
+    with pytest.raises(common.DataError, match=match):
+        common.read_train(data)
+    work = str(tmp_path / "work")
+    r = run_script("features.py", ["--data", data, "--work", work])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert not os.path.exists(os.path.join(work, "features"))
+
+
+def test_missing_data_dir_says_how_to_pass_it(tmp_path):
+    r = run_script("features.py", ["--work", str(tmp_path)])
+    assert r.returncode == 2 and "--data" in r.stderr and "python common.py demo" in r.stderr
+
+
+def test_number_spellings(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("isic_id,age_approx\na,45\nb,45.0\nc,8.05E-13\nd, 3.2 \ne,NA\nf,nan\ng,\nh,-1e3\n")
+    got = common.read_metadata(str(path))["age_approx"]
+    np.testing.assert_array_equal(got[[0, 1, 2, 3, 7]], [45.0, 45.0, 8.05e-13, 3.2, -1000.0])
+    assert np.isnan(got[4:7]).all()
+
+
+def jpeg(mode, fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.new(mode, (70, 64), {"L": 128, "RGBA": (10, 20, 30, 40), "CMYK": (0, 50, 100, 0),
+                              "RGB": (200, 100, 50)}[mode]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_image_formats_decode_to_rgb_and_broken_ones_name_the_id():
+    for raw in (jpeg("L"), jpeg("RGBA", "PNG"), jpeg("CMYK"), jpeg("RGB", "PNG")):
+        im = common.decode_image(raw, "ISIC_x")
+        assert im.shape == (64, 70, 3) and im.dtype == np.uint8
+    good = jpeg("RGB")
+    for raw, what in ((good[:len(good) // 2], "cannot be decoded"), (b"not an image", "cannot be decoded"),
+                      (b"", "empty")):
+        with pytest.raises(common.DataError, match=f"ISIC_bad.*{what}"):
+            common.decode_image(raw, "ISIC_bad")
+
+
+def test_image_ids_must_match_metadata(demo, tmp_path):
+    ids = list(common.read_train(demo)["isic_id"])
+    path = os.path.join(demo, "train-image.hdf5")
+    with pytest.raises(common.DataError, match="no image for 1 isic_id.*ISIC_9999999"):
+        common.check_image_ids(path, ids + ["ISIC_9999999"])
+    with pytest.raises(common.DataError, match=f"not in the metadata, e.g. {ids[0]}"):
+        common.check_image_ids(path, ids[1:])
+
+
+def test_stage_files_from_another_run_are_refused(tmp_path):
+    path = str(tmp_path / "emb" / "x_train.npy")
+    common.save_array(path, np.zeros((3, 2), np.float32), ["a", "b", "c"])
+    np.testing.assert_array_equal(common.load_array(path, ["a", "b", "c"]), np.zeros((3, 2)))
+    with pytest.raises(common.DataError, match="do not line up.*first difference at row 1"):
+        common.load_array(path, ["a", "c", "b"])
+    with pytest.raises(common.DataError, match="3 rows against 4"):
+        common.load_array(path, ["a", "b", "c", "d"])
+
+
+def corrupt_image(h5_path, isic_id, raw):
+    with h5py.File(h5_path, "a") as h5:
+        del h5[isic_id]
+        h5.create_dataset(isic_id, data=np.bytes_(raw))
+
+
+def test_broken_images_skipped_in_training_and_scored_without_image(demo, trained, tmp_path):
+    data = copy_demo(demo, tmp_path / "data")
+    train, test = common.read_train(data), common.read_test(data)
+    bad_train = train["isic_id"][np.flatnonzero(train["target"] == 1)[0]]   # a positive: in every epoch
+    bad_test = test["isic_id"][3]
+    corrupt_image(os.path.join(data, "train-image.hdf5"), bad_train, b"\xff\xd8\xff truncated")
+    corrupt_image(os.path.join(data, "test-image.hdf5"), bad_test, b"")
+    work = str(tmp_path / "work")
+    shutil.copytree(trained, work)
+    folds = common.read_metadata(os.path.join(work, "folds.csv"))["fold"].astype(int)
+    fold = (int(folds[list(train["isic_id"]).index(bad_train)]) + 1) % 5
+    r = run_script("train_backbone.py", ["--arch", "convnext_atto", "--fold", str(fold), "--data", data,
+                                         "--work", work] + tiny_train(1))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped 1 training image(s) that cannot be decoded: {bad_train}" in r.stdout
+    r = run_script("extract.py", ["--arch", "convnext_atto", "--data", data, "--work", work, "--workers", "0"])
+    assert r.returncode == 0, r.stderr
+    assert bad_train in r.stdout and bad_test in r.stdout
+    emb = common.load_array(os.path.join(work, "emb", "convnext_atto_test.npy"), test["isic_id"])
+    assert np.isnan(emb[3]).all() and not np.isnan(emb[[0, 1, 2, 4]]).any()
+    features.main(["--data", data, "--work", work])
+    gbdt.main(["--data", data, "--work", work, "--name", "t", "--image", "convnext_atto", "--rounds", "10",
+               "--bags", "1"])
+    ensemble.main(["--data", data, "--work", work, "--models", "t"])
+    sub = common.read_metadata(os.path.join(work, "submission.csv"), required=["isic_id", "target"])
+    assert sub["isic_id"].tolist() == test["isic_id"].tolist() and np.isfinite(sub["target"]).all()
+
+
+def test_edge_cases_zero_test_rows_and_all_missing_column(demo, tmp_path):
+    data = copy_demo(demo, tmp_path / "data")
+    rewrite_csv(os.path.join(data, "test-metadata.csv"), lambda rows: rows[:1])
+    col = common.TRAIN_COLUMNS.index("tbp_lv_nevi_confidence")
+    rewrite_csv(os.path.join(data, "train-metadata.csv"),
+                lambda rows: rows[:1] + [r[:col] + [""] + r[col + 1:] for r in rows[1:]])
+    work = str(tmp_path / "work")
+    features.main(["--data", data, "--work", work])
+    gbdt.main(["--data", data, "--work", work, "--rounds", "10", "--bags", "1"])
+    ensemble.main(["--data", data, "--work", work])
+    with open(os.path.join(work, "submission.csv")) as f:
+        assert f.read() == "isic_id,target\n"
+
+
+def test_sigkill_never_leaves_a_half_written_file(demo, tmp_path):
+    work = str(tmp_path / "work")
+    features.main(["--data", demo, "--work", work])
+    gbdt.main(["--data", demo, "--work", work, "--rounds", "20", "--bags", "1"])
+    before = open(os.path.join(work, "preds", "tabular_oof.csv")).read()
+    ids = common.read_train(demo)["isic_id"].tolist()
+    for delay in (0.5, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen([sys.executable, "gbdt.py", "--data", demo, "--work", work, "--rounds", "60",
+                                 "--bags", "2", "--seed", "7"], cwd=HERE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        oof = common.read_metadata(os.path.join(work, "preds", "tabular_oof.csv"))   # complete, old or new
+        assert oof["isic_id"].tolist() == ids and np.isfinite(oof["pred"]).all()
+        for name in os.listdir(os.path.join(work, "models", "tabular")):
+            if name.endswith(".txt") and not name.startswith("."):
+                assert open(os.path.join(work, "models", "tabular", name)).read().rstrip().endswith("end of parameters")
+    assert before  # the first complete run's file existed throughout
+
+
+def test_extraction_resumes_from_finished_folds(demo, trained, tmp_path):
+    work = str(tmp_path / "work")
+    shutil.copytree(trained, work)
+    want = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
+    # an interrupted run: fold 0 finished, and its part holds a marker no recomputation would give
+    part = os.path.join(work, "emb", "parts", "convnext_atto_fold0.npz")
+    os.makedirs(os.path.dirname(part))
+    folds = common.read_metadata(os.path.join(work, "folds.csv"))["fold"].astype(int)
+    train_ids = np.asarray(common.read_train(demo)["isic_id"], str)
+    test_ids = np.asarray(common.read_test(demo)["isic_id"], str)
+    rows = np.flatnonzero(folds == 0)
+    np.savez(part, train_ids=train_ids[rows], test_ids=test_ids,
+             train_emb=np.full((len(rows), 320), 7.0, np.float32), train_logit=np.zeros(len(rows)),
+             test_emb=np.zeros((len(test_ids), 320), np.float32), test_logit=np.zeros(len(test_ids)))
+    r = run_script("extract.py", ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0",
+                                  "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "fold 0: reusing" in r.stdout and "fold 1 held-out train" in r.stdout
+    got = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
+    assert (got[rows] == 7.0).all()
+    np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-5, atol=1e-5)
+    assert not os.path.exists(os.path.dirname(part))      # parts are removed once the outputs are whole
+
+
+def test_same_seed_gives_byte_identical_outputs(demo, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        work = str(tmp_path / name)
+        features.main(["--data", demo, "--work", work])
+        gbdt.main(["--data", demo, "--work", work, "--rounds", "20", "--bags", "2"])
+        ensemble.main(["--data", demo, "--work", work])
+        outs.append([open(os.path.join(work, f), "rb").read() for f in
+                     ("folds.csv", "features/train.npy", "features/test.npy", "preds/tabular_oof.csv",
+                      "preds/tabular_test.csv", "submission.csv")])
+    assert outs[0] == outs[1]

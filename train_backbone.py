@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, FocalLoss, atomic_write, amp_dtype, autocast, build_model, check_image_ids,
+from common import (run_main, MODEL_CONFIGS, FocalLoss, atomic_write, amp_dtype, autocast, build_model, check_image_ids,
                     data_path, default_data_dir, image_loader, load_folds, log,
-                    normalization, pauc, predict, prepare_batch, read_train, write_args, write_csv)
+                    normalization, pauc, predict, prepare_batch, split_broken, read_train, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -88,8 +88,12 @@ def train_fold(args, fold, train, folds, h5_path, device, rank, world):
         rows = trn[epoch_rows(y[trn], args.neg_per_pos, [args.seed, fold, epoch + 1])][rank::world]
         loader = image_loader(h5_path, ids[rows], y[rows], args.batch_size, args.workers)
         ddp.train()
-        losses = []
-        for canvas, sizes, target, _ in loader:
+        losses, skipped = [], []
+        for canvas, sizes, target, index in loader:
+            (canvas, sizes, target), broken = split_broken(canvas, sizes, target)
+            skipped += ids[rows][index[broken].numpy()].tolist()
+            if len(target) == 0:
+                continue
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, args.lr)
             x = prepare_batch(canvas, sizes, arch_cfg["img_size"], mean, std, device, augment=True, generator=gen)
@@ -105,6 +109,8 @@ def train_fold(args, fold, train, folds, h5_path, device, rank, world):
             losses.append(loss.item())
             step += 1
         train_s = time.time() - t0
+        if skipped:
+            log(f"warning: skipped {len(skipped)} training image(s) that cannot be decoded: {', '.join(skipped)}")
         if rank != 0:
             continue
         val_loader = image_loader(h5_path, ids[val], y[val], args.batch_size * 2, args.workers)
@@ -197,4 +203,4 @@ def check_ranks_in_sync(model):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
