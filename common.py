@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -312,6 +313,72 @@ def pauc(y_true, y_pred, min_tpr=0.80):
     fpr = np.r_[fpr[:stop], max_fpr]
     tpr = np.r_[tpr[:stop], y_cut]
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+STATS = ("z", "pct", "dev", "is_max", "is_min")
+
+
+def patient_normalize(x, patient_ids):
+    """Each feature against the same patient's other lesions.
+
+    Returns {"z", "pct", "dev", "is_max", "is_min"}, each (N, F): z-score (population std, 0 where
+    the std is 0), average rank within the patient (ties averaged) / n, x - median, and 1.0 where x
+    is the patient's max / min. Statistics skip missing values; a missing x gives NaN everywhere.
+    Each feature is sorted within each patient (no loop over patients), the features in parallel
+    threads (NumPy releases the GIL); the results are feature-major in memory, (F, N) transposed."""
+    xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)   # a feature's values contiguous
+    n_feat, n_rows = xt.shape
+    _, codes = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+    size = np.bincount(codes)
+    # patients renumbered by size, rows grouped by patient: all patients of one size sort as one
+    # 2-D block, so the sort loop runs over the distinct sizes (a few hundred), not the patients
+    by_size = np.argsort(size, kind="stable")
+    patient = np.empty_like(by_size)
+    patient[by_size] = np.arange(len(size))
+    patient = patient[codes]
+    rows = np.argsort(patient, kind="stable")
+    n_in = size[by_size]
+    start = np.cumsum(n_in) - n_in
+    patient_start = np.repeat(start, n_in)
+    sizes, n_of_size = np.unique(n_in, return_counts=True)
+    ends = np.cumsum(sizes * n_of_size)
+    pos = np.arange(n_rows)
+    out = {k: np.empty((n_feat, n_rows)) for k in STATS}
+
+    def feature(j):
+        xj = xt[j]
+        xg = xj[rows]
+        order = np.empty(n_rows, dtype=np.int64)
+        for m, a, b in zip(sizes, ends - sizes * n_of_size, ends):
+            order[a:b] = (np.argsort(xg[a:b].reshape(-1, m), axis=1) + pos[a:b:m, None]).ravel()
+        v = xg[order]                               # ascending within each patient, NaN last
+        ok = v == v                                 # not missing
+        n = np.add.reduceat(ok, start)
+        n1 = np.maximum(n, 1)
+        mean = np.add.reduceat(np.where(ok, v, 0.0), start) / n1
+        d = v - np.repeat(mean, n_in)
+        std = np.sqrt(np.add.reduceat(np.where(ok, d * d, 0.0), start) / n1)
+        median = (v[start + (n1 - 1) // 2] + v[start + n1 // 2]) / 2
+        # average rank: the first and last sorted position of each run of equal values
+        new = np.ones(n_rows + 1, dtype=bool)
+        np.not_equal(v[1:], v[:-1], out=new[1:-1])
+        new[start] = True
+        run_start = np.flatnonzero(new)
+        run = np.cumsum(new[:-1]) - 1
+        rank = (run_start[run] + run_start[run + 1] - 1) / 2 - patient_start + 1
+        with np.errstate(divide="ignore", invalid="ignore"):  # a patient whose values are all missing
+            out["pct"][j, rows[order]] = np.where(ok, rank / np.repeat(n, n_in), np.nan)
+        # the other statistics in row order, from per-patient tables: no scatter needed;
+        # a std of 0 divides as infinity, so z = 0 there (and stays NaN for a missing x)
+        missing = np.isnan(xj)
+        out["z"][j] = (xj - mean[patient]) / np.where(std > 0, std, np.inf)[patient]
+        out["dev"][j] = xj - median[patient]
+        out["is_max"][j] = np.where(missing, np.nan, xj == v[start + n1 - 1][patient])
+        out["is_min"][j] = np.where(missing, np.nan, xj == v[start][patient])
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(feature, range(n_feat)))
+    return {k: v.T for k, v in out.items()}
 
 
 def rank01(x):

@@ -7,8 +7,9 @@ Reads:  WORK/folds.csv, WORK/preds/NAME_{oof,test}.csv for each model, DATA/test
 Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/report.md,
         WORK/preds/ensemble_{oof,test}.csv, WORK/ensemble_args.json
 
-    python ensemble.py --data demo_data --work work --models tabular
-    python ensemble.py --data DIR --work work --models tabular,tab_eva02,tab_convnext
+    python ensemble.py --data demo_data --work work --names tabular
+    python ensemble.py --data DIR --work work --names tabular,tab_eva02,tab_convnext
+    python ensemble.py --data DIR --work work --predict-only        # the submission alone
 """
 import argparse
 import glob
@@ -45,30 +46,35 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
     parser.add_argument("--work", default="work")
-    parser.add_argument("--models", help="comma-separated names in preds/; default: every model there "
+    parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
                         "except the image models (img_*), which the GBDTs already use")
+    parser.add_argument("--predict-only", action="store_true", help="only the test predictions: the submission")
     args = parser.parse_args(argv)
-    train, test = read_train(args.data), read_test(args.data)
-    folds = load_folds(args.work, train)
-    y = train["target"].astype(int)
-    names = (args.models.split(",") if args.models else
-             sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "*_oof.csv"))
+    test = read_test(args.data)
+    names = (args.names.split(",") if args.names else
+             sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
                     if not os.path.basename(p).startswith(("img_", "ensemble_"))))
     if not names:
         raise DataError(f"{args.work}/preds: no model predictions found (run gbdt.py first)")
-    oof = [read_preds(args.work, n, "oof", train["isic_id"]) for n in names]
     tst = [read_preds(args.work, n, "test", test["isic_id"]) for n in names]
-    ens_oof = rank_average(oof)
     ens_test = rank_average(tst) if len(test["isic_id"]) else np.zeros(0)
+    write_csv(os.path.join(args.work, "preds", "ensemble_test.csv"), ["isic_id", "pred"],
+              [test["isic_id"], ens_test])
+    write_csv(os.path.join(args.work, "submission.csv"), ["isic_id", "target"], [test["isic_id"], ens_test])
+    log(f"wrote {args.work}/submission.csv: {len(ens_test)} rows, the rank average of {', '.join(names)}")
+    if args.predict_only:
+        return
+    train = read_train(args.data)
+    folds = load_folds(args.work, train)
+    y = train["target"].astype(int)
+    oof = [read_preds(args.work, n, "oof", train["isic_id"]) for n in names]
+    ens_oof = rank_average(oof)
     rows = [(n, pauc(y, p), fold_scores(y, folds, p)) for n, p in zip(names, oof)]
     rows.append(("ensemble", pauc(y, ens_oof), fold_scores(y, folds, ens_oof)))
     for n, s, fs in rows:
         log(f"{n:>20s}: OOF pAUC {s:.4f}  per fold {' '.join(f'{f:.4f}' for f in fs)}")
     write_csv(os.path.join(args.work, "preds", "ensemble_oof.csv"), ["isic_id", "target", "fold", "pred"],
               [train["isic_id"], y, folds, ens_oof])
-    write_csv(os.path.join(args.work, "preds", "ensemble_test.csv"), ["isic_id", "pred"],
-              [test["isic_id"], ens_test])
-    write_csv(os.path.join(args.work, "submission.csv"), ["isic_id", "target"], [test["isic_id"], ens_test])
     n_folds = len(np.unique(folds))
     lines = ["# ISIC 2024 pipeline report", "",
              f"{len(y)} train lesions ({y.sum()} malignant) of {len(np.unique(train['patient_id']))} patients, "
@@ -78,7 +84,7 @@ def main(argv=None):
     lines += [f"| {n} | {s:.4f} | " + " | ".join(f"{f:.4f}" for f in fs) + " |" for n, s, fs in rows]
     atomic_write(os.path.join(args.work, "report.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     write_args(os.path.join(args.work, "ensemble_args.json"), args)
-    log(f"wrote {args.work}/submission.csv ({len(ens_test)} rows) and {args.work}/report.md")
+    log(f"wrote {args.work}/report.md")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Reads:  DATA/{train,test}-metadata.csv, DATA/{train,test}-image.hdf5, WORK/folds
         WORK/models/ARCH/fold{k}/last.pt (or best.pt)
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
-        WORK/emb/ARCH_args.json; while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold,
+        WORK/emb/ARCH_args.json; with --predict-only, the test files alone, from the models in --models; while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold,
         what --resume reuses after an interruption)
 
     python extract.py --arch eva02_tiny --data demo_data --work work --workers 0     # tiny
@@ -17,6 +17,7 @@ Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside the
 """
 import argparse
 import os
+import re
 import shutil
 
 import numpy as np
@@ -31,15 +32,18 @@ def sigmoid(z):
     return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
-def load_fold_model(work, arch, fold, device, checkpoint="last"):
-    path = os.path.join(work, "models", arch, f"fold{fold}", f"{checkpoint}.pt")
+def fold_checkpoint(models_dir, arch, fold, checkpoint):
+    path = os.path.join(models_dir, arch, f"fold{fold}", f"{checkpoint}.pt")
     if not os.path.exists(path):
         raise DataError(f"{path}: no trained model for fold {fold} (run train_backbone.py --arch {arch} "
                         f"--fold {fold} first, or use --frozen)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_fold_model(models_dir, arch, fold, device, checkpoint="last"):
     model = build_model(arch, pretrained=False, drop_path=0.0)
-    model.load_state_dict(ck["model"])
-    return model.to(device).eval(), ck["val_pauc"]
+    model.load_state_dict(fold_checkpoint(models_dir, arch, fold, checkpoint)["model"])
+    return model.to(device).eval()
 
 
 def main(argv=None):
@@ -47,6 +51,8 @@ def main(argv=None):
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
     parser.add_argument("--work", default="work")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true", help="only the test lesions, from --models")
     parser.add_argument("--test-models", choices=["mean", "best"], default="mean")
     parser.add_argument("--checkpoint", choices=["last", "best"], default="last",
                         help="last: the fixed epoch count; best: the epoch of best validation pAUC, whose "
@@ -62,16 +68,27 @@ def main(argv=None):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(device, args.cpu_amp)
     size = MODEL_CONFIGS[args.arch]["img_size"]
-    train, test = read_train(args.data), read_test(args.data)
-    folds = load_folds(args.work, train)
-    paths = {s: data_path(args.data, f"{s}-image.hdf5") for s in ("train", "test")}
-    check_image_ids(paths["train"], list(train["isic_id"]))
-    check_image_ids(paths["test"], list(test["isic_id"]))
-    train_ids, test_ids = np.asarray(train["isic_id"], str), np.asarray(test["isic_id"], str)
+    models_dir = args.models or os.path.join(args.work, "models")
+    test = read_test(args.data)
+    splits = ["test"] if args.predict_only else ["train", "test"]
+    paths = {s: data_path(args.data, f"{s}-image.hdf5") for s in splits}
+    test_ids = np.asarray(test["isic_id"], str)
+    check_image_ids(paths["test"], list(test_ids))
+    if args.predict_only:  # no train rows; the folds are those the models folder holds
+        train_ids, folds = test_ids[:0], np.zeros(0, int)
+        arch_dir = os.path.join(models_dir, args.arch)
+        fold_models = sorted(int(d[4:]) for d in (os.listdir(arch_dir) if os.path.isdir(arch_dir) else [])
+                             if re.fullmatch(r"fold\d+", d))
+    else:
+        train = read_train(args.data)
+        folds = load_folds(args.work, train)
+        train_ids = np.asarray(train["isic_id"], str)
+        check_image_ids(paths["train"], list(train_ids))
+        fold_models = sorted(set(folds.tolist()))
 
     def run(model, split, ids, what):
         mean, std = normalization(model)
-        loader = image_loader(paths[split], ids, None, args.batch_size, args.workers)
+        loader = image_loader(paths.get(split), ids, None, args.batch_size, args.workers)
         return predict(model, loader, size, mean, std, device, dtype, progress=f"{args.arch} {what}")
 
     edir = os.path.join(args.work, "emb")
@@ -80,12 +97,13 @@ def main(argv=None):
         emb_train, _ = run(model, "train", train_ids, "frozen train")
         emb_test, _ = run(model, "test", test_ids, "frozen test")
     else:
+        if not fold_models:
+            raise DataError(f"{models_dir}/{args.arch}: no fold models (fold*/); train them first, or use --frozen")
         dim = MODEL_CONFIGS[args.arch]["feature_dim"]
         emb_train, prob_train = np.zeros((len(train_ids), dim), np.float32), np.zeros(len(train_ids))
         emb_test, prob_test = np.zeros((len(test_ids), dim), np.float32), np.zeros(len(test_ids))
-        fold_models = sorted(set(folds.tolist()))
-        scores = {k: load_fold_model(args.work, args.arch, k, "cpu", args.checkpoint)[1] for k in fold_models}
-        test_folds = fold_models if args.test_models == "mean" else [max(scores, key=scores.get)]
+        test_folds = fold_models if args.test_models == "mean" else [max(
+            fold_models, key=lambda k: fold_checkpoint(models_dir, args.arch, k, args.checkpoint)["val_pauc"])]
         for k in fold_models:
             rows = np.flatnonzero(folds == k)
             part = os.path.join(edir, "parts", f"{args.arch}_fold{k}.npz")
@@ -95,7 +113,7 @@ def main(argv=None):
                 check_ids(part, p["test_ids"], test_ids if k in test_folds else [])
                 log(f"{args.arch} fold {k}: reusing {part}")
             else:
-                model, _ = load_fold_model(args.work, args.arch, k, device, args.checkpoint)
+                model = load_fold_model(models_dir, args.arch, k, device, args.checkpoint)
                 p = {"train_ids": train_ids[rows], "test_ids": test_ids if k in test_folds else test_ids[:0]}
                 p["train_emb"], p["train_logit"] = run(model, "train", train_ids[rows], f"fold {k} held-out train")
                 p["test_emb"], p["test_logit"] = (run(model, "test", test_ids, f"fold {k} test") if k in test_folds
@@ -105,21 +123,22 @@ def main(argv=None):
             if k in test_folds:
                 emb_test += p["test_emb"] / len(test_folds)
                 prob_test += sigmoid(p["test_logit"]) / len(test_folds)
-        write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"), ["isic_id", "target", "fold", "pred"],
-                  [train_ids, train["target"].astype(int), folds, prob_train])
+        if not args.predict_only:
+            write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"),
+                      ["isic_id", "target", "fold", "pred"], [train_ids, train["target"].astype(int), folds, prob_train])
         write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_test.csv"), ["isic_id", "pred"],
                   [test_ids, prob_test])
-        log(f"{args.arch}: wrote preds/img_{args.arch}_oof.csv and _test.csv (test: fold models {test_folds})")
+        log(f"{args.arch}: wrote image-model scores to preds/img_{args.arch}_*.csv (test: fold models {test_folds})")
     for split, emb, ids in (("train", emb_train, train_ids), ("test", emb_test, test_ids)):
         broken = ids[np.isnan(emb).any(axis=1)]
         if len(broken):
             log(f"warning: {len(broken)} {split} image(s) cannot be decoded: {', '.join(broken[:20])}; their "
                 "image features are missing (NaN) and the GBDTs score them from their other features")
-    save_array(os.path.join(edir, f"{args.arch}_train.npy"), emb_train, list(train_ids))
-    save_array(os.path.join(edir, f"{args.arch}_test.npy"), emb_test, list(test_ids))
+        if split in splits:
+            save_array(os.path.join(edir, f"{args.arch}_{split}.npy"), emb, list(ids))
     write_args(os.path.join(edir, f"{args.arch}_args.json"), args)
     shutil.rmtree(os.path.join(edir, "parts"), ignore_errors=True)
-    log(f"{args.arch}: wrote emb/{args.arch}_train.npy {emb_train.shape} and emb/{args.arch}_test.npy {emb_test.shape}")
+    log(f"{args.arch}: wrote emb/{args.arch}_{{{','.join(splits)}}}.npy")
 
 
 if __name__ == "__main__":

@@ -5,24 +5,22 @@ patient median, is-max and is-min).
 
 Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv, WORK/folds.csv (made if missing)
 Writes: WORK/features/{train,test}.npy (float32) with {train,test}_ids.txt beside them,
-        WORK/features/columns.txt, WORK/features/args.json
+        WORK/features/columns.txt, WORK/features/args.json, WORK/models/features.json (the vocabularies,
+        which --predict-only reads back from --models)
 
     python features.py --data demo_data --work work                     # tiny: the demo set
     python features.py --data /kaggle/input/isic-2024-challenge --work work
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse
+import json
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from common import (run_main, CATEGORICAL, NUMERIC, DataError, default_data_dir, load_folds, log, read_test,
-                    read_train, save_array, write_args, atomic_write)
-
-STATS = ("z", "pct", "dev", "is_max", "is_min")
-
+from common import (run_main, CATEGORICAL, NUMERIC, STATS, patient_normalize, DataError, default_data_dir, load_folds, log, read_test,
+                    read_train, save_array, write_args, write_json, atomic_write)
 
 def engineered_features(t):
     """The public feature set's ratios and interactions, plus clinical ABCDE features.
@@ -92,69 +90,6 @@ def engineered_features(t):
     return names, x.T  # feature-major in memory, as patient_normalize wants
 
 
-def patient_normalize(x, patient_ids):
-    """Each feature against the same patient's other lesions.
-
-    Returns {"z", "pct", "dev", "is_max", "is_min"}, each (N, F): z-score (population std, 0 where
-    the std is 0), average rank within the patient (ties averaged) / n, x - median, and 1.0 where x
-    is the patient's max / min. Statistics skip missing values; a missing x gives NaN everywhere.
-    Each feature is sorted within each patient (no loop over patients), the features in parallel
-    threads (NumPy releases the GIL); the results are feature-major in memory, (F, N) transposed."""
-    xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)   # a feature's values contiguous
-    n_feat, n_rows = xt.shape
-    _, codes = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
-    size = np.bincount(codes)
-    # patients renumbered by size, rows grouped by patient: all patients of one size sort as one
-    # 2-D block, so the sort loop runs over the distinct sizes (a few hundred), not the patients
-    by_size = np.argsort(size, kind="stable")
-    patient = np.empty_like(by_size)
-    patient[by_size] = np.arange(len(size))
-    patient = patient[codes]
-    rows = np.argsort(patient, kind="stable")
-    n_in = size[by_size]
-    start = np.cumsum(n_in) - n_in
-    patient_start = np.repeat(start, n_in)
-    sizes, n_of_size = np.unique(n_in, return_counts=True)
-    ends = np.cumsum(sizes * n_of_size)
-    pos = np.arange(n_rows)
-    out = {k: np.empty((n_feat, n_rows)) for k in STATS}
-
-    def feature(j):
-        xj = xt[j]
-        xg = xj[rows]
-        order = np.empty(n_rows, dtype=np.int64)
-        for m, a, b in zip(sizes, ends - sizes * n_of_size, ends):
-            order[a:b] = (np.argsort(xg[a:b].reshape(-1, m), axis=1) + pos[a:b:m, None]).ravel()
-        v = xg[order]                               # ascending within each patient, NaN last
-        ok = v == v                                 # not missing
-        n = np.add.reduceat(ok, start)
-        n1 = np.maximum(n, 1)
-        mean = np.add.reduceat(np.where(ok, v, 0.0), start) / n1
-        d = v - np.repeat(mean, n_in)
-        std = np.sqrt(np.add.reduceat(np.where(ok, d * d, 0.0), start) / n1)
-        median = (v[start + (n1 - 1) // 2] + v[start + n1 // 2]) / 2
-        # average rank: the first and last sorted position of each run of equal values
-        new = np.ones(n_rows + 1, dtype=bool)
-        np.not_equal(v[1:], v[:-1], out=new[1:-1])
-        new[start] = True
-        run_start = np.flatnonzero(new)
-        run = np.cumsum(new[:-1]) - 1
-        rank = (run_start[run] + run_start[run + 1] - 1) / 2 - patient_start + 1
-        with np.errstate(divide="ignore", invalid="ignore"):  # a patient whose values are all missing
-            out["pct"][j, rows[order]] = np.where(ok, rank / np.repeat(n, n_in), np.nan)
-        # the other statistics in row order, from per-patient tables: no scatter needed;
-        # a std of 0 divides as infinity, so z = 0 there (and stays NaN for a missing x)
-        missing = np.isnan(xj)
-        out["z"][j] = (xj - mean[patient]) / np.where(std > 0, std, np.inf)[patient]
-        out["dev"][j] = xj - median[patient]
-        out["is_max"][j] = np.where(missing, np.nan, xj == v[start + n1 - 1][patient])
-        out["is_min"][j] = np.where(missing, np.nan, xj == v[start][patient])
-
-    with ThreadPoolExecutor(os.cpu_count()) as pool:
-        list(pool.map(feature, range(n_feat)))
-    return {k: v.T for k, v in out.items()}
-
-
 def one_hot(values, vocabulary):
     """Rows x len(vocabulary); a value never seen in train (or missing) is all zeros."""
     index = {v: i for i, v in enumerate(vocabulary)}
@@ -208,21 +143,36 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
     parser.add_argument("--work", default="work")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="only the test features, with the vocabularies saved in --models at training")
     parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
     args = parser.parse_args(argv)
-    train, test = read_train(args.data), read_test(args.data)
-    load_folds(args.work, train)
-    vocab = fit_vocabularies(train)
-    for c, v in vocab.items():
+    spec_path = os.path.join(args.models or os.path.join(args.work, "models"), "features.json")
+    test = read_test(args.data)
+    if args.predict_only:
+        if not os.path.exists(spec_path):
+            raise DataError(f"{spec_path}: not found; it is written when features.py runs on the training data")
+        with open(spec_path) as f:
+            spec = json.load(f)
+        tables = [("test", test)]
+    else:
+        train = read_train(args.data)
+        load_folds(args.work, train)
+        spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm}
+        tables = [("train", train), ("test", test)]
+    for c, v in spec["vocabularies"].items():
         unseen = sorted(set(test[c]) - set(v) - {""})
         if unseen:
             log(f"test {c}: {len(unseen)} value(s) never seen in train, encoded as all-zero: {unseen[:3]}")
     out = os.path.join(args.work, "features")
-    for name, table in (("train", train), ("test", test)):
-        x, names = build_features(table, vocab, patient_norm=not args.no_patient_norm)
+    for name, table in tables:
+        x, names = build_features(table, spec["vocabularies"], spec["patient_norm"])
         save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
         log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
     atomic_write(os.path.join(out, "columns.txt"), lambda f: f.write(("\n".join(names) + "\n").encode()))
+    if not args.predict_only:
+        write_json(spec_path, {**spec, "columns": names})
     write_args(os.path.join(out, "args.json"), args)
 
 

@@ -10,60 +10,69 @@ Reads:  WORK/folds.csv, WORK/features/{train,test}.npy, WORK/features/columns.tx
         with --image A: WORK/preds/img_A_{oof,test}.csv; with --embeddings A: WORK/emb/A_{train,test}.npy
 Writes: WORK/preds/NAME_oof.csv (isic_id,target,fold,pred), WORK/preds/NAME_test.csv (isic_id,pred),
         WORK/models/NAME/fold{k}_bag{b}.txt, importance.csv, args.json
+        With --predict-only: reads the boosters from --models, writes only WORK/preds/NAME_test.csv
 
     python gbdt.py --work work --name tabular --rounds 50 --bags 1             # tiny
     python gbdt.py --data DIR --work work --name tab_eva02 --image eva02_base --embeddings eva02_base
 """
 import argparse
 import os
+import re
 
+import lightgbm as lgb
 import numpy as np
 
-from common import (run_main, DataError, atomic_write, check_ids, default_data_dir, load_array, load_folds, log, pauc,
+from common import (run_main, DataError, patient_normalize, atomic_write, check_ids, default_data_dir, load_array, load_folds, log, pauc,
                     read_metadata, read_test, read_train, write_args, write_csv)
-from features import patient_normalize
 
 
-def image_score_features(work, arch, train, test):
+def image_score_features(work, arch, split, table):
     """An image model's score as three features: raw, divided by the patient's mean score, and
     z-scored within the patient. Train scores are out-of-fold."""
-    blocks = []
-    for split, table in (("oof", train), ("test", test)):
-        path = os.path.join(work, "preds", f"img_{arch}_{split}.csv")
-        preds = read_metadata(path, required=["isic_id", "pred"])
-        check_ids(path, preds["isic_id"], table["isic_id"])
-        score = preds["pred"].astype(float)[:, None]
-        pid = table["patient_id"].astype(str)
-        patients, codes = np.unique(pid, return_inverse=True)
-        ok = ~np.isnan(score[:, 0])  # a tile that could not be decoded has no score
-        mean = (np.bincount(codes[ok], weights=score[ok, 0], minlength=len(patients))
-                / np.maximum(np.bincount(codes[ok], minlength=len(patients)), 1))[codes]
-        ratio = np.where(mean != 0, score[:, 0] / np.where(mean != 0, mean, 1), np.nan)
-        blocks.append(np.column_stack([score[:, 0], ratio, patient_normalize(score, pid)["z"][:, 0]]))
+    path = os.path.join(work, "preds", f"img_{arch}_{'oof' if split == 'train' else 'test'}.csv")
+    preds = read_metadata(path, required=["isic_id", "pred"])
+    check_ids(path, preds["isic_id"], table["isic_id"])
+    score = preds["pred"][:, None]
+    pid = table["patient_id"].astype(str)
+    patients, codes = np.unique(pid, return_inverse=True)
+    ok = ~np.isnan(score[:, 0])  # a tile that could not be decoded has no score
+    mean = (np.bincount(codes[ok], weights=score[ok, 0], minlength=len(patients))
+            / np.maximum(np.bincount(codes[ok], minlength=len(patients)), 1))[codes]
+    ratio = np.where(mean != 0, score[:, 0] / np.where(mean != 0, mean, 1), np.nan)
     names = [f"img_{arch}", f"img_{arch}_over_patient_mean", f"img_{arch}_pn_z"]
-    return blocks[0], blocks[1], names
+    return np.column_stack([score[:, 0], ratio, patient_normalize(score, pid)["z"][:, 0]]), names
 
 
-def load_features(args, train, test):
+def load_features(args, split, table):
+    """The feature matrix of one split ("train" or "test") and the feature names."""
     fdir = os.path.join(args.work, "features")
-    x_train = load_array(os.path.join(fdir, "train.npy"), train["isic_id"])
-    x_test = load_array(os.path.join(fdir, "test.npy"), test["isic_id"])
+    blocks = [load_array(os.path.join(fdir, f"{split}.npy"), table["isic_id"])]
     with open(os.path.join(fdir, "columns.txt")) as f:
         names = f.read().splitlines()
-    if len(names) != x_train.shape[1] or x_test.shape[1] != x_train.shape[1]:
-        raise DataError(f"{fdir}: columns.txt, train.npy and test.npy disagree on the feature count")
-    extra_train, extra_test = [x_train], [x_test]
+    if len(names) != blocks[0].shape[1]:
+        raise DataError(f"{fdir}: columns.txt names {len(names)} features, {split}.npy has {blocks[0].shape[1]}")
     if args.image:
-        a, b, n = image_score_features(args.work, args.image, train, test)
-        extra_train.append(a), extra_test.append(b)
-        names += n
+        block, more = image_score_features(args.work, args.image, split, table)
+        blocks.append(block)
+        names += more
     if args.embeddings:
-        edir = os.path.join(args.work, "emb")
-        a = load_array(os.path.join(edir, f"{args.embeddings}_train.npy"), train["isic_id"])
-        b = load_array(os.path.join(edir, f"{args.embeddings}_test.npy"), test["isic_id"])
-        extra_train.append(a), extra_test.append(b)
-        names += [f"emb_{args.embeddings}_{i}" for i in range(a.shape[1])]
-    return (np.hstack(extra_train).astype(np.float32), np.hstack(extra_test).astype(np.float32), names)
+        blocks.append(load_array(os.path.join(args.work, "emb", f"{args.embeddings}_{split}.npy"), table["isic_id"]))
+        names += [f"emb_{args.embeddings}_{i}" for i in range(blocks[-1].shape[1])]
+    return np.hstack(blocks).astype(np.float32), names
+
+
+def load_boosters(model_dir, names):
+    """The trained boosters of a model folder, in training order (fold, then bag)."""
+    files = [f for f in os.listdir(model_dir) if re.fullmatch(r"fold\d+_bag\d+\.txt", f)] \
+        if os.path.isdir(model_dir) else []
+    if not files:
+        raise DataError(f"{model_dir}: no trained boosters (fold*_bag*.txt); train with gbdt.py first")
+    files.sort(key=lambda f: [int(n) for n in re.findall(r"\d+", f)])
+    boosters = [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in files]
+    if boosters[0].feature_name() != names:
+        raise DataError(f"{model_dir}: the boosters were trained on other features than these "
+                        f"({boosters[0].num_feature()} against {len(names)}): same feature options as in training?")
+    return boosters
 
 
 def bag_sample(y, rng, pos_rate, neg_rate):
@@ -84,13 +93,15 @@ def lgb_params(args, seed):
 
 
 def main(argv=None):
-    import lightgbm as lgb
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
     parser.add_argument("--work", default="work")
     parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
     parser.add_argument("--image", help="add this arch's image scores (preds/img_ARCH_*.csv)")
     parser.add_argument("--embeddings", help="add this arch's embeddings (emb/ARCH_*.npy)")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="only test predictions, from the boosters in --models: no training")
     parser.add_argument("--rounds", type=int, default=250)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--num-leaves", type=int, default=31)
@@ -102,13 +113,22 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
 
-    train, test = read_train(args.data), read_test(args.data)
+    model_dir = os.path.join(args.models or os.path.join(args.work, "models"), args.name)
+    test = read_test(args.data)
+    x_test, names = load_features(args, "test", test)
+    if args.predict_only:
+        boosters = load_boosters(model_dir, names)
+        test_pred = sum(b.predict(x_test) for b in boosters) / len(boosters) if len(x_test) else np.zeros(0)
+        write_csv(os.path.join(args.work, "preds", f"{args.name}_test.csv"), ["isic_id", "pred"],
+                  [test["isic_id"], test_pred])
+        log(f"{args.name}: test predictions of {len(boosters)} boosters from {model_dir}")
+        return
+    train = read_train(args.data)
     folds = load_folds(args.work, train)
     y = train["target"].astype(int)
-    x_train, x_test, names = load_features(args, train, test)
+    x_train, _ = load_features(args, "train", train)
     log(f"{args.name}: {x_train.shape[0]} train x {x_train.shape[1]} features, {y.sum()} positives, "
         f"{len(np.unique(folds))} folds x {args.bags} bags x {args.rounds} rounds")
-    model_dir = os.path.join(args.work, "models", args.name)
     oof = np.full(len(y), np.nan)
     test_pred = np.zeros(len(x_test))
     gain = np.zeros(len(names))

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # The whole pipeline, every stage in order; stops at the first failing stage.
-#   bash run.sh            # makes the demo set (demo_data/) and runs the tiny settings on the CPU
-#   bash run.sh DATA_DIR   # real data (the Kaggle folder), production settings
+#   bash run.sh                                # makes the demo set (demo_data/), tiny settings, CPU
+#   bash run.sh DATA_DIR                       # real data (the Kaggle folder), production settings
+#   bash run.sh --predict-only MODELS DATA_DIR # a submission from trained models, no training
 # Environment: WORK (default work); WEIGHTS_DIR, a folder with eva02_base.safetensors and
 # convnext.safetensors (real data; without it the weights must be in timm's local cache).
 set -euo pipefail
 cd "$(dirname "$0")"
 WORK=${WORK:-work}
+PREDICT=()
+if [ "${1:-}" = "--predict-only" ]; then
+    PREDICT=(--predict-only --models "$2"); shift 2
+fi
 if [ $# -eq 0 ]; then
     DATA=demo_data
     [ -f $DATA/train-metadata.csv ] || python common.py demo $DATA
@@ -26,17 +31,20 @@ stage() {  # stage NAME COMMAND...: runs it, records its time
     "$@"
     TIMES+=("$(printf '%-24s %6ds' "$name" $((SECONDS - t0)))")
 }
-stage features          python features.py --data "$DATA" --work "$WORK"
+stage features          python features.py --data "$DATA" --work "$WORK" "${PREDICT[@]}"
 for ARCH in $EVA $CNX; do
-    W=""  # pretrained weights: WEIGHTS_DIR/ARCH.safetensors when given, else timm's local cache
-    [ -n "${WEIGHTS_DIR:-}" ] && W="--weights $WEIGHTS_DIR/$ARCH.safetensors"
-    stage "train $ARCH"   python train_backbone.py --arch $ARCH --fold all --data "$DATA" --work "$WORK" $TRAIN $W
-    stage "extract $ARCH" python extract.py --arch $ARCH --data "$DATA" --work "$WORK" $EXTRACT
+    if [ ${#PREDICT[@]} -eq 0 ]; then
+        W=""  # pretrained weights: WEIGHTS_DIR/ARCH.safetensors when given, else timm's local cache
+        [ -n "${WEIGHTS_DIR:-}" ] && W="--weights $WEIGHTS_DIR/$ARCH.safetensors"
+        stage "train $ARCH" python train_backbone.py --arch $ARCH --fold all --data "$DATA" --work "$WORK" $TRAIN $W
+    fi
+    stage "extract $ARCH" python extract.py --arch $ARCH --data "$DATA" --work "$WORK" $EXTRACT "${PREDICT[@]}"
 done
-stage "gbdt tabular"    python gbdt.py --data "$DATA" --work "$WORK" --name tabular
-stage "gbdt tab_eva02"  python gbdt.py --data "$DATA" --work "$WORK" --name tab_eva02 --image $EVA
-stage "gbdt tab_convnext" python gbdt.py --data "$DATA" --work "$WORK" --name tab_convnext --image $CNX
-stage ensemble          python ensemble.py --data "$DATA" --work "$WORK" --models tabular,tab_eva02,tab_convnext
+stage "gbdt tabular"    python gbdt.py --data "$DATA" --work "$WORK" --name tabular "${PREDICT[@]}"
+stage "gbdt tab_eva02"  python gbdt.py --data "$DATA" --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
+stage "gbdt tab_convnext" python gbdt.py --data "$DATA" --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
+stage ensemble          python ensemble.py --data "$DATA" --work "$WORK" --names tabular,tab_eva02,tab_convnext \
+                        ${PREDICT[@]:0:1}
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"
 printf '%-24s %6ds\n' total $SECONDS

@@ -100,7 +100,7 @@ def test_make_folds_grouped_balanced_deterministic():
 # ---------------------------------------------------------------- patient normalization and ranks
 
 def patient_normalize_loop(x, pids):
-    out = {k: np.full(x.shape, np.nan) for k in features.STATS}
+    out = {k: np.full(x.shape, np.nan) for k in common.STATS}
     for p in set(pids):
         rows = [i for i in range(len(pids)) if pids[i] == p]
         for j in range(x.shape[1]):
@@ -132,8 +132,8 @@ def test_patient_normalize_matches_loop():
     x[pids == "P3", 2] = 7.0                             # constant within a patient
     x[rng.random(151) < 0.15, 0] = np.nan                # missing values
     x[pids == "P4", 3] = np.nan                          # a patient with one feature all missing
-    got, want = features.patient_normalize(x, pids), patient_normalize_loop(x, list(pids))
-    for k in features.STATS:
+    got, want = common.patient_normalize(x, pids), patient_normalize_loop(x, list(pids))
+    for k in common.STATS:
         np.testing.assert_allclose(got[k], want[k], atol=1e-12, err_msg=k)
     assert got["z"][pids == "P3", 2].tolist() == [0.0] * int((pids == "P3").sum())
     assert got["pct"][-1, 1] == 1.0 and got["is_max"][-1, 1] == 1.0 and got["is_min"][-1, 1] == 1.0
@@ -366,7 +366,7 @@ def trained(demo, tmp_path_factory):
 
 
 def embed_one(work, demo, fold, isic_id, split="train"):
-    model, _ = extract.load_fold_model(work, "convnext_atto", fold, torch.device("cpu"))
+    model = extract.load_fold_model(os.path.join(work, "models"), "convnext_atto", fold, torch.device("cpu"))
     mean, std = common.normalization(model)
     with h5py.File(os.path.join(demo, f"{split}-image.hdf5"), "r") as h5:
         img = common.decode_image(common.read_image_bytes(h5, isic_id))
@@ -553,7 +553,7 @@ def test_broken_images_skipped_in_training_and_scored_without_image(demo, traine
     features.main(["--data", data, "--work", work])
     gbdt.main(["--data", data, "--work", work, "--name", "t", "--image", "convnext_atto", "--rounds", "10",
                "--bags", "1"])
-    ensemble.main(["--data", data, "--work", work, "--models", "t"])
+    ensemble.main(["--data", data, "--work", work, "--names", "t"])
     sub = common.read_metadata(os.path.join(work, "submission.csv"), required=["isic_id", "target"])
     assert sub["isic_id"].tolist() == test["isic_id"].tolist() and np.isfinite(sub["target"]).all()
 
@@ -628,3 +628,56 @@ def test_same_seed_gives_byte_identical_outputs(demo, tmp_path):
                      ("folds.csv", "features/train.npy", "features/test.npy", "preds/tabular_oof.csv",
                       "preds/tabular_test.csv", "submission.csv")])
     assert outs[0] == outs[1]
+
+
+# ---------------------------------------------------------------- Kaggle: pasted cells, predict-only
+
+def pasted_main(script):
+    """common.py then the script, in one namespace, as a kernel's cells hold them."""
+    import re
+    ns = {"__name__": "__kernel__"}
+    exec(compile(open(os.path.join(HERE, "common.py")).read(), "cell-common", "exec"), ns)
+    src = re.sub(r"^from common import (\([^)]*\)|[^\n]*)\n", "", open(os.path.join(HERE, script)).read(), flags=re.M)
+    assert "from common" not in src and "import features" not in src
+    exec(compile(src, f"cell-{script}", "exec"), ns)
+    return ns["main"]
+
+
+def test_every_script_runs_pasted_into_a_kernel(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/lib/python3.10/dist-packages/ipykernel_launcher.py", "-f",
+                                      "/root/.local/share/jupyter/runtime/kernel-1.json"])
+    work = str(tmp_path / "work")
+    base = ["--data", demo, "--work", work]
+    pasted_main("features.py")(base)
+    pasted_main("train_backbone.py")(base + ["--arch", "convnext_atto", "--fold", "all"] + tiny_train(1))
+    pasted_main("extract.py")(base + ["--arch", "convnext_atto", "--workers", "0"])
+    pasted_main("gbdt.py")(base + ["--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10", "--bags", "1"])
+    pasted_main("ensemble.py")(base)
+    sub = common.read_metadata(os.path.join(work, "submission.csv"), required=["isic_id", "target"])
+    assert sub["isic_id"].tolist() == common.read_test(demo)["isic_id"].tolist()
+    assert np.isfinite(sub["target"]).all()
+    assert os.path.exists(os.path.join(work, "models", "convnext_atto", "fold4", "last.pt"))
+
+
+def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trained, tmp_path):
+    work = str(tmp_path / "train_run")
+    shutil.copytree(trained, work)
+    features.main(["--data", demo, "--work", work])
+    gbdt.main(["--data", demo, "--work", work, "--name", "tab_cnx", "--image", "convnext_atto",
+               "--rounds", "20", "--bags", "2"])
+    ensemble.main(["--data", demo, "--work", work])
+    models = str(tmp_path / "input" / "models")          # as a Kaggle dataset: read-only
+    shutil.copytree(os.path.join(work, "models"), models)
+    for root, dirs, files in os.walk(models):
+        for name in files + dirs:
+            os.chmod(os.path.join(root, name), 0o555 if name in dirs else 0o444)
+    fresh = str(tmp_path / "kernel_work")
+    common_args = ["--data", demo, "--work", fresh, "--predict-only", "--models", models]
+    features.main(common_args)
+    extract.main(common_args + ["--arch", "convnext_atto", "--workers", "0", "--batch-size", "64"])
+    gbdt.main(common_args + ["--name", "tab_cnx", "--image", "convnext_atto"])
+    ensemble.main(["--data", demo, "--work", fresh, "--predict-only"])
+    assert not os.path.exists(os.path.join(fresh, "features", "train.npy"))
+    assert not os.path.exists(os.path.join(fresh, "folds.csv"))
+    with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
+        assert a.read() == b.read()
