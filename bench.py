@@ -5,11 +5,12 @@ patients, 55 columns in the Kaggle order, from the demo generator), cached under
 reruns skip making it (about 2 min at full size). Not part of the test suite.
 
     pip install polars              # the peer pipeline only; the scripts do not need it
-    python bench.py                 # full size: about 13 min on 2 cores, the data made once
+    python bench.py                 # full size: 21 min on 2 cores shared with another job; data made once
+    python bench.py --no-gbdt       # target 1 only, about 1 min
     python bench.py --rows 40000    # a quick run
 
 Target 1: CSV to saved feature matrix, ours (common.read_train, features.build_features with
-patient normalization, common.save_array) against the peer, and features.patient_normalize alone.
+patient normalization, common.save_array) against the peer, and common.patient_normalize alone.
 Target 4: gbdt.py with default settings (5 folds x 3 bags x 250 rounds), its time against rows
 and against feature count (--no-patient-norm). Prints a markdown table of every figure.
 """
@@ -160,11 +161,11 @@ def peer(csv_path, out_path):
 
 
 def bench_patient_normalize(train, repeats=3):
-    """Seconds of features.patient_normalize on the train table's numeric features: each call."""
+    """Seconds of common.patient_normalize on the train table's numeric features: each call."""
     _, eng = features.engineered_features(train)
     x = np.hstack([np.column_stack([train[c] for c in common.NUMERIC]), eng])  # row-major, as a caller may pass
     pid = train["patient_id"].astype(str)
-    return x.shape, [timed(features.patient_normalize, x, pid)[0] for _ in range(repeats)]
+    return x.shape, [timed(common.patient_normalize, x, pid)[0] for _ in range(repeats)]
 
 
 def features_and_gbdt(data, work, extra=()):
@@ -176,6 +177,50 @@ def features_and_gbdt(data, work, extra=()):
     return t_feat, t_gbdt, n_feat
 
 
+def feature_figures(data, tmp):
+    """Table rows (what, rows, features, seconds, note) of target 1, on data/train-metadata.csv."""
+    steps, train, shape = ours(data, tmp)
+    t_ours = sum(steps.values())
+    t_peer, peer_shape = timed(peer, os.path.join(data, "train-metadata.csv"), os.path.join(tmp, "peer.npy"))
+    table = [(f"ours: {what}", *shape, steps[step], "") for step, what in (
+        ("read", "common.read_train (csv module + NumPy)"),
+        ("build", "features.build_features (with patient normalization)"),
+        ("save", "common.save_array"))]
+    table += [("**ours: CSV to saved matrix**", *shape, t_ours, ""),
+              ("**peer: polars, CSV to saved matrix**", *peer_shape, t_peer, "z-score only, no test set"),
+              ("ratio ours / peer", "", "", t_ours / t_peer, ""),
+              ("ratio ours / peer without reading the CSV", "", "", (t_ours - steps["read"]) / t_peer,
+               "the peer's time includes its read")]
+    pn_shape, pn_times = bench_patient_normalize(train)
+    table += [("common.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"),
+              ("common.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), "")]
+    return table
+
+
+def gbdt_figures(cache, rows, gbdt_rows, tmp):
+    """Table rows of target 4: features.py and gbdt.py at each of gbdt_rows, the largest also with
+    --no-patient-norm; gbdt.py at `rows` extrapolated linearly when it is not among them."""
+    table, fit = [], []
+    for n in gbdt_rows:
+        t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}"))
+        table.append(("features.py main (train + test, folds)", n, n_feat, t_feat, ""))
+        table.append(("**gbdt.py, 5 folds x 3 bags x 250 rounds**", n, n_feat, t_gbdt, ""))
+        fit.append((n, t_gbdt, n_feat))
+    for (n0, t0, _), (n1, t1, _) in zip(fit, fit[1:]):
+        table.append((f"gbdt ratio {n1:,} / {n0:,} rows", "", "", t1 / t0, f"rows x{n1 / n0:.1f}"))
+    if fit[-1][0] != rows:
+        slope, icpt = np.polyfit([n for n, _, _ in fit], [t for _, t, _ in fit], 1)
+        table.append(("**gbdt.py (extrapolated linearly)**", rows, fit[-1][2], slope * rows + icpt, "not measured"))
+    n = gbdt_rows[-1]
+    t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}_nopn"),
+                                               ["--no-patient-norm"])
+    table.append(("features.py main --no-patient-norm", n, n_feat, t_feat, ""))
+    table.append(("gbdt.py on --no-patient-norm features", n, n_feat, t_gbdt, ""))
+    table.append((f"gbdt ratio {fit[-1][2]} / {n_feat} features", "", "", fit[-1][1] / t_gbdt,
+                  f"features x{fit[-1][2] / n_feat:.1f}"))
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=FULL_ROWS, help="train rows of the full-size runs")
@@ -183,9 +228,9 @@ def main(argv=None):
     parser.add_argument("--gbdt-rows", type=int, nargs="+",
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
+    parser.add_argument("--no-gbdt", action="store_true", help="target 1 only (about 1 min)")
     args = parser.parse_args(argv)
-    gbdt_rows = sorted(args.gbdt_rows or [args.rows // 4, args.rows // 2, args.rows])
-    table = []  # (what, rows, features, seconds, note)
+    gbdt_rows = [] if args.no_gbdt else sorted(args.gbdt_rows or [args.rows // 4, args.rows // 2, args.rows])
     load = f"{os.getloadavg()[0]:.1f}"
 
     full = data_dir(args.cache, args.rows)
@@ -193,47 +238,13 @@ def main(argv=None):
         data_dir(args.cache, n)
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         common.log("target 1: CSV to feature matrix")
-        steps, train, shape = ours(full, tmp)
-        t_ours = sum(steps.values())
-        t_peer, peer_shape = timed(peer, os.path.join(full, "train-metadata.csv"), os.path.join(tmp, "peer.npy"))
-        for step, what in (("read", "common.read_train (csv module + NumPy)"),
-                           ("build", "features.build_features (with patient normalization)"),
-                           ("save", "common.save_array")):
-            table.append((f"ours: {what}", shape[0], shape[1], steps[step], ""))
-        table.append(("**ours: CSV to saved matrix**", shape[0], shape[1], t_ours, ""))
-        table.append(("**peer: polars, CSV to saved matrix**", peer_shape[0], peer_shape[1], t_peer,
-                      "z-score only, no test set"))
-        table.append(("ratio ours / peer", "", "", t_ours / t_peer, ""))
-        table.append(("ratio ours / peer without reading the CSV", "", "", (t_ours - steps["read"]) / t_peer,
-                      "the peer's time includes its read"))
-        pn_shape, pn_times = bench_patient_normalize(train)
-        del train
-        table.append(("features.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"))
-        table.append(("features.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), ""))
-
-        common.log("target 4: gbdt.py against rows and feature count")
-        fit = []
-        for n in gbdt_rows:
-            t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(args.cache, n), os.path.join(tmp, f"w{n}"))
-            table.append(("features.py main (train + test, folds)", n, n_feat, t_feat, ""))
-            table.append(("**gbdt.py, 5 folds x 3 bags x 250 rounds**", n, n_feat, t_gbdt, ""))
-            fit.append((n, t_gbdt, n_feat))
-        for (n0, t0, _), (n1, t1, _) in zip(fit, fit[1:]):
-            table.append((f"gbdt ratio {n1:,} / {n0:,} rows", "", "", t1 / t0, f"rows x{n1 / n0:.1f}"))
-        if fit[-1][0] != args.rows:
-            slope, icpt = np.polyfit([n for n, _, _ in fit], [t for _, t, _ in fit], 1)
-            table.append(("**gbdt.py (extrapolated linearly)**", args.rows, fit[-1][2], slope * args.rows + icpt,
-                          "not measured"))
-        n = gbdt_rows[-1]
-        t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(args.cache, n), os.path.join(tmp, f"w{n}_nopn"),
-                                                   ["--no-patient-norm"])
-        table.append(("features.py main --no-patient-norm", n, n_feat, t_feat, ""))
-        table.append(("gbdt.py on --no-patient-norm features", n, n_feat, t_gbdt, ""))
-        table.append((f"gbdt ratio {fit[-1][2]} / {n_feat} features", "", "", fit[-1][1] / t_gbdt,
-                      f"features x{fit[-1][2] / n_feat:.1f}"))
+        table = feature_figures(full, tmp)
+        if gbdt_rows:
+            common.log("target 4: gbdt.py against rows and feature count")
+            table += gbdt_figures(args.cache, args.rows, gbdt_rows, tmp)
 
     print(f"\n{os.cpu_count()} CPU cores, load average {load} at the start, {os.getloadavg()[0]:.1f} at the end "
-          f"(other processes share the cores above 0); OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          f"(1 min; other processes shared the cores if above 0 at the start); OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           "seconds are wall time, ratios from this run\n")
     print("| what | rows | features | seconds (or ratio) | note |\n|---|---:|---:|---:|---|")
     for what, rows, n_feat, sec, note in table:

@@ -87,6 +87,10 @@ def data_path(data_dir, name):
 
 def parse_floats(values, path, column):
     """Strings to float64: '45', '45.0', '8.05E-13', ' 3.2 ' parse; '', 'NA', 'nan' are missing."""
+    try:  # the common case, a column of plain numbers, parsed in one call
+        return np.array(values, dtype=np.float64)
+    except ValueError:
+        pass
     text = np.char.lower(np.char.strip(np.asarray(values, dtype=str)))
     missing = np.isin(text, list(MISSING))
     out = np.full(len(text), np.nan)
@@ -123,7 +127,7 @@ def read_metadata(path, required=None):
     missing = [c for c in (required or ["isic_id"]) if c not in header]
     if missing:
         raise DataError(f"{path}: missing required column(s) {', '.join(missing)}")
-    cols = list(zip(*rows)) if rows else [()] * len(header)
+    cols = np.array(rows, dtype=object).T if rows else [[]] * len(header)
     table = {}
     for name, values in zip(header, cols):
         table[name] = (parse_floats(values, path, name) if name in FLOAT_COLUMNS

@@ -19,8 +19,12 @@ import argparse
 import os
 import re
 
-import lightgbm as lgb
 import numpy as np
+
+# idle OpenMP threads sleep instead of spinning: on cores shared with another process, spinning made
+# a LightGBM fit over ten times slower (measured by bench.py); set before LightGBM loads its runtime
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import lightgbm as lgb  # noqa: E402
 
 from common import (run_main, DataError, patient_normalize, atomic_write, check_ids, default_data_dir, load_array, load_folds, log, pauc,
                     read_metadata, read_test, read_train, write_args, write_csv)
@@ -79,6 +83,8 @@ def bag_sample(y, rng, pos_rate, neg_rate):
     """Row indices of one bag: positives oversampled (with replacement) to pos_rate x negatives,
     then negatives undersampled to (positives / neg_rate)."""
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(pos) == 0:
+        raise DataError("a training fold has no positive lesion: too few positives for the folds")
     n_pos = max(len(pos), int(np.ceil(pos_rate * len(neg))))
     pos = np.r_[pos, rng.choice(pos, n_pos - len(pos))] if n_pos > len(pos) else pos
     n_neg = min(len(neg), int(len(pos) / neg_rate))

@@ -240,7 +240,7 @@ def test_tabular_chain_end_to_end(demo, tmp_path):
     oof = common.read_metadata(os.path.join(work, "preds", "tabular_oof.csv"))
     folds = common.read_metadata(os.path.join(work, "folds.csv"))
     assert oof["isic_id"].tolist() == folds["isic_id"].tolist()
-    assert common.pauc(oof["target"], oof["pred"]) > 0.1     # far above chance (about 0.02)
+    assert common.pauc(oof["target"], oof["pred"]) > 0.05    # far above chance (about 0.02)
     assert os.path.exists(os.path.join(work, "models", "tabular", "fold4_bag1.txt"))
     assert os.path.exists(os.path.join(work, "report.md"))
 
