@@ -15,6 +15,7 @@ Target 4: gbdt.py with default settings (5 folds x 3 bags x 250 rounds), its tim
 and against feature count (--no-patient-norm). Prints a markdown table of every figure.
 """
 import argparse
+import io
 import os
 import tempfile
 import time
@@ -221,6 +222,56 @@ def gbdt_figures(cache, rows, gbdt_rows, tmp):
     return table
 
 
+def image_figures(cache, n=2000, batch=64):
+    """Table rows of targets 2 and 3 on demo tiles (61 to 239 px JPEGs in the Kaggle HDF5 layout):
+    the loader's per-image work against a bare PIL decode of bytes already in memory, and the
+    predict loop (loader + device-side resize + model) against the bare model forward on
+    pre-loaded tensors, convnext_atto at 64 px, fp32, on the CPU."""
+    import h5py
+    import torch
+    from PIL import Image
+    data = os.path.join(cache, "demo_images")
+    if not os.path.exists(os.path.join(data, "train-image.hdf5")):
+        common.make_demo(data)
+    path = os.path.join(data, "train-image.hdf5")
+    ids = list(common.read_train(data)["isic_id"][:n])
+    with h5py.File(path, "r") as h5:
+        raw = [common.read_image_bytes(h5, i) for i in ids]
+
+    def bare_decode():
+        for r in raw:
+            with Image.open(io.BytesIO(r)) as im:
+                np.asarray(im.convert("RGB"))
+
+    def loader_items():
+        ds = common.H5Images(path, ids)
+        for i in range(len(ds)):
+            ds[i]
+    t_bare, _ = timed(bare_decode)
+    t_load, _ = timed(loader_items)
+    torch.set_num_threads(os.cpu_count())
+    model = common.build_model("convnext_atto", pretrained=False).eval()
+    mean, std = common.normalization(model)
+    cpu = torch.device("cpu")
+    batches = [common.prepare_batch(c, s, 64, mean, std, cpu) for c, s, _, _ in
+               common.image_loader(path, ids, None, batch, workers=0)]
+
+    def bare_forward():
+        with torch.no_grad():
+            for x in batches:
+                common.forward_features_and_logit(model, x)
+    bare_forward()  # warm-up
+    t_fwd, _ = timed(bare_forward)
+    t_pred, _ = timed(common.predict, model, common.image_loader(path, ids, None, batch, workers=0), 64, mean, std,
+                      cpu, None)
+    return [("bare PIL decode, bytes in memory", n, "", n / t_bare, "images/s, one core"),
+            ("loader: HDF5 read + decode + canvas", n, "", n / t_load, "images/s, one core"),
+            ("ratio loader / bare decode", "", "", t_bare / t_load, "target 0.8 or more"),
+            ("bare model forward, pre-loaded tensors", n, "", n / t_fwd, f"images/s, batch {batch}"),
+            ("predict loop: loader + resize + forward", n, "", n / t_pred, "images/s, same core(s)"),
+            ("ratio predict / bare forward", "", "", t_fwd / t_pred, "target 0.9 or more (on a GPU)")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=FULL_ROWS, help="train rows of the full-size runs")
@@ -239,12 +290,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         common.log("target 1: CSV to feature matrix")
         table = feature_figures(full, tmp)
+        common.log("targets 2 and 3: image loading and extraction")
+        table += image_figures(args.cache)
         if gbdt_rows:
             common.log("target 4: gbdt.py against rows and feature count")
             table += gbdt_figures(args.cache, args.rows, gbdt_rows, tmp)
 
     print(f"\n{os.cpu_count()} CPU cores, load average {load} at the start, {os.getloadavg()[0]:.1f} at the end "
-          f"(1 min; other processes shared the cores if above 0 at the start); OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
+          "(1 min; other processes shared the cores if above 0 at the start); "
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           "seconds are wall time, ratios from this run\n")
     print("| what | rows | features | seconds (or ratio) | note |\n|---|---:|---:|---:|---|")
     for what, rows, n_feat, sec, note in table:

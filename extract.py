@@ -9,8 +9,8 @@ Reads:  DATA/{train,test}-metadata.csv, DATA/{train,test}-image.hdf5, WORK/folds
         WORK/models/ARCH/fold{k}/last.pt (or best.pt)
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
-        WORK/emb/ARCH_args.json; with --predict-only, the test files alone, from the models in --models; while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold,
-        what --resume reuses after an interruption)
+        WORK/emb/ARCH_args.json; with --predict-only, the test files alone, from the models in --models;
+        while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold, which --resume reuses)
 
     python extract.py --arch eva02_tiny --data demo_data --work work --workers 0     # tiny
     python extract.py --arch eva02_base --data /kaggle/input/isic-2024-challenge --work work
@@ -23,9 +23,9 @@ import shutil
 import numpy as np
 import torch
 
-from common import (run_main, MODEL_CONFIGS, DataError, amp_dtype, atomic_write, check_ids, build_model, check_image_ids, data_path,
-                    default_data_dir, image_loader, load_folds, log, normalization, predict, read_test,
-                    read_train, save_array, write_args, write_csv)
+from common import (MODEL_CONFIGS, amp_dtype, atomic_write, build_model, check_ids, check_image_ids,
+                    data_path, DataError, default_data_dir, image_loader, load_folds, log, normalization,
+                    predict, read_test, read_train, run_main, save_array, write_args, write_csv)
 
 
 def sigmoid(z):
@@ -124,8 +124,8 @@ def main(argv=None):
                 emb_test += p["test_emb"] / len(test_folds)
                 prob_test += sigmoid(p["test_logit"]) / len(test_folds)
         if not args.predict_only:
-            write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"),
-                      ["isic_id", "target", "fold", "pred"], [train_ids, train["target"].astype(int), folds, prob_train])
+            write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"), ["isic_id", "target", "fold", "pred"],
+                      [train_ids, train["target"].astype(int), folds, prob_train])
         write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_test.csv"), ["isic_id", "pred"],
                   [test_ids, prob_test])
         log(f"{args.arch}: wrote image-model scores to preds/img_{args.arch}_*.csv (test: fold models {test_folds})")

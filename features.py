@@ -19,8 +19,8 @@ import re
 
 import numpy as np
 
-from common import (run_main, CATEGORICAL, NUMERIC, STATS, patient_normalize, DataError, default_data_dir, load_folds, log, read_test,
-                    read_train, save_array, write_args, write_json, atomic_write)
+from common import (CATEGORICAL, NUMERIC, STATS, atomic_write, DataError, default_data_dir, load_folds, log,
+                    patient_normalize, read_test, read_train, run_main, save_array, write_args, write_json)
 
 def engineered_features(t):
     """The public feature set's ratios and interactions, plus clinical ABCDE features.

@@ -26,8 +26,9 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import lightgbm as lgb  # noqa: E402
 
-from common import (run_main, DataError, patient_normalize, atomic_write, check_ids, default_data_dir, load_array, load_folds, log, pauc,
-                    read_metadata, read_test, read_train, write_args, write_csv)
+from common import (atomic_write, check_ids, DataError, default_data_dir, load_array, load_folds, log,
+                    patient_normalize, pauc, read_metadata, read_test, read_train, run_main, write_args,
+                    write_csv)
 
 
 def image_score_features(work, arch, split, table):

@@ -588,8 +588,8 @@ def test_sigkill_never_leaves_a_half_written_file(demo, tmp_path):
         oof = common.read_metadata(os.path.join(work, "preds", "tabular_oof.csv"))   # complete, old or new
         assert oof["isic_id"].tolist() == ids and np.isfinite(oof["pred"]).all()
         for name in os.listdir(os.path.join(work, "models", "tabular")):
-            if name.endswith(".txt") and not name.startswith("."):
-                assert open(os.path.join(work, "models", "tabular", name)).read().rstrip().endswith("end of parameters")
+            if name.endswith(".txt") and not name.startswith("."):    # a whole booster loads
+                assert gbdt.lgb.Booster(model_file=os.path.join(work, "models", "tabular", name)).num_trees() >= 20
     assert before  # the first complete run's file existed throughout
 
 
@@ -613,7 +613,7 @@ def test_extraction_resumes_from_finished_folds(demo, trained, tmp_path):
     assert "fold 0: reusing" in r.stdout and "fold 1 held-out train" in r.stdout
     got = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     assert (got[rows] == 7.0).all()
-    np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-4, atol=1e-4)
     assert not os.path.exists(os.path.dirname(part))      # parts are removed once the outputs are whole
 
 
@@ -681,3 +681,83 @@ def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trai
     assert not os.path.exists(os.path.join(fresh, "folds.csv"))
     with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
         assert a.read() == b.read()
+
+
+# ---------------------------------------------------------------- report.html
+
+from html.parser import HTMLParser  # noqa: E402
+
+
+class ReportParser(HTMLParser):
+    """What report.html shows: each chart's (svg id) polylines, rects and text, and the table rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.svg, self.cell, self.rows = None, None, []
+        self.lines, self.rects, self.text = {}, {}, {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "svg":
+            self.svg = a["id"]
+            self.lines[self.svg], self.rects[self.svg], self.text[self.svg] = {}, [], []
+        elif tag == "polyline":
+            self.lines[self.svg][a["data-series"]] = [tuple(map(float, p.split(","))) for p in a["points"].split()]
+        elif tag == "rect" and self.svg:
+            self.rects[self.svg].append(a)
+        elif tag == "tr":
+            self.rows.append([])
+        elif tag in ("th", "td"):
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "svg":
+            self.svg = None
+        elif tag in ("th", "td"):
+            self.rows[-1].append(self.cell.strip())
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+        if self.svg:
+            self.text[self.svg].append(data)
+
+
+def test_report_html_shows_every_model(demo, trained, tmp_path):
+    work = str(tmp_path / "work")
+    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("*.pt"))  # the logs, not the checkpoints
+    features.main(["--data", demo, "--work", work])
+    gbdt.main(["--data", demo, "--work", work, "--name", "tab", "--rounds", "10", "--bags", "1"])
+    gbdt.main(["--data", demo, "--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10",
+               "--bags", "1"])
+    ensemble.main(["--data", demo, "--work", work, "--names", "tab,tab_cnx"])
+    page = open(os.path.join(work, "report.html"), encoding="utf-8").read()
+    assert not any(s in page for s in ("<script", "<link", "src=", "href=")), "self-contained: nothing fetched"
+    report = ReportParser()
+    report.feed(page)
+    # a whole ROC curve per model, from (0, 0), the frame's bottom left, to (1, 1), its top right
+    frame = next(r for r in report.rects["roc"] if r.get("class") == "frame")
+    x, y, w, h = (float(frame[k]) for k in ("x", "y", "width", "height"))
+    for name in ("tab", "tab_cnx", "ensemble"):
+        points = report.lines["roc"][name]
+        assert points[0] == pytest.approx((x, y + h), abs=0.06) and points[-1] == pytest.approx((x + w, y), abs=0.06)
+        assert len(points) >= 3 and name in report.lines["roc-zoom"]
+    # the shaded region is TPR 0.8 to 1: the top fifth of the frame
+    band = next(r for r in report.rects["roc"] if r.get("class") == "band")
+    assert float(band["y"]) == pytest.approx(y, abs=0.06) and float(band["height"]) == pytest.approx(h / 5, abs=0.1)
+    # the pAUC table holds report.md's table, cell for cell
+    md = [line.strip().strip("|").split("|") for line in open(os.path.join(work, "report.md")) if line.startswith("| ")]
+    assert report.rows == [[c.strip() for c in row] for row in md]
+    assert [row[0] for row in report.rows[1:]] == ["tab", "tab_cnx", "ensemble"]
+    # each GBDT's most important feature labels a bar
+    for name in ("tab", "tab_cnx"):
+        with open(os.path.join(work, "models", name, "importance.csv")) as f:
+            top = next(csv.DictReader(f))["feature"]
+        assert top in report.text[f"importance-{name}"]
+    # the image model's validation pAUC, a line per fold, a point per logged epoch
+    curves = report.lines["curve-convnext_atto-val_pauc"]
+    assert sorted(curves) == [f"fold {k}" for k in range(5)]
+    for k in range(5):
+        with open(os.path.join(work, "models", "convnext_atto", f"fold{k}", "log.csv")) as f:
+            assert len(curves[f"fold {k}"]) == len(list(csv.DictReader(f)))

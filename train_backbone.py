@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from common import (run_main, MODEL_CONFIGS, FocalLoss, atomic_write, amp_dtype, autocast, build_model, check_image_ids,
-                    data_path, default_data_dir, image_loader, load_folds, log,
-                    normalization, pauc, predict, prepare_batch, split_broken, read_train, write_args, write_csv)
+from common import (MODEL_CONFIGS, amp_dtype, atomic_write, autocast, build_model, check_image_ids, data_path,
+                    default_data_dir, FocalLoss, image_loader, load_folds, log, normalization, pauc, predict,
+                    prepare_batch, read_train, run_main, split_broken, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
