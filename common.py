@@ -197,6 +197,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are for sharing
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
