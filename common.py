@@ -1,12 +1,14 @@
-"""Shared code of the ISIC 2024 pipeline: reading the Kaggle files, folds, the competition metric,
-atomic writes, and the demo data set.
+"""Shared code of the ISIC 2024 pipeline: reading the Kaggle files (CSV, HDF5 JPEGs), atomic writes
+and id-checked arrays, patient-grouped folds, the competition metric, patient normalization, the
+image-model table, focal loss, the image loader with device-side resizing and augmentation, the
+mixed-precision predict loop, and the demo data set.
 
 Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv, DATA/*-image.hdf5
 Writes: WORK/folds.csv (isic_id,patient_id,target,fold), once; every later stage reads it.
 
 Command:
-    python common.py demo demo_data                        # the demo set, Kaggle layout (~1 min)
-    python common.py demo tiny --patients 30 --test-patients 6   # a tiny one, for trying things
+    python common.py demo tiny --patients 30 --test-patients 6   # a tiny demo set, for trying things
+    python common.py demo demo_data                              # the demo set of run.sh (~15 s)
 """
 import argparse
 import contextlib
