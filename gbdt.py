@@ -19,12 +19,8 @@ import argparse
 import os
 import re
 
+import lightgbm as lgb
 import numpy as np
-
-# idle OpenMP threads sleep instead of spinning: on cores shared with another process, spinning made
-# a LightGBM fit over ten times slower (measured by bench.py); set before LightGBM loads its runtime
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-import lightgbm as lgb  # noqa: E402
 
 from common import (atomic_write, check_ids, DataError, default_data_dir, load_array, load_folds, log,
                     patient_normalize, pauc, read_metadata, read_test, read_train, run_main, write_args,
