@@ -272,6 +272,28 @@ def image_figures(cache, n=2000, batch=64):
             ("ratio predict / bare forward", "", "", t_fwd / t_pred, "target 0.9 or more (on a GPU)")]
 
 
+def gpu_estimate(peak_tflops=18.7, efficiency=0.4, epochs=12, train_pos=250, neg_per_pos=20, val_neg_per_pos=50,
+                 tiles=401_059):
+    """Table rows of the GPU cost estimate, from the forward FLOPs torch counts for one image (training
+    at three times that) at `efficiency` of a P100's fp16 peak: an estimate, not a measurement."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    rate = peak_tflops * efficiency * 1e12
+    table = []
+    for arch in ("eva02_base", "convnext"):
+        model = common.build_model(arch, pretrained=False).eval()
+        size = common.MODEL_CONFIGS[arch]["img_size"]
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+        fwd = counter.get_total_flops()
+        train_tiles, val_tiles = train_pos * (1 + neg_per_pos), train_pos // 4 * (1 + val_neg_per_pos)
+        fold_s = epochs * (3 * train_tiles + val_tiles) * fwd / rate
+        table += [(f"{arch} forward GFLOP per image, {size} px", "", "", fwd / 1e9, "counted"),
+                  (f"{arch} hours per fold ({epochs} epochs), estimated", "", "", fold_s / 3600, "P100 at 40%"),
+                  (f"{arch} hours to extract every train tile, estimated", tiles, "", tiles * fwd / rate / 3600, "")]
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=FULL_ROWS, help="train rows of the full-size runs")
@@ -279,8 +301,12 @@ def main(argv=None):
     parser.add_argument("--gbdt-rows", type=int, nargs="+",
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
-    parser.add_argument("--no-gbdt", action="store_true", help="target 1 only (about 1 min)")
+    parser.add_argument("--no-gbdt", action="store_true", help="targets 1 to 3 only (about 2 min)")
+    parser.add_argument("--gpu-estimate", action="store_true", help="only the GPU cost estimate from counted FLOPs")
     args = parser.parse_args(argv)
+    if args.gpu_estimate:
+        print_table(gpu_estimate())
+        return
     gbdt_rows = [] if args.no_gbdt else sorted(args.gbdt_rows or [args.rows // 4, args.rows // 2, args.rows])
     load = f"{os.getloadavg()[0]:.1f}"
 
@@ -300,6 +326,10 @@ def main(argv=None):
           "(1 min; other processes shared the cores if above 0 at the start); "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; "
           "seconds are wall time, ratios from this run\n")
+    print_table(table)
+
+
+def print_table(table):
     print("| what | rows | features | seconds (or ratio) | note |\n|---|---:|---:|---:|---|")
     for what, rows, n_feat, sec, note in table:
         rows = f"{rows:,}" if rows != "" else ""

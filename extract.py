@@ -124,7 +124,8 @@ def main(argv=None):
                 emb_test += p["test_emb"] / len(test_folds)
                 prob_test += sigmoid(p["test_logit"]) / len(test_folds)
         if not args.predict_only:
-            write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"), ["isic_id", "target", "fold", "pred"],
+            header = ["isic_id", "target", "fold", "pred"]
+            write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"), header,
                       [train_ids, train["target"].astype(int), folds, prob_train])
         write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_test.csv"), ["isic_id", "pred"],
                   [test_ids, prob_test])
