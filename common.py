@@ -497,13 +497,10 @@ class H5Images(torch.utils.data.Dataset):
         return {**self.__dict__, "h5": None, "pid": None}
 
 
-def image_loader(h5_path, ids, labels=None, batch_size=64, workers=2, shuffle_seed=None):
-    rows = np.arange(len(ids))
-    if shuffle_seed is not None:
-        rows = np.random.default_rng(shuffle_seed).permutation(rows)
-    dataset = torch.utils.data.Subset(H5Images(h5_path, ids, labels), rows.tolist())
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=False)
+def image_loader(h5_path, ids, labels=None, batch_size=64, workers=2):
+    """Batches of (canvases, sizes, labels, positions in ids), in the order of ids."""
+    return torch.utils.data.DataLoader(H5Images(h5_path, ids, labels), batch_size=batch_size, num_workers=workers,
+                                       pin_memory=torch.cuda.is_available())
 
 
 def prepare_batch(canvas, sizes, out_size, mean, std, device, augment=False, generator=None):
