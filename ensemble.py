@@ -12,6 +12,7 @@ Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/repor
     python ensemble.py --data demo_data --work work --names tabular
     python ensemble.py --data DIR --work work --names tabular,tab_eva02,tab_convnext
     python ensemble.py --data DIR --work work --predict-only        # the submission alone
+    python ensemble.py --data demo_data --work work --test-labels demo_data/demo_test_labels.csv
 """
 import argparse
 import csv
@@ -31,11 +32,15 @@ def rank_average(preds):
     return np.mean([rank01(p) for p in preds], axis=0)
 
 
-def read_preds(work, name, split, ids):
+def read_preds(work, name, split, ids, missing=None):
+    """A model's predictions, checked against ids; a missing one is an error unless `missing` is
+    given to stand in for it."""
     path = os.path.join(work, "preds", f"{name}_{split}.csv")
     table = read_metadata(path, required=["isic_id", "pred"])
     check_ids(path, table["isic_id"], ids)
-    pred = table["pred"].astype(float)
+    pred = table["pred"]
+    if missing is not None:
+        return np.where(np.isnan(pred), missing, pred)
     if np.isnan(pred).any():
         row = int(np.flatnonzero(np.isnan(pred))[0])
         raise DataError(f"{path}: isic_id {table['isic_id'][row]} has no prediction")
@@ -303,6 +308,8 @@ def main(argv=None):
     parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
                         "except the image models (img_*), which the GBDTs already use")
     parser.add_argument("--predict-only", action="store_true", help="only the test predictions: the submission")
+    parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
+                        "demo_test_labels.csv): also scores the test predictions")
     args = parser.parse_args(argv)
     test = read_test(args.data)
     names = (args.names.split(",") if args.names else
@@ -323,8 +330,11 @@ def main(argv=None):
     y = train["target"].astype(int)
     oof = [read_preds(args.work, n, "oof", train["isic_id"]) for n in names]
     ens_oof = rank_average(oof)
-    rows = [(n, pauc(y, p), fold_scores(y, folds, p)) for n, p in zip(names, oof)]
-    rows.append(("ensemble", pauc(y, ens_oof), fold_scores(y, folds, ens_oof)))
+    # the image models alone, for reference (the GBDTs use them); an undecodable tile ranks last
+    images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
+    scores = {**dict(zip(names, oof)), **{n: read_preds(args.work, n, "oof", train["isic_id"], missing=-1.0)
+                                          for n in images}, "ensemble": ens_oof}
+    rows = [(n, pauc(y, p), fold_scores(y, folds, p)) for n, p in scores.items()]
     for n, s, fs in rows:
         log(f"{n:>20s}: OOF pAUC {s:.4f}  per fold {' '.join(f'{f:.4f}' for f in fs)}")
     write_csv(os.path.join(args.work, "preds", "ensemble_oof.csv"), ["isic_id", "target", "fold", "pred"],
@@ -336,11 +346,17 @@ def main(argv=None):
              "| model | OOF pAUC | " + " | ".join(f"fold {k}" for k in range(n_folds)) + " |",
              "|---|---|" + "---|" * n_folds]
     lines += [f"| {n} | {s:.4f} | " + " | ".join(f"{f:.4f}" for f in fs) + " |" for n, s, fs in rows]
+    if args.test_labels:  # held-out answers, such as the demo set's
+        labels = read_metadata(args.test_labels, required=["isic_id", "target"])
+        check_ids(args.test_labels, labels["isic_id"], test["isic_id"])
+        test_scores = {**dict(zip(names, tst)), "ensemble": ens_test}
+        lines += ["", f"Test pAUC against {args.test_labels}: "
+                  + ", ".join(f"{n} {pauc(labels['target'], p):.4f}" for n, p in test_scores.items())]
+        log(lines[-1])
     atomic_write(os.path.join(args.work, "report.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     facts = [(len(y), "train lesions"), (int(y.sum()), "malignant"), (n_patients, "patients"),
              (len(test["isic_id"]), "test lesions")]
-    write_report_html(os.path.join(args.work, "report.html"), args.work, y,
-                      {**dict(zip(names, oof)), "ensemble": ens_oof}, rows, facts)
+    write_report_html(os.path.join(args.work, "report.html"), args.work, y, scores, rows, facts)
     write_args(os.path.join(args.work, "ensemble_args.json"), args)
     log(f"wrote {args.work}/report.md and report.html")
 

@@ -18,10 +18,11 @@ if [ $# -eq 0 ]; then
     EVA=eva02_tiny; CNX=convnext_atto
     TRAIN="--no-pretrained --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 3e-4 --workers 0"
     EXTRACT="--workers 0"
+    LABELS="--test-labels $DATA/demo_test_labels.csv"  # the demo's hidden answers
 else
     DATA=$1
     EVA=eva02_base; CNX=convnext
-    TRAIN=""; EXTRACT=""
+    TRAIN=""; EXTRACT=""; LABELS=""
 fi
 TIMES=()
 stage() {  # stage NAME COMMAND...: runs it, records its time
@@ -43,8 +44,11 @@ done
 stage "gbdt tabular"    python gbdt.py --data "$DATA" --work "$WORK" --name tabular "${PREDICT[@]}"
 stage "gbdt tab_eva02"  python gbdt.py --data "$DATA" --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
 stage "gbdt tab_convnext" python gbdt.py --data "$DATA" --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
-stage ensemble          python ensemble.py --data "$DATA" --work "$WORK" --names tabular,tab_eva02,tab_convnext \
-                        ${PREDICT[@]:0:1}
+if [ ${#PREDICT[@]} -eq 0 ]; then
+    stage ensemble python ensemble.py --data "$DATA" --work "$WORK" --names tabular,tab_eva02,tab_convnext $LABELS
+else
+    stage ensemble python ensemble.py --data "$DATA" --work "$WORK" --names tabular,tab_eva02,tab_convnext --predict-only
+fi
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"
 printf '%-24s %6ds\n' total $SECONDS

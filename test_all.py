@@ -230,8 +230,13 @@ def test_tabular_chain_end_to_end(demo, tmp_path):
     work = str(tmp_path / "work")
     features.main(["--data", demo, "--work", work])
     gbdt.main(["--data", demo, "--work", work, "--name", "tabular", "--rounds", "40", "--bags", "2"])
-    ensemble.main(["--data", demo, "--work", work])
+    labels = os.path.join(demo, "demo_test_labels.csv")
+    ensemble.main(["--data", demo, "--work", work, "--test-labels", labels])
     test_ids = common.read_test(demo)["isic_id"].tolist()
+    answers = common.read_metadata(labels, required=["isic_id", "target"])
+    test_pred = common.read_metadata(os.path.join(work, "preds", "tabular_test.csv"))["pred"]
+    report = open(os.path.join(work, "report.md")).read()
+    assert f"tabular {common.pauc(answers['target'], test_pred):.4f}" in report.split("Test pAUC")[1]
     with open(os.path.join(work, "submission.csv")) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["isic_id", "target"]
@@ -576,7 +581,6 @@ def test_sigkill_never_leaves_a_half_written_file(demo, tmp_path):
     work = str(tmp_path / "work")
     features.main(["--data", demo, "--work", work])
     gbdt.main(["--data", demo, "--work", work, "--rounds", "20", "--bags", "1"])
-    before = open(os.path.join(work, "preds", "tabular_oof.csv")).read()
     ids = common.read_train(demo)["isic_id"].tolist()
     for delay in (0.5, 1.5, 2.5, 3.5):
         proc = subprocess.Popen([sys.executable, "gbdt.py", "--data", demo, "--work", work, "--rounds", "60",
@@ -590,7 +594,6 @@ def test_sigkill_never_leaves_a_half_written_file(demo, tmp_path):
         for name in os.listdir(os.path.join(work, "models", "tabular")):
             if name.endswith(".txt") and not name.startswith("."):    # a whole booster loads
                 assert gbdt.lgb.Booster(model_file=os.path.join(work, "models", "tabular", name)).num_trees() >= 20
-    assert before  # the first complete run's file existed throughout
 
 
 def test_extraction_resumes_from_finished_folds(demo, trained, tmp_path):
@@ -749,7 +752,7 @@ def test_report_html_shows_every_model(demo, trained, tmp_path):
     # the pAUC table holds report.md's table, cell for cell
     md = [line.strip().strip("|").split("|") for line in open(os.path.join(work, "report.md")) if line.startswith("| ")]
     assert report.rows == [[c.strip() for c in row] for row in md]
-    assert [row[0] for row in report.rows[1:]] == ["tab", "tab_cnx", "ensemble"]
+    assert [row[0] for row in report.rows[1:]] == ["tab", "tab_cnx", "img_convnext_atto", "ensemble"]
     # each GBDT's most important feature labels a bar
     for name in ("tab", "tab_cnx"):
         with open(os.path.join(work, "models", name, "importance.csv")) as f:
