@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from common import (MODEL_CONFIGS, amp_dtype, atomic_write, build_model, check_ids, check_image_ids,
-                    data_path, DataError, default_data_dir, image_loader, load_folds, log, normalization,
+                    data_path, DataError, default_data_dir, H5Images, image_loader, load_folds, log, normalization,
                     predict, read_test, read_train, run_main, save_array, write_args, write_csv)
 
 
@@ -86,16 +86,18 @@ def main(argv=None):
         check_image_ids(paths["train"], list(train_ids))
         fold_models = sorted(set(folds.tolist()))
 
-    def run(model, split, ids, what):
+    images = {s: H5Images(paths[s], ids) for s, ids in (("train", train_ids), ("test", test_ids)) if s in splits}
+
+    def run(model, split, rows, what):
         mean, std = normalization(model)
-        loader = image_loader(paths.get(split), ids, None, args.batch_size, args.workers)
+        loader = image_loader(images[split], rows, args.batch_size, args.workers)
         return predict(model, loader, size, mean, std, device, dtype, progress=f"{args.arch} {what}")
 
     edir = os.path.join(args.work, "emb")
     if args.frozen:
         model = build_model(args.arch, args.weights, pretrained=True, drop_path=0.0).to(device).eval()
-        emb_train, _ = run(model, "train", train_ids, "frozen train")
-        emb_test, _ = run(model, "test", test_ids, "frozen test")
+        emb_train, _ = run(model, "train", None, "frozen train")
+        emb_test, _ = run(model, "test", None, "frozen test")
     else:
         if not fold_models:
             raise DataError(f"{models_dir}/{args.arch}: no fold models (fold*/); train them first, or use --frozen")
@@ -115,8 +117,9 @@ def main(argv=None):
             else:
                 model = load_fold_model(models_dir, args.arch, k, device, args.checkpoint)
                 p = {"train_ids": train_ids[rows], "test_ids": test_ids if k in test_folds else test_ids[:0]}
-                p["train_emb"], p["train_logit"] = run(model, "train", train_ids[rows], f"fold {k} held-out train")
-                p["test_emb"], p["test_logit"] = (run(model, "test", test_ids, f"fold {k} test") if k in test_folds
+                p["train_emb"], p["train_logit"] = (run(model, "train", rows, f"fold {k} held-out train") if len(rows)
+                                                    else (emb_train[:0], prob_train[:0]))
+                p["test_emb"], p["test_logit"] = (run(model, "test", None, f"fold {k} test") if k in test_folds
                                                   else (emb_test[:0], prob_test[:0]))
                 atomic_write(part, lambda f: np.savez(f, **p))
             emb_train[rows], prob_train[rows] = p["train_emb"], sigmoid(p["train_logit"])

@@ -13,6 +13,7 @@ Writes: WORK/features/{train,test}.npy (float32) with {train,test}_ids.txt besid
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse
+import itertools
 import json
 import os
 import re
@@ -90,23 +91,23 @@ def engineered_features(t):
     return names, x.T  # feature-major in memory, as patient_normalize wants
 
 
-def one_hot(values, vocabulary):
-    """Rows x len(vocabulary); a value never seen in train (or missing) is all zeros."""
+def codes(values, vocabulary=None):
+    """Integer codes of a column of strings: the position in vocabulary (-1 where absent), or without
+    one, distinct per distinct value. A dict lookup per row: sorting the strings takes longer."""
+    if vocabulary is None:
+        index = {}
+        return np.fromiter(map(index.setdefault, values, itertools.count()), np.int64, len(values))
     index = {v: i for i, v in enumerate(vocabulary)}
-    out = np.zeros((len(values), len(vocabulary)))
-    pos = np.array([index.get(v, -1) for v in values], dtype=np.int64)
-    hit = pos >= 0
-    out[np.flatnonzero(hit), pos[hit]] = 1.0
-    return out
+    return np.fromiter(map(index.get, values, itertools.repeat(-1)), np.int64, len(values))
 
 
 def group_counts(*keys):
-    """For each row, how many rows share its combination of keys."""
+    """For each row, how many rows share its combination of keys (integer codes)."""
     group = np.zeros(len(keys[0]), dtype=np.int64)
-    for key in keys:  # integer codes, renumbered after each key so the combined code stays below N^2
-        _, code = np.unique(np.asarray(key, dtype=str), return_inverse=True)
-        _, group, counts = np.unique(group * len(code) + code, return_inverse=True, return_counts=True)
-    return counts[group].astype(float)
+    for code in keys:  # renumbered after each key so the combined code stays below N^2
+        _, group, counts = np.unique(group * (code.max(initial=0) + 1) + code, return_inverse=True,
+                                     return_counts=True)
+    return counts[group]
 
 
 def fit_vocabularies(train):
@@ -114,29 +115,35 @@ def fit_vocabularies(train):
 
 
 def build_features(table, vocabularies, patient_norm=True):
-    """Feature matrix (float32) and column names of one metadata table; the vocabularies come from
-    train, so train and test get the same columns."""
+    """Feature matrix (float32, N x F) and column names of one metadata table; the vocabularies come
+    from train, so train and test get the same columns.
+
+    The matrix is feature-major in memory (Fortran order): every block is copied in whole rows of
+    the (F, N) buffer, where a row-major (N, F) matrix would be filled by a transposing copy of each
+    feature; LightGBM reads either order without a copy."""
     missing = [c for c in NUMERIC + list(vocabularies) if c not in table]
     if missing:
         raise DataError(f"metadata lacks column(s) {', '.join(missing)}")
     eng_names, eng = engineered_features(table)
-    numeric = np.vstack([np.stack([table[c] for c in NUMERIC]), eng.T]).T  # feature-major, see above
+    numeric = np.vstack([np.stack([table[c] for c in NUMERIC]), eng.T]).T  # (N, F), feature-major
     numeric_names = NUMERIC + eng_names
-    pid = table["patient_id"].astype(str)
-    site = table["anatom_site_general"].astype(str)
-    blocks = [numeric,
-              np.column_stack([group_counts(pid), group_counts(pid, site),
-                               group_counts(pid, table["tbp_lv_location_simple"].astype(str))])]
+    patient = codes(table["patient_id"])
+    counts = [group_counts(patient), group_counts(patient, codes(table["anatom_site_general"])),
+              group_counts(patient, codes(table["tbp_lv_location_simple"]))]
     names = numeric_names + ["n_lesions_patient", "n_lesions_patient_site", "n_lesions_patient_location"]
-    if patient_norm:
-        pn = patient_normalize(numeric, pid)
-        for stat in STATS:
-            blocks.append(pn[stat])
-            names += [f"{n}_pn_{stat}" for n in numeric_names]
+    one_hots = {c: codes(table[c], vocab) for c, vocab in vocabularies.items()}  # -1: never seen in train
+    n_pn = len(STATS) * len(numeric_names) if patient_norm else 0
+    x = np.empty((len(names) + n_pn + sum(map(len, vocabularies.values())), len(patient)), np.float32)
+    x[:len(numeric_names)] = numeric.T
+    x[len(numeric_names):len(names)] = counts
+    if patient_norm:  # written straight into its rows of x: no float64 copy of the largest block
+        pn_rows = x[len(names):len(names) + n_pn].reshape(len(STATS), len(numeric_names), len(patient))
+        patient_normalize(numeric, patient, out=pn_rows)
+        names += [f"{n}_pn_{stat}" for stat in STATS for n in numeric_names]
     for c, vocab in vocabularies.items():
-        blocks.append(one_hot(table[c], vocab))
+        x[len(names):len(names) + len(vocab)] = np.arange(len(vocab))[:, None] == one_hots[c]
         names += [f"{c}__{re.sub('[^0-9A-Za-z]+', '_', v)}" for v in vocab]  # LightGBM-safe names
-    return np.concatenate(blocks, axis=1, dtype=np.float32), names  # no float64 copy of the whole
+    return x.T, names
 
 
 def main(argv=None):

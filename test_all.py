@@ -171,6 +171,62 @@ def test_spreadsheet_resaved_csv_gives_same_values():
             assert a[c].tolist() == b[c].tolist(), c
 
 
+def read_with_csv_module(path):
+    """The reference: csv.reader, float() on numbers, strings stripped (the reader before NumPy's)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f) if r]
+    cols = zip(*rows[1:])
+    return {h.strip(): np.array([np.nan if v.strip().lower() in common.MISSING else float(v) for v in col])
+            if h.strip() in common.FLOAT_COLUMNS else [v.strip() for v in col] for h, col in zip(rows[0], cols)}
+
+
+def test_numpy_csv_reader_matches_csv_module(tmp_path):
+    rng = np.random.default_rng(3)
+    numbers = [f"{v:.{d}g}" for v, d in zip(rng.lognormal(0, 4, 400) * rng.choice([-1, 1], 400),
+                                             rng.integers(1, 18, 400))]  # 1 to 17 digits, exponents
+    numbers += ["45", "45.0", "+7", ".5", "5.", "-0.0", "8.05E-13", " 3.2 ", "NA", "nan", "", "1e5", "0.000001234",
+                "123456789012345", "1234567890123456", "12345678901234567", '"2.5"', "-.25", "007"]
+    texts = ["Torso Front", "", " padded ", "Hospital Clínic", '"Frazer Institute, The University"',
+             '"say ""hi"""', '"two\nlines"', '"a,b"\t', "ISIC_0000001", "x" * 130]
+    lines = []
+    for i, v in enumerate(numbers):
+        lines.append(f"ISIC_{i:07d},{v},{texts[i % len(texts)]},{numbers[-1 - i]}")
+        if i % 97 == 5:
+            lines.append("")  # a blank line, skipped
+    body = "\r\n".join(["isic_id,tbp_lv_A,attribution,age_approx"] + lines)  # CRLF, no final newline
+    path = tmp_path / "t.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    got, want = common.read_metadata(str(path)), read_with_csv_module(path)
+    assert list(got) == list(want) and len(got["isic_id"]) == len(numbers)
+    for c in want:
+        if c in common.FLOAT_COLUMNS:
+            assert np.array_equal(got[c], want[c], equal_nan=True), c  # bit for bit, not approximately
+            assert (np.signbit(got[c]) == np.signbit(want[c])).all()
+        else:
+            assert got[c].tolist() == [w.strip() for w in want[c]], c
+    for bad, match in ((b"isic_id,target\nISIC_1,1\nISIC_2,1.5x\n", "row 3, column target: '1.5x' is not a number"),
+                       (b"isic_id,attribution\nISIC_1,\xff\xfe\n", r"row 2, column attribution: .* not UTF-8"),
+                       (b'isic_id,attribution\nISIC_1,ok\nISIC_2,"open\n', "line 3: a double quote is never closed"),
+                       (b"isic_id,a\nISIC_1,1\n\nISIC_2,2,3\n", "row 4 has 3 fields, the header has 2"),
+                       (b"", "the file is empty")):
+        path.write_bytes(bad)
+        with pytest.raises(common.DataError, match=match):
+            common.read_metadata(str(path))
+
+
+def test_parse_decimals_is_exact_where_it_parses():
+    rng = np.random.default_rng(4)
+    values = rng.lognormal(0, 5, 20000) * rng.choice([-1, 1], 20000)
+    strings = [f"{v:.{d}f}"[:18] for v, d in zip(values, rng.integers(0, 16, 20000))]
+    b = np.zeros((max(map(len, strings)), len(strings)), np.uint8)
+    for n, s in enumerate(strings):
+        b[:len(s), n] = np.frombuffer(s.encode(), np.uint8)
+    got, ok = common.parse_decimals(b)
+    digits = np.array([sum(ch.isdigit() for ch in s) for s in strings])
+    assert (ok == (digits <= 15)).all()  # every plain decimal of up to 15 digits takes the fast path
+    assert (got[ok] == np.array([float(s) for s in strings])[ok]).all()
+
+
 def test_reads_real_train_rows():
     t = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"))
     assert list(t) == common.TRAIN_COLUMNS and len(t["isic_id"]) == 5
@@ -190,6 +246,24 @@ def test_reads_real_images():
             im = common.decode_image(common.read_image_bytes(h5, i), i)
             assert im.dtype == np.uint8 and im.shape[2] == 3 and 61 <= im.shape[0] <= 239
             assert 20 < im.mean() < 250
+
+
+def test_image_bytes_read_at_file_offset_match_h5py(tmp_path):
+    with h5py.File(os.path.join(PUBLIC_TEST, "test-image.hdf5"), "r") as h5:
+        real = {i: h5[i][()] for i in h5}
+        assert all(common.read_image_bytes(h5, i) == v for i, v in real.items())
+    # the layouts other writers use: the raw-offset path, or h5py's read where there is no offset
+    path, raw = str(tmp_path / "other.hdf5"), real["ISIC_0015729"]
+    with h5py.File(path, "w") as h5:
+        h5["u8"] = np.frombuffer(raw, np.uint8)
+        h5.create_dataset("chunked", data=np.frombuffer(raw, np.uint8), chunks=(500,), compression="gzip")
+        h5["void"] = np.void(raw)  # an opaque scalar
+        h5["vlen"] = raw  # a variable-length byte string
+    with h5py.File(path, "r") as h5:
+        for name in ("u8", "chunked", "void", "vlen"):
+            assert common.read_image_bytes(h5, name) == raw, name
+        with pytest.raises(common.DataError, match="other.hdf5: no image for isic_id ISIC_missing"):
+            common.read_image_bytes(h5, "ISIC_missing")
 
 
 def test_features_on_real_rows():
@@ -316,11 +390,16 @@ def test_weights_from_local_file_load_with_new_head(tmp_path, ext):
 
 def test_h5_loader_works_under_spawn(demo):
     ids = list(common.read_train(demo)["isic_id"][:6])
-    loader = common.image_loader(os.path.join(demo, "train-image.hdf5"), ids, None, batch_size=3, workers=1)
+    images = common.H5Images(os.path.join(demo, "train-image.hdf5"), ids)
+    loader = common.image_loader(images, [4, 0, 5, 1, 2, 3], batch_size=3, workers=1)
     loader.multiprocessing_context = "spawn"
     batches = list(loader)
-    assert [int(i) for b in batches for i in b[3]] == list(range(6))
+    assert [int(i) for b in batches for i in b[3]] == [4, 0, 5, 1, 2, 3]
     assert batches[0][0].shape == (3, common.CANVAS, common.CANVAS, 3)
+    with h5py.File(images.h5_path, "r") as h5:
+        tile = common.decode_image(h5[ids[4]][()].tobytes())
+    h, w = batches[0][1][0].tolist()
+    assert (h, w) == tile.shape[:2] and np.array_equal(batches[0][0][0, :h, :w].numpy(), tile)
 
 
 def run_script(script, args, timeout=600):
@@ -425,8 +504,8 @@ def test_ddp_two_cpu_processes_stay_in_sync(demo, tmp_path):
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = [l for l in r.stdout.splitlines() if "weights differ between ranks by at most" in l]
-    assert len(lines) == 2 and all(l.endswith("at most 0") for l in lines)
+    lines = [line for line in r.stdout.splitlines() if "weights differ between ranks by at most" in line]
+    assert len(lines) == 2 and all(line.endswith("at most 0") for line in lines)
     assert os.path.exists(os.path.join(str(tmp_path), "models", "convnext_atto", "fold0", "last.pt"))
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from common import (MODEL_CONFIGS, amp_dtype, atomic_write, autocast, build_model, check_image_ids, data_path,
-                    default_data_dir, FocalLoss, image_loader, load_folds, log, normalization, pauc, predict,
+                    default_data_dir, FocalLoss, H5Images, image_loader, load_folds, log, normalization, pauc, predict,
                     prepare_batch, read_train, run_main, split_broken, write_args, write_csv)
 
 
@@ -46,7 +46,7 @@ def save_checkpoint(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def train_fold(args, fold, train, folds, h5_path, device, rank, world):
+def train_fold(args, fold, train, folds, images, device, rank, world):
     arch_cfg = MODEL_CONFIGS[args.arch]
     out_dir = os.path.join(args.work, "models", args.arch, f"fold{fold}")
     y = train["target"].astype(int)
@@ -87,12 +87,12 @@ def train_fold(args, fold, train, folds, h5_path, device, rank, world):
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + rank)
         rows = trn[epoch_rows(y[trn], args.neg_per_pos, [args.seed, fold, epoch + 1])]
         rows = rows[:len(rows) // world * world][rank::world]  # equal shards: DDP ranks step together
-        loader = image_loader(h5_path, ids[rows], y[rows], args.batch_size, args.workers)
+        loader = image_loader(images, rows, args.batch_size, args.workers)
         ddp.train()
         losses, skipped = [], []
         for canvas, sizes, target, index in loader:
             (canvas, sizes, target), broken = split_broken(canvas, sizes, target)
-            skipped += ids[rows][index[broken].numpy()].tolist()
+            skipped += ids[index[broken].numpy()].tolist()
             if len(target) == 0:
                 continue
             for g in opt.param_groups:
@@ -114,7 +114,7 @@ def train_fold(args, fold, train, folds, h5_path, device, rank, world):
             log(f"warning: skipped {len(skipped)} training image(s) that cannot be decoded: {', '.join(skipped)}")
         if rank != 0:
             continue
-        val_loader = image_loader(h5_path, ids[val], y[val], args.batch_size * 2, args.workers)
+        val_loader = image_loader(images, val, args.batch_size * 2, args.workers)
         _, logits = predict(model, val_loader, arch_cfg["img_size"], mean, std, device, dtype)
         ok = ~np.isnan(logits)  # a tile that cannot be decoded has no score
         yv = y[val][ok]
@@ -186,12 +186,13 @@ def main(argv=None):
     train = read_train(args.data)
     h5_path = data_path(args.data, "train-image.hdf5")
     check_image_ids(h5_path, list(train["isic_id"]))
+    images = H5Images(h5_path, train["isic_id"], train["target"])
     folds = load_folds(args.work, train)
     todo = sorted(set(folds.tolist())) if args.fold == "all" else [int(args.fold)]
     for fold in todo:
         if rank == 0:
             write_args(os.path.join(args.work, "models", args.arch, f"fold{fold}", "args.json"), args)
-        best = train_fold(args, fold, train, folds, h5_path, device, rank, world)
+        best = train_fold(args, fold, train, folds, images, device, rank, world)
         if rank == 0:
             log(f"{args.arch} fold {fold}: best validation pAUC {best:.4f}")
     if world > 1:
