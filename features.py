@@ -13,14 +13,13 @@ Writes: WORK/features/{train,test}.npy (float32) with {train,test}_ids.txt besid
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse
-import itertools
 import json
 import os
 import re
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, STATS, atomic_write, DataError, default_data_dir, load_folds, log,
+from common import (CATEGORICAL, NUMERIC, STATS, atomic_write, codes, DataError, default_data_dir, load_folds, log,
                     patient_normalize, read_test, read_train, run_main, save_array, write_args, write_json)
 
 def engineered_features(t):
@@ -89,16 +88,6 @@ def engineered_features(t):
     x = np.stack([f[n] for n in names], dtype=np.float64)
     x[~np.isfinite(x)] = np.nan  # a zero denominator is missing, not infinite
     return names, x.T  # feature-major in memory, as patient_normalize wants
-
-
-def codes(values, vocabulary=None):
-    """Integer codes of a column of strings: the position in vocabulary (-1 where absent), or without
-    one, distinct per distinct value. A dict lookup per row: sorting the strings takes longer."""
-    if vocabulary is None:
-        index = {}
-        return np.fromiter(map(index.setdefault, values, itertools.count()), np.int64, len(values))
-    index = {v: i for i, v in enumerate(vocabulary)}
-    return np.fromiter(map(index.get, values, itertools.repeat(-1)), np.int64, len(values))
 
 
 def group_counts(*keys):
