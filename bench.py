@@ -184,7 +184,7 @@ def feature_figures(data, tmp):
     t_ours = sum(steps.values())
     t_peer, peer_shape = timed(peer, os.path.join(data, "train-metadata.csv"), os.path.join(tmp, "peer.npy"))
     table = [(f"ours: {what}", *shape, steps[step], "") for step, what in (
-        ("read", "common.read_train (csv module + NumPy)"),
+        ("read", "common.read_train (NumPy CSV parser)"),
         ("build", "features.build_features (with patient normalization)"),
         ("save", "common.save_array"))]
     table += [("**ours: CSV to saved matrix**", *shape, t_ours, ""),

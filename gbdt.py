@@ -59,7 +59,7 @@ def load_features(args, split, table):
     if args.embeddings:
         blocks.append(load_array(os.path.join(args.work, "emb", f"{args.embeddings}_{split}.npy"), table["isic_id"]))
         names += [f"emb_{args.embeddings}_{i}" for i in range(blocks[-1].shape[1])]
-    return np.hstack(blocks).astype(np.float32), names
+    return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
 
 def load_boosters(model_dir, names):
