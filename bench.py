@@ -1,16 +1,19 @@
-"""Speed benchmark of the tabular half: features.py against a polars peer, and gbdt.py scaling.
+"""Speed benchmark: features.py against a polars peer, the image loader against a bare decode, the
+predict loop against a bare forward, and gbdt.py scaling.
 
 Synthetic data at the real train-metadata.csv's size (about 400,000 lesions of about 1,040
 patients, 55 columns in the Kaggle order, from the demo generator), cached under --cache so
 reruns skip making it (about 2 min at full size). Not part of the test suite.
 
     pip install polars              # the peer pipeline only; the scripts do not need it
-    python bench.py                 # full size: 21 min on 2 cores shared with another job; data made once
-    python bench.py --no-gbdt       # target 1 only, about 1 min
+    python bench.py                 # full size: about 12 min on 2 idle cores; data made once (2 min)
+    python bench.py --no-gbdt       # targets 1 to 3 only, about 1 min
     python bench.py --rows 40000    # a quick run
+    python bench.py --gpu-estimate  # the GPU cost projected from counted FLOPs (no GPU needed)
 
 Target 1: CSV to saved feature matrix, ours (common.read_train, features.build_features with
 patient normalization, common.save_array) against the peer, and common.patient_normalize alone.
+Targets 2 and 3: common.H5Images against PIL alone, common.predict against the model alone.
 Target 4: gbdt.py with default settings (5 folds x 3 bags x 250 rounds), its time against rows
 and against feature count (--no-patient-norm). Prints a markdown table of every figure.
 """
@@ -26,6 +29,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402 (after the OpenMP setting)
+import torch  # noqa: E402
 
 import common  # noqa: E402
 import features  # noqa: E402
@@ -228,7 +232,6 @@ def image_figures(cache, n=2000, batch=64):
     predict loop (loader + device-side resize + model) against the bare model forward on
     pre-loaded tensors, convnext_atto at 64 px, fp32, on the CPU."""
     import h5py
-    import torch
     from PIL import Image
     data = os.path.join(cache, "demo_images")
     if not os.path.exists(os.path.join(data, "train-image.hdf5")):
@@ -276,26 +279,139 @@ def image_figures(cache, n=2000, batch=64):
             ("ratio predict / bare forward", "", "", t_fwd / t_pred, "target 0.9 or more (on a GPU)")]
 
 
-def gpu_estimate(peak_tflops=18.7, efficiency=0.4, epochs=12, train_pos=250, neg_per_pos=20, val_neg_per_pos=50,
-                 tiles=401_059):
-    """Table rows of the GPU cost estimate, from the forward FLOPs torch counts for one image (training
-    at three times that) at `efficiency` of a P100's fp16 peak: an estimate, not a measurement."""
-    import torch
+# dense bf16 (fp16 where the GPU has no bf16) tensor-core peaks, TFLOP/s, by a part of the device name
+PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+               "V100": 125.0, "T4": 65.0, "P100": 18.7}
+REAL_POSITIVES, REAL_TILES = 393, 401_059
+
+
+def projected_hours(train_rate, fwd_rate, folds=5, epochs=12, neg_per_pos=20, val_neg_per_pos=50):
+    """Hours of one architecture's full run at these images/s, with train_backbone.py's defaults:
+    per fold, `epochs` epochs of the training positives (4/5 of the real 393) with neg_per_pos
+    negatives each, and a validation pass over the fold's positives with val_neg_per_pos negatives
+    each; then extract.py over every train tile (each by its own fold's model)."""
+    train_pos = REAL_POSITIVES * (folds - 1) // folds
+    val_tiles = REAL_POSITIVES // folds * (1 + val_neg_per_pos)
+    fold_s = epochs * (train_pos * (1 + neg_per_pos) / train_rate + val_tiles / fwd_rate)
+    return folds * fold_s / 3600, REAL_TILES / fwd_rate / 3600
+
+
+def forward_flops(model, size):
     from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return counter.get_total_flops()
+
+
+def gpu_estimate(peak_tflops=18.7, efficiency=0.4):
+    """Table rows of the GPU cost projected from the forward FLOPs torch counts for one image
+    (training at three times that) at `efficiency` of a P100's fp16 peak: an estimate, not a
+    measurement."""
     rate = peak_tflops * efficiency * 1e12
-    table = []
+    table, total = [], 0.0
     for arch in ("eva02_base", "convnext"):
-        model = common.build_model(arch, pretrained=False).eval()
         size = common.MODEL_CONFIGS[arch]["img_size"]
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
-        fwd = counter.get_total_flops()
-        train_tiles, val_tiles = train_pos * (1 + neg_per_pos), train_pos // 4 * (1 + val_neg_per_pos)
-        fold_s = epochs * (3 * train_tiles + val_tiles) * fwd / rate
+        fwd = forward_flops(common.build_model(arch, pretrained=False).eval(), size)
+        train_h, extract_h = projected_hours(rate / (3 * fwd), rate / fwd)
+        total += train_h + extract_h
         table += [(f"{arch} forward GFLOP per image, {size} px", "", "", fwd / 1e9, "counted"),
-                  (f"{arch} hours per fold ({epochs} epochs), estimated", "", "", fold_s / 3600, "P100 at 40%"),
-                  (f"{arch} hours to extract every train tile, estimated", tiles, "", tiles * fwd / rate / 3600, "")]
-    return table
+                  (f"{arch} hours: 5 folds x 12 epochs, estimated", "", "", train_h, "P100 at 40% of its peak"),
+                  (f"{arch} hours: extracting every train tile, estimated", REAL_TILES, "", extract_h, "")]
+    return table + [("**both architectures, hours, estimated**", "", "", total, "the design's budget: about 21")]
+
+
+def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, True), steps=10, n_tiles=2048):
+    """Table rows of item 6 and target 3, measured on this machine's GPU (the CPU without one): per
+    architecture, training and extraction images/s with bf16 autocast and channels_last, eager and
+    torch.compile'd, on inputs already on the device; their share of the device's peak; the predict
+    loop (real loader, demo tiles, device-side resize) against the bare forward on the same batches;
+    and the full five-fold run projected from the faster of the measured rates."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    peak = next((t * 1e12 for k, t in PEAK_TFLOPS.items() if k in name), None)
+    dtype = common.amp_dtype(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    data = os.path.join(cache, "demo_images")
+    if not os.path.exists(os.path.join(data, "train-image.hdf5")):
+        common.make_demo(data)
+    ids = list(common.read_train(data)["isic_id"][:n_tiles])
+    table, total = [(f"device: {name}, peak TFLOP/s (dense bf16, fp16 without bf16)", "", "",
+                     peak / 1e12 if peak else 0.0, "from PEAK_TFLOPS" if peak else "not known: shares left out")], 0.0
+
+    def images_per_s(step, batch):  # the first calls compile and warm up: timed apart
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        sync()
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        return batch * steps / (time.perf_counter() - t0), warm
+
+    for arch in archs:
+        size = common.MODEL_CONFIGS[arch]["img_size"]
+        model = common.build_model(arch, pretrained=False).to(device)
+        fwd = forward_flops(model.eval(), size)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        rates = {}
+        for compiled in compile_modes:
+            train_fn = torch.compile(model) if compiled else model
+            infer_fn = common.forward_features_and_logit
+            infer_fn = torch.compile(infer_fn) if compiled else infer_fn
+            opt, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-5), common.FocalLoss()
+            x = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=fmt)
+            y = (torch.rand(64, device=device) < 0.05).float()
+
+            def train_step():
+                model.train()
+                with common.autocast(device, dtype):
+                    loss = loss_fn(train_fn(x).squeeze(1).float(), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            xi = torch.randn(256, 3, size, size, device=device).contiguous(memory_format=fmt)
+
+            @torch.no_grad()
+            def infer_step():
+                model.eval()
+                with common.autocast(device, dtype):
+                    infer_fn(model, xi)
+            mode = "torch.compile" if compiled else "eager"
+            (train_rate, train_warm), (fwd_rate, fwd_warm) = images_per_s(train_step, 64), images_per_s(infer_step, 256)
+            rates[mode] = train_rate, fwd_rate
+            for what, rate, flops, warm in (("training", train_rate, 3 * fwd, train_warm),
+                                            ("extraction", fwd_rate, fwd, fwd_warm)):
+                share = f"{rate * flops / peak:.0%} of peak" if peak else "no peak known"
+                table.append((f"{arch} {size} px {what}, {mode}", "", "", rate,
+                              f"images/s; {share}; first 3 steps {warm:.0f} s"))
+        train_rate, fwd_rate = (max(r[i] for r in rates.values()) for i in (0, 1))
+        train_h, extract_h = projected_hours(train_rate, fwd_rate)
+        total += train_h + extract_h
+        table += [(f"{arch} hours: 5 folds x 12 epochs, projected", "", "", train_h, f"on this {name}"),
+                  (f"{arch} hours: extracting every train tile, projected", REAL_TILES, "", extract_h, "")]
+        model.eval()
+        mean, std = common.normalization(model)
+        images = common.H5Images(os.path.join(data, "train-image.hdf5"), ids)
+        loader = common.image_loader(images, None, 256, workers=min(8, os.cpu_count()))
+        batches = [common.prepare_batch(c, s, size, mean, std, device) for c, s, _, _ in loader]
+
+        @torch.no_grad()
+        def bare_forward():
+            for xb in batches:
+                with common.autocast(device, dtype):
+                    common.forward_features_and_logit(model, xb)
+            sync()
+        bare_forward()
+        t_bare, _ = timed(bare_forward)
+        t_pred, _ = timed(common.predict, model, loader, size, mean, std, device, dtype)
+        table += [(f"{arch} bare forward on prepared batches, eager", len(ids), "", len(ids) / t_bare, "images/s"),
+                  (f"{arch} predict loop (loader + resize + forward)", len(ids), "", len(ids) / t_pred, "images/s"),
+                  (f"{arch} ratio predict / bare forward", "", "", t_bare / t_pred, "target 0.9 or more")]
+    return table + [(f"**{' + '.join(archs)}, hours on this {name}, projected**", "", "", total, "")]
 
 
 def main(argv=None):
@@ -307,9 +423,15 @@ def main(argv=None):
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
     parser.add_argument("--no-gbdt", action="store_true", help="targets 1 to 3 only (about 2 min)")
     parser.add_argument("--gpu-estimate", action="store_true", help="only the GPU cost estimate from counted FLOPs")
+    parser.add_argument("--gpu", action="store_true",
+                        help="only the GPU measurements: training and extraction images/s, the predict loop, "
+                             "the projected full run (about 6 min on one GPU)")
+    parser.add_argument("--archs", nargs="+", default=["eva02_base", "convnext"], help="with --gpu")
+    parser.add_argument("--no-compile", action="store_true", help="with --gpu: eager mode only")
     args = parser.parse_args(argv)
-    if args.gpu_estimate:
-        print_table(gpu_estimate())
+    if args.gpu_estimate or args.gpu:
+        print_table(gpu_estimate() if args.gpu_estimate else
+                    gpu_figures(args.cache, args.archs, (False,) if args.no_compile else (False, True)))
         return
     gbdt_rows = [] if args.no_gbdt else sorted(args.gbdt_rows or [args.rows // 4, args.rows // 2, args.rows])
     load = f"{os.getloadavg()[0]:.1f}"
