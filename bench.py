@@ -48,7 +48,8 @@ def synthetic_train(rows, seed=0):
     on the measured columns, until the patient has about 14 times as many. Then the rows are
     shuffled, since patients interleave in the real file (sorted by isic_id). Only the first copy
     of a malignant lesion is positive: the demo's 3% malignant rate then gives about the real
-    1:1,000, spread over as many patients as the demo has."""
+    1:1,000, spread over as many patients as the demo has. Measurements have 15 significant digits
+    (exponents below 1e-4), as in the real file."""
     rng = np.random.default_rng(seed)
     n_patients = max(5, round(FULL_PATIENTS * rows / FULL_ROWS))
     base = common.demo_lesions(rng, n_patients, 1_000_000, 0, malignant_rate=0.03)
@@ -58,8 +59,9 @@ def synthetic_train(rows, seed=0):
     cols = {}
     for c in common.TRAIN_COLUMNS:
         col = np.array([r[c] for r in base], dtype=object)[take]
-        if c in common.NUMERIC and c not in DISCRETE:
+        if c in common.NUMERIC and c not in DISCRETE:  # written as the real file writes them: 15 digits
             col = col.astype(float) * rng.lognormal(0.0, 0.05, len(col))
+            col = np.array(["" if np.isnan(v) else f"{v:.15g}" for v in col], dtype=object)
         cols[c] = col
     first_copy = np.zeros(len(take), dtype=bool)
     first_copy[np.unique(take, return_index=True)[1]] = True

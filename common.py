@@ -108,20 +108,21 @@ def parse_floats(values, path, column, rows=None):
 
 
 def parse_decimals(b):
-    """Numbers [+-]digits[.digits] of at most 15 digits, as float64, and a mask of the fields parsed.
-    b (W, N) uint8: byte k of field n at [k, n], 0 past its end. Exact: the digits make an integer
-    below 2**53 and one division by an exact power of ten rounds it correctly. Any other field
-    (an exponent, more digits, text) is left to parse_floats; Python's float() is 3 times slower."""
+    """Numbers [+-]digits[.digits] as float64, and a mask of the fields parsed: those whose digits
+    make an integer up to 2**53 (any number of 15 significant digits). b (W, N) uint8: byte k of
+    field n at [k, n], 0 past its end. Exact: that integer is a float64, and one division by an
+    exact power of ten (up to 1e22) rounds correctly. Any other field (an exponent, more digits,
+    text) is left to parse_floats; Python's float() is 3 times slower."""
     digit = b - np.uint8(48) < 10
     dot = b == 46
     body = (digit | dot | (b == 0))[1:].all(0)
     ok = body & (digit[0] | dot[0] | (b[0] == 45) | (b[0] == 43))
     n_digits = digit.sum(0)
-    ok &= (n_digits > 0) & (n_digits <= 15) & (dot.sum(0) <= 1)
     decimals = (digit & (np.cumsum(dot, 0, dtype=np.uint8) > 0)).sum(0)
     mantissa = np.zeros(b.shape[1], np.int64)
     for is_digit, byte in zip(digit, b):
         mantissa = np.where(is_digit, mantissa * 10 + (byte - 48), mantissa)
+    ok &= (n_digits > 0) & (n_digits <= 18) & (mantissa <= 2 ** 53) & (decimals <= 22) & (dot.sum(0) <= 1)
     value = mantissa / 10.0 ** decimals
     return np.where(b[0] == 45, -value, value), ok
 
