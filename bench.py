@@ -201,7 +201,36 @@ def feature_figures(data, tmp):
     pn_shape, pn_times = bench_patient_normalize(train)
     table += [("common.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"),
               ("common.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), "")]
-    return table
+    return table + read_breakdown(os.path.join(data, "train-metadata.csv"))
+
+
+def read_breakdown(path):
+    """Table rows: where read_metadata's time goes, its steps run one after another on one thread."""
+    t_fields, (header, data, bounds) = timed(common.csv_fields, path)
+    buf = np.frombuffer(data, np.uint8)
+    numeric = [j for j, c in enumerate(header) if c in common.FLOAT_COLUMNS]
+    text = [j for j in range(len(header)) if j not in numeric]
+
+    def fields(j):
+        starts, ends = bounds[:, j] + 1, bounds[:, j + 1]
+        return starts, ends, common.field_bytes(buf, starts, ends - starts)
+
+    def parse_numbers():
+        for j in numeric:
+            common.parse_decimals(fields(j)[2])
+
+    def parse_text():
+        for j in text:
+            starts, ends, b = fields(j)
+            first, _ = common.distinct(b)
+            [data[starts[i]:ends[i]].decode() for i in first]
+    t_num, _ = timed(parse_numbers)
+    t_text, _ = timed(parse_text)
+    return [("read: csv_fields (separators, quotes, lines)", len(bounds), "", t_fields, ""),
+            ("read: a numeric column, gathered and parsed", len(bounds), "", t_num / len(numeric),
+             f"mean of {len(numeric)}, one thread"),
+            ("read: a text column, gathered, hashed, decoded", len(bounds), "", t_text / len(text),
+             f"mean of {len(text)}, one thread")]
 
 
 def gbdt_figures(cache, rows, gbdt_rows, tmp):
@@ -256,6 +285,10 @@ def image_figures(cache, n=2000, batch=64):
     t_bare, _ = timed(bare_decode)
     t_load, ds = timed(loader_items)
     t_again, _ = timed(loader_items, ds)
+    with h5py.File(path, "r") as h5:  # the loader's HDF5 steps alone, and h5py's usual read
+        t_find, locations = timed(lambda: [common.image_location(h5, i) for i in ids])
+        t_pread, _ = timed(lambda: [common.read_image_bytes(h5, i, at) for i, at in zip(ids, locations)])
+        t_h5py, _ = timed(lambda: [h5[i][()] for i in ids])
     torch.set_num_threads(os.cpu_count())
     model = common.build_model("convnext_atto", pretrained=False).eval()
     mean, std = common.normalization(model)
@@ -276,6 +309,9 @@ def image_figures(cache, n=2000, batch=64):
             ("loader: HDF5 read + decode + canvas, first pass", n, "", n / t_load, "images/s, one core"),
             ("ratio loader / bare decode, first pass", "", "", t_bare / t_load, "target 0.8 or more (extraction)"),
             ("ratio loader / bare decode, later passes", "", "", t_bare / t_again, "training epochs"),
+            ("HDF5: finding a tile's offset (image_location)", n, "", t_find / n * 1e6, "microseconds a tile"),
+            ("HDF5: reading a tile at its offset (os.pread)", n, "", t_pread / n * 1e6, "microseconds a tile"),
+            ("HDF5: h5py's h5[isic_id][()], for comparison", n, "", t_h5py / n * 1e6, "microseconds a tile"),
             ("bare model forward, pre-loaded tensors", n, "", n / t_fwd, f"images/s, batch {batch}"),
             ("predict loop: loader + resize + forward", n, "", n / t_pred, "images/s, same core(s)"),
             ("ratio predict / bare forward", "", "", t_fwd / t_pred, "target 0.9 or more (on a GPU)")]
