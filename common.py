@@ -184,13 +184,16 @@ def field_bytes(buf, starts, lengths):
     return np.ascontiguousarray(b.T)
 
 
+HASH_MULTIPLIER = 1099511628211  # FNV's 64-bit prime
+
+
 def distinct(b):
     """Rows of the first occurrence of each distinct field of b (W, N), and each field's index among
     them: a hash of the bytes, sorted as integers (strings sort slowly), every row checked against its
     first occurrence; the strings themselves are sorted only if two values share a hash."""
     h = np.zeros(b.shape[1], np.uint64)
     for byte in b:
-        h = h * np.uint64(1099511628211) + byte
+        h = h * np.uint64(HASH_MULTIPLIER) + byte
     _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
     if not (b == b[:, first[inverse]]).all():
         _, first, inverse = np.unique(np.ascontiguousarray(b.T).view(f"S{len(b)}")[:, 0], return_index=True,

@@ -214,6 +214,20 @@ def test_numpy_csv_reader_matches_csv_module(tmp_path):
             common.read_metadata(str(path))
 
 
+def test_distinct_fields_are_exact_even_when_hashes_collide(monkeypatch):
+    rng = np.random.default_rng(5)
+    words = [w.encode() for w in ("Torso Front", "Torso Back", "", "Left Arm", "Right Arm", "Head & Neck", "a" * 40)]
+    values = [words[i] for i in rng.integers(0, len(words), 500)]
+    b = np.zeros((40, len(values)), np.uint8)
+    for n, v in enumerate(values):
+        b[:len(v), n] = np.frombuffer(v, np.uint8)
+    for multiplier in (common.HASH_MULTIPLIER, 0):  # 0: the hash is the last byte, so values collide
+        monkeypatch.setattr(common, "HASH_MULTIPLIER", multiplier)
+        first, inverse = common.distinct(b)
+        assert [values[first[k]] for k in inverse] == values  # every field maps back to its own value
+        assert len(first) == len(set(values))
+
+
 def test_parse_decimals_is_exact_where_it_parses():
     rng = np.random.default_rng(4)
     values = rng.lognormal(0, 5, 20000) * rng.choice([-1, 1], 20000)
