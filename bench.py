@@ -278,7 +278,7 @@ def image_figures(cache, n=2000, batch=64):
                 np.asarray(im)
 
     def loader_items(ds=None):  # a new H5Images first finds every tile's offset in the file
-        ds = ds or common.H5Images(path, ids)
+        ds = common.H5Images(path, ids) if ds is None else ds
         for i in range(len(ds)):
             ds[i]
         return ds
@@ -293,9 +293,8 @@ def image_figures(cache, n=2000, batch=64):
     model = common.build_model("convnext_atto", pretrained=False).eval()
     mean, std = common.normalization(model)
     cpu = torch.device("cpu")
-    images = common.H5Images(path, ids)
     batches = [common.prepare_batch(c, s, 64, mean, std, cpu) for c, s, _, _ in
-               common.image_loader(images, None, batch, workers=0)]
+               common.image_loader(ds, None, batch, workers=0)]
 
     def bare_forward():
         with torch.no_grad():
@@ -303,7 +302,7 @@ def image_figures(cache, n=2000, batch=64):
                 common.forward_features_and_logit(model, x)
     bare_forward()  # warm-up
     t_fwd, _ = timed(bare_forward)
-    t_pred, _ = timed(common.predict, model, common.image_loader(images, None, batch, workers=0), 64, mean, std,
+    t_pred, _ = timed(common.predict, model, common.image_loader(ds, None, batch, workers=0), 64, mean, std,
                       cpu, None)
     return [("bare PIL decode, bytes in memory", n, "", n / t_bare, "images/s, one core"),
             ("loader: HDF5 read + decode + canvas, first pass", n, "", n / t_load, "images/s, one core"),

@@ -129,7 +129,7 @@ def parse_decimals(b):
 
 def csv_fields(path):
     """A CSV file's header, bytes and field boundaries, found by NumPy (the csv module's rows and
-    their conversion took 12 s on a 400,000-row train-metadata.csv; read_metadata now takes 4).
+    their conversion took 12 s on a 400,000-row train-metadata.csv; read_metadata now takes 5).
 
     Returns (header, data, bounds): bounds (N, C + 1) for the N non-blank lines after the header, field
     j of a line being data[bounds[n, j] + 1:bounds[n, j + 1]] (the separators' positions). A comma or
