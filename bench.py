@@ -34,13 +34,14 @@ import torch  # noqa: E402
 import common  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
+from demo import demo_lesions, make_demo, write_metadata  # noqa: E402
 
 FULL_ROWS, FULL_PATIENTS = 400_000, 1_040
 DISCRETE = {"age_approx", "tbp_lv_symm_2axis_angle"}
 
 
 def synthetic_train(rows, seed=0):
-    """`rows` lesion rows (dicts, as common.write_metadata takes them) shaped like the real file.
+    """`rows` lesion rows (dicts, as demo.write_metadata takes them) shaped like the real file.
 
     The demo generator gives about 27 lesions a patient where a real patient has about 385, and
     its per-row loop takes minutes at 400,000 rows: so it makes the real number of patients (scaled
@@ -52,7 +53,7 @@ def synthetic_train(rows, seed=0):
     (exponents below 1e-4), as in the real file."""
     rng = np.random.default_rng(seed)
     n_patients = max(5, round(FULL_PATIENTS * rows / FULL_ROWS))
-    base = common.demo_lesions(rng, n_patients, 1_000_000, 0, malignant_rate=0.03)
+    base = demo_lesions(rng, n_patients, 1_000_000, 0, malignant_rate=0.03)
     reps = np.full(len(base), rows // len(base))
     reps[rng.permutation(len(base))[:rows % len(base)]] += 1
     take = rng.permutation(np.repeat(np.arange(len(base)), reps))
@@ -76,9 +77,9 @@ def data_dir(cache, rows):
     if not os.path.exists(os.path.join(out, "train-metadata.csv")):
         t0 = time.perf_counter()
         os.makedirs(out, exist_ok=True)
-        test = common.demo_lesions(np.random.default_rng(1), 20, 2_000_000, 2_000_000, 0.01)
-        common.write_metadata(os.path.join(out, "test-metadata.csv"), test, common.TEST_COLUMNS)
-        common.write_metadata(os.path.join(out, "train-metadata.csv"), synthetic_train(rows), common.TRAIN_COLUMNS)
+        test = demo_lesions(np.random.default_rng(1), 20, 2_000_000, 2_000_000, 0.01)
+        write_metadata(os.path.join(out, "test-metadata.csv"), test, common.TEST_COLUMNS)
+        write_metadata(os.path.join(out, "train-metadata.csv"), synthetic_train(rows), common.TRAIN_COLUMNS)
         common.log(f"made {out} in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -180,7 +181,7 @@ def features_and_gbdt(data, work, extra=()):
     t_feat, _ = timed(features.main, ["--data", data, "--work", work, *extra])
     with open(os.path.join(work, "features", "columns.txt")) as f:
         n_feat = len(f.read().split())
-    t_gbdt, _ = timed(gbdt.main, ["--data", data, "--work", work, "--name", "bench"])
+    t_gbdt, _ = timed(gbdt.main, ["--work", work, "--name", "bench"])
     return t_feat, t_gbdt, n_feat
 
 
@@ -190,7 +191,7 @@ def feature_figures(data, tmp):
     t_ours = sum(steps.values())
     t_peer, peer_shape = timed(peer, os.path.join(data, "train-metadata.csv"), os.path.join(tmp, "peer.npy"))
     table = [(f"ours: {what}", *shape, steps[step], "") for step, what in (
-        ("read", "common.read_train (NumPy CSV parser)"),
+        ("read", "common.read_train (csv module, columns converted by NumPy)"),
         ("build", "features.build_features (with patient normalization)"),
         ("save", "common.save_array"))]
     table += [("**ours: CSV to saved matrix**", *shape, t_ours, ""),
@@ -201,36 +202,7 @@ def feature_figures(data, tmp):
     pn_shape, pn_times = bench_patient_normalize(train)
     table += [("common.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"),
               ("common.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), "")]
-    return table + read_breakdown(os.path.join(data, "train-metadata.csv"))
-
-
-def read_breakdown(path):
-    """Table rows: where read_metadata's time goes, its steps run one after another on one thread."""
-    t_fields, (header, data, bounds) = timed(common.csv_fields, path)
-    buf = np.frombuffer(data, np.uint8)
-    numeric = [j for j, c in enumerate(header) if c in common.FLOAT_COLUMNS]
-    text = [j for j in range(len(header)) if j not in numeric]
-
-    def fields(j):
-        starts, ends = bounds[:, j] + 1, bounds[:, j + 1]
-        return starts, ends, common.field_bytes(buf, starts, ends - starts)
-
-    def parse_numbers():
-        for j in numeric:
-            common.parse_decimals(fields(j)[2])
-
-    def parse_text():
-        for j in text:
-            starts, ends, b = fields(j)
-            first, _ = common.distinct(b)
-            [data[starts[i]:ends[i]].decode() for i in first]
-    t_num, _ = timed(parse_numbers)
-    t_text, _ = timed(parse_text)
-    return [("read: csv_fields (separators, quotes, lines)", len(bounds), "", t_fields, ""),
-            ("read: a numeric column, gathered and parsed", len(bounds), "", t_num / len(numeric),
-             f"mean of {len(numeric)}, one thread"),
-            ("read: a text column, gathered, hashed, decoded", len(bounds), "", t_text / len(text),
-             f"mean of {len(text)}, one thread")]
+    return table
 
 
 def gbdt_figures(cache, rows, gbdt_rows, tmp):
@@ -266,7 +238,7 @@ def image_figures(cache, n=2000, batch=64):
     from PIL import Image
     data = os.path.join(cache, "demo_images")
     if not os.path.exists(os.path.join(data, "train-image.hdf5")):
-        common.make_demo(data)
+        make_demo(data)
     path = os.path.join(data, "train-image.hdf5")
     ids = list(common.read_train(data)["isic_id"][:n])
     with h5py.File(path, "r") as h5:
@@ -372,7 +344,7 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     data = os.path.join(cache, "demo_images")
     if not os.path.exists(os.path.join(data, "train-image.hdf5")):
-        common.make_demo(data)
+        make_demo(data)
     images = common.H5Images(os.path.join(data, "train-image.hdf5"), common.read_train(data)["isic_id"][:n_tiles])
     n, table = len(images), []
 

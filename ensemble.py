@@ -3,19 +3,18 @@
 Each model's predictions become ranks (ties averaged) divided by their count, and the ensemble is
 their mean: only the ranking counts for pAUC, and ranks put models of different scales on one.
 
-Reads:  WORK/folds.csv, WORK/preds/NAME_{oof,test}.csv for each model, DATA/test-metadata.csv
+Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/NAME_{oof,test}.csv for each model
 Also reads, for report.html only: WORK/models/NAME/importance.csv, WORK/models/ARCH/fold*/log.csv
 Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/report.md, WORK/report.html
         (ROC curves, pAUC table, feature importance, training curves: one file, no network),
         WORK/preds/ensemble_{oof,test}.csv, WORK/ensemble_args.json
 
-    python ensemble.py --data demo_data --work work --names tabular
-    python ensemble.py --data DIR --work work --names tabular,tab_eva02,tab_convnext
-    python ensemble.py --data DIR --work work --predict-only        # the submission alone
-    python ensemble.py --data demo_data --work work --test-labels demo_data/demo_test_labels.csv
+    python ensemble.py --work work --names tabular
+    python ensemble.py --work work --names tabular,tab_eva02,tab_convnext
+    python ensemble.py --work work --predict-only        # the submission alone
+    python ensemble.py --work work --test-labels demo_data/demo_test_labels.csv
 """
 import argparse
-import csv
 import glob
 import html
 import os
@@ -23,8 +22,22 @@ import re
 
 import numpy as np
 
-from common import (atomic_write, check_ids, DataError, default_data_dir, load_folds, log, parse_floats, pauc,
-                    rank01, read_metadata, read_test, read_train, roc_points, run_main, write_args, write_csv)
+from common import (DataError, atomic_write, check_ids, check_labels, log, pauc, read_csv, read_lesions, read_preds,
+                    roc_points, run_main, write_args, write_csv, write_preds)
+
+
+def rank01(x):
+    """Ranks 1..n with ties averaged, divided by n."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    run = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = (starts[run] + ends[run] + 1) / 2.0
+    return ranks / len(x)
 
 
 def rank_average(preds):
@@ -32,18 +45,11 @@ def rank_average(preds):
     return np.mean([rank01(p) for p in preds], axis=0)
 
 
-def read_preds(work, name, split, ids, missing=None):
-    """A model's predictions, checked against ids; a missing one is an error unless `missing` is
-    given to stand in for it."""
-    path = os.path.join(work, "preds", f"{name}_{split}.csv")
-    table = read_metadata(path, required=["isic_id", "pred"])
-    check_ids(path, table["isic_id"], ids)
-    pred = table["pred"]
-    if missing is not None:
-        return np.where(np.isnan(pred), missing, pred)
+def model_preds(work, name, split, ids):
+    """A model's predictions, every lesion's present."""
+    pred = read_preds(work, name, split, ids)
     if np.isnan(pred).any():
-        row = int(np.flatnonzero(np.isnan(pred))[0])
-        raise DataError(f"{path}: isic_id {table['isic_id'][row]} has no prediction")
+        raise DataError(f"{work}/preds/{name}: isic_id {ids[np.flatnonzero(np.isnan(pred))[0]]} has no prediction")
     return pred
 
 
@@ -215,27 +221,17 @@ def importance_html(work, names):
     charts, missing = [], []
     for name in names:
         path = os.path.join(work, "models", name, "importance.csv")
-        rows = []
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = sorted(csv.DictReader(f), key=lambda r: -float(r["gain"]))
-        if not rows:
+        table = read_csv(path, ["feature", "gain"], ["gain"]) if os.path.exists(path) else {"gain": []}
+        if not len(table["gain"]):
             missing.append(name)
             continue
-        top = rows[:20]
-        bars = svg_bars(f"importance-{name}", [r["feature"] for r in top], [float(r["gain"]) for r in top])
-        charts.append(f'<figure><figcaption>{esc(name)}: top {len(top)} of {len(rows)} features by gain'
+        top = np.argsort(-table["gain"], kind="stable")[:20]
+        bars = svg_bars(f"importance-{name}", table["feature"][top], table["gain"][top])
+        charts.append(f'<figure><figcaption>{esc(name)}: top {len(top)} of {len(table["gain"])} features by gain'
                       f'</figcaption>{bars}</figure>')
     note = (f'<p class="note">No feature importance (WORK/models/NAME/importance.csv) for '
             f'{esc(", ".join(missing))}.</p>' if missing else "")
     return note + (f'<div class="charts">{"".join(charts)}</div>' if charts else "")
-
-
-def read_epoch_log(path):
-    """WORK/models/ARCH/fold{k}/log.csv as {column: float array}; {} for a log without epochs."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {c: parse_floats([r[c] for r in rows], path, c) for c in (rows[0] if rows else [])}
 
 
 def data_ticks(arrays):
@@ -250,8 +246,8 @@ def training_html(work):
     logs = {}  # arch: [(fold, {column: values})]
     for path in glob.glob(os.path.join(work, "models", "*", "fold*", "log.csv")):
         arch, fold = path.split(os.sep)[-3:-1]
-        table = read_epoch_log(path)
-        if table and re.fullmatch(r"fold\d+", fold):
+        table = read_csv(path, ["epoch", "val_pauc", "train_loss"], ["epoch", "val_pauc", "train_loss"])
+        if len(table["epoch"]) and re.fullmatch(r"fold\d+", fold):
             logs.setdefault(arch, []).append((int(fold[4:]), table))
     if not logs:
         return '<p class="note">No image model training logs (WORK/models/ARCH/fold*/log.csv).</p>'
@@ -303,7 +299,6 @@ each lesion scored by the model of the fold that did not train on it.</p>
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
     parser.add_argument("--work", default="work")
     parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
                         "except the image models (img_*), which the GBDTs already use")
@@ -311,34 +306,37 @@ def main(argv=None):
     parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
                         "demo_test_labels.csv): also scores the test predictions")
     args = parser.parse_args(argv)
-    test = read_test(args.data)
+    test = read_lesions(args.work, "test")
     names = (args.names.split(",") if args.names else
              sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
                     if not os.path.basename(p).startswith(("img_", "ensemble_"))))
     if not names:
         raise DataError(f"{args.work}/preds: no model predictions found (run gbdt.py first)")
-    tst = [read_preds(args.work, n, "test", test["isic_id"]) for n in names]
+    # every input is read and checked before anything is written
+    tst = [model_preds(args.work, n, "test", test["isic_id"]) for n in names]
     ens_test = rank_average(tst) if len(test["isic_id"]) else np.zeros(0)
-    write_csv(os.path.join(args.work, "preds", "ensemble_test.csv"), ["isic_id", "pred"],
-              [test["isic_id"], ens_test])
+    if not args.predict_only:
+        train = read_lesions(args.work, "train")
+        y, folds = train["target"], train["fold"]
+        oof = [model_preds(args.work, n, "train", train["isic_id"]) for n in names]
+        ens_oof = rank_average(oof)
+        # the image models alone, for reference (the GBDTs use them); an undecodable tile ranks last
+        images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
+        scores = {**dict(zip(names, oof)), **{n: np.nan_to_num(read_preds(args.work, n, "train", train["isic_id"]),
+                                                                nan=-1.0) for n in images}, "ensemble": ens_oof}
+        if args.test_labels:  # held-out answers, such as the demo set's
+            labels = read_csv(args.test_labels, ["isic_id", "target"], ["target"])
+            check_ids(args.test_labels, labels["isic_id"], test["isic_id"])
+            check_labels(args.test_labels, labels["isic_id"], labels["target"])
+    write_preds(args.work, "ensemble", "test", test, ens_test)
     write_csv(os.path.join(args.work, "submission.csv"), ["isic_id", "target"], [test["isic_id"], ens_test])
     log(f"wrote {args.work}/submission.csv: {len(ens_test)} rows, the rank average of {', '.join(names)}")
     if args.predict_only:
         return
-    train = read_train(args.data)
-    folds = load_folds(args.work, train)
-    y = train["target"].astype(int)
-    oof = [read_preds(args.work, n, "oof", train["isic_id"]) for n in names]
-    ens_oof = rank_average(oof)
-    # the image models alone, for reference (the GBDTs use them); an undecodable tile ranks last
-    images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
-    scores = {**dict(zip(names, oof)), **{n: read_preds(args.work, n, "oof", train["isic_id"], missing=-1.0)
-                                          for n in images}, "ensemble": ens_oof}
     rows = [(n, pauc(y, p), fold_scores(y, folds, p)) for n, p in scores.items()]
     for n, s, fs in rows:
         log(f"{n:>20s}: OOF pAUC {s:.4f}  per fold {' '.join(f'{f:.4f}' for f in fs)}")
-    write_csv(os.path.join(args.work, "preds", "ensemble_oof.csv"), ["isic_id", "target", "fold", "pred"],
-              [train["isic_id"], y, folds, ens_oof])
+    write_preds(args.work, "ensemble", "train", train, ens_oof)
     n_folds, n_patients = len(np.unique(folds)), len(np.unique(train["patient_id"]))
     lines = ["# ISIC 2024 pipeline report", "",
              f"{len(y)} train lesions ({y.sum()} malignant) of {n_patients} patients, "
@@ -346,9 +344,7 @@ def main(argv=None):
              "| model | OOF pAUC | " + " | ".join(f"fold {k}" for k in range(n_folds)) + " |",
              "|---|---|" + "---|" * n_folds]
     lines += [f"| {n} | {s:.4f} | " + " | ".join(f"{f:.4f}" for f in fs) + " |" for n, s, fs in rows]
-    if args.test_labels:  # held-out answers, such as the demo set's
-        labels = read_metadata(args.test_labels, required=["isic_id", "target"])
-        check_ids(args.test_labels, labels["isic_id"], test["isic_id"])
+    if args.test_labels:
         test_scores = {**dict(zip(names, tst)), "ensemble": ens_test}
         lines += ["", f"Test pAUC against {args.test_labels}: "
                   + ", ".join(f"{n} {pauc(labels['target'], p):.4f}" for n, p in test_scores.items())]

@@ -5,7 +5,7 @@ trained on them. Test lesions get the mean over the fold models (`--test-models 
 fold model with the best validation pAUC, about five times faster). `--frozen` embeds every lesion
 with the pretrained backbone instead (one feature space, no fold models, no scores).
 
-Reads:  DATA/{train,test}-metadata.csv, DATA/{train,test}-image.hdf5, WORK/folds.csv,
+Reads:  WORK/folds.csv and WORK/test_lesions.csv (from features.py), DATA/{train,test}-image.hdf5,
         WORK/models/ARCH/fold{k}/last.pt (or best.pt)
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
@@ -23,9 +23,9 @@ import shutil
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, amp_dtype, atomic_write, build_model, check_ids, check_image_ids,
-                    data_path, DataError, default_data_dir, H5Images, image_loader, load_folds, log, normalization,
-                    predict, read_test, read_train, run_main, save_array, write_args, write_csv)
+from common import (MODEL_CONFIGS, DataError, H5Images, amp_dtype, atomic_write, build_model, check_ids,
+                    check_image_ids, data_path, default_data_dir, image_loader, log, normalization, predict,
+                    read_lesions, run_main, save_array, write_args, write_preds)
 
 
 def sigmoid(z):
@@ -44,6 +44,81 @@ def load_fold_model(models_dir, arch, fold, device, checkpoint="last"):
     model = build_model(arch, pretrained=False, drop_path=0.0)
     model.load_state_dict(fold_checkpoint(models_dir, arch, fold, checkpoint)["model"])
     return model.to(device).eval()
+
+
+def trained_folds(models_dir, arch):
+    """The fold numbers of the models folder's ARCH/fold{k}/ directories."""
+    arch_dir = os.path.join(models_dir, arch)
+    return sorted(int(d[4:]) for d in (os.listdir(arch_dir) if os.path.isdir(arch_dir) else [])
+                  if re.fullmatch(r"fold\d+", d))
+
+
+def embed(args, model, images, rows, device, dtype, what):
+    """Embeddings (N, D) and logits (N,) of the tiles `rows` of images (None: all), in that order."""
+    mean, std = normalization(model)
+    loader = image_loader(images, rows, args.batch_size, args.workers)
+    return predict(model, loader, MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype,
+                   progress=f"{args.arch} {what}")
+
+
+def fold_part(args, models_dir, k, images, rows, device, dtype):
+    """Fold model k's embeddings and logits of the tiles rows[split] of each split, saved as
+    WORK/emb/parts/ARCH_fold{k}.npz; with --resume, a part an interrupted run finished is reused."""
+    part = os.path.join(args.work, "emb", "parts", f"{args.arch}_fold{k}.npz")
+    ids = {s: np.asarray(images[s].ids, str)[r] for s, r in rows.items()}
+    if args.resume and os.path.exists(part):
+        p = dict(np.load(part))
+        for s in rows:
+            check_ids(part, p[f"{s}_ids"], ids[s])
+        log(f"{args.arch} fold {k}: reusing {part}")
+        return p
+    model = load_fold_model(models_dir, args.arch, k, device, args.checkpoint)
+    p = {}
+    for s, r in rows.items():
+        p[f"{s}_ids"] = ids[s]
+        p[f"{s}_emb"], p[f"{s}_logit"] = (
+            embed(args, model, images[s], r, device, dtype, f"fold {k} {'held-out train' if s == 'train' else s}")
+            if len(r) else (np.zeros((0, model.num_features), np.float32), np.zeros(0)))
+    atomic_write(part, lambda f: np.savez(f, **p))
+    return p
+
+
+def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
+    """Out-of-fold embeddings and scores of the train lesions, and the test lesions' mean over the
+    test fold models (all of them, or the best one). Writes the scores to WORK/preds/."""
+    folds = sorted(set(lesions["train"]["fold"].tolist())) if "train" in lesions else trained_folds(models_dir,
+                                                                                                    args.arch)
+    if not folds:
+        raise DataError(f"{models_dir}/{args.arch}: no fold models (fold*/); train them first, or use --frozen")
+    test_folds = folds if args.test_models == "mean" else [max(
+        folds, key=lambda k: fold_checkpoint(models_dir, args.arch, k, args.checkpoint)["val_pauc"])]
+    dim = MODEL_CONFIGS[args.arch]["feature_dim"]
+    emb = {s: np.zeros((len(t["isic_id"]), dim), np.float32) for s, t in lesions.items()}
+    prob = {s: np.zeros(len(t["isic_id"])) for s, t in lesions.items()}
+    for k in folds:
+        rows = {"test": np.arange(len(prob["test"]) if k in test_folds else 0)}
+        if "train" in lesions:
+            rows["train"] = np.flatnonzero(lesions["train"]["fold"] == k)
+        p = fold_part(args, models_dir, k, images, rows, device, dtype)
+        for s, r in rows.items():
+            emb[s][r] += p[f"{s}_emb"] / (len(test_folds) if s == "test" else 1)
+            prob[s][r] += sigmoid(p[f"{s}_logit"]) / (len(test_folds) if s == "test" else 1)
+    for s, t in lesions.items():
+        write_preds(args.work, f"img_{args.arch}", s, t, prob[s])
+    log(f"{args.arch}: wrote image-model scores to preds/img_{args.arch}_*.csv (test: fold models {test_folds})")
+    return emb
+
+
+def save_embeddings(args, emb, lesions):
+    """WORK/emb/ARCH_{split}.npy with its ids; the tiles that could not be decoded are listed."""
+    for split, e in emb.items():
+        ids = np.asarray(lesions[split]["isic_id"], str)
+        broken = ids[np.isnan(e).any(axis=1)]
+        if len(broken):
+            log(f"warning: {len(broken)} {split} image(s) cannot be decoded: {', '.join(broken[:20])}; their "
+                "image features are missing (NaN) and the GBDTs score them from their other features")
+        save_array(os.path.join(args.work, "emb", f"{args.arch}_{split}.npy"), e, list(ids))
+    log(f"{args.arch}: wrote emb/{args.arch}_{{{','.join(emb)}}}.npy")
 
 
 def main(argv=None):
@@ -67,82 +142,23 @@ def main(argv=None):
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = amp_dtype(device, args.cpu_amp)
-    size = MODEL_CONFIGS[args.arch]["img_size"]
     models_dir = args.models or os.path.join(args.work, "models")
-    test = read_test(args.data)
-    splits = ["test"] if args.predict_only else ["train", "test"]
-    paths = {s: data_path(args.data, f"{s}-image.hdf5") for s in splits}
-    test_ids = np.asarray(test["isic_id"], str)
-    check_image_ids(paths["test"], list(test_ids))
-    if args.predict_only:  # no train rows; the folds are those the models folder holds
-        train_ids, folds = test_ids[:0], np.zeros(0, int)
-        arch_dir = os.path.join(models_dir, args.arch)
-        fold_models = sorted(int(d[4:]) for d in (os.listdir(arch_dir) if os.path.isdir(arch_dir) else [])
-                             if re.fullmatch(r"fold\d+", d))
-    else:
-        train = read_train(args.data)
-        folds = load_folds(args.work, train)
-        train_ids = np.asarray(train["isic_id"], str)
-        check_image_ids(paths["train"], list(train_ids))
-        fold_models = sorted(set(folds.tolist()))
-
-    images = {s: H5Images(paths[s], ids) for s, ids in (("train", train_ids), ("test", test_ids)) if s in splits}
-
-    def run(model, split, rows, what):
-        mean, std = normalization(model)
-        loader = image_loader(images[split], rows, args.batch_size, args.workers)
-        return predict(model, loader, size, mean, std, device, dtype, progress=f"{args.arch} {what}")
-
-    edir = os.path.join(args.work, "emb")
+    lesions = {"test": read_lesions(args.work, "test")}
+    if not args.predict_only:
+        lesions["train"] = read_lesions(args.work, "train")
+    images = {}
+    for split, t in lesions.items():
+        path = data_path(args.data, f"{split}-image.hdf5")
+        check_image_ids(path, list(t["isic_id"]))
+        images[split] = H5Images(path, t["isic_id"])
     if args.frozen:
         model = build_model(args.arch, args.weights, pretrained=True, drop_path=0.0).to(device).eval()
-        emb_train, _ = run(model, "train", None, "frozen train")
-        emb_test, _ = run(model, "test", None, "frozen test")
+        emb = {s: embed(args, model, images[s], None, device, dtype, f"frozen {s}")[0] for s in lesions}
     else:
-        if not fold_models:
-            raise DataError(f"{models_dir}/{args.arch}: no fold models (fold*/); train them first, or use --frozen")
-        dim = MODEL_CONFIGS[args.arch]["feature_dim"]
-        emb_train, prob_train = np.zeros((len(train_ids), dim), np.float32), np.zeros(len(train_ids))
-        emb_test, prob_test = np.zeros((len(test_ids), dim), np.float32), np.zeros(len(test_ids))
-        test_folds = fold_models if args.test_models == "mean" else [max(
-            fold_models, key=lambda k: fold_checkpoint(models_dir, args.arch, k, args.checkpoint)["val_pauc"])]
-        for k in fold_models:
-            rows = np.flatnonzero(folds == k)
-            part = os.path.join(edir, "parts", f"{args.arch}_fold{k}.npz")
-            if args.resume and os.path.exists(part):  # this fold finished before an interruption
-                p = dict(np.load(part))
-                check_ids(part, p["train_ids"], train_ids[rows])
-                check_ids(part, p["test_ids"], test_ids if k in test_folds else [])
-                log(f"{args.arch} fold {k}: reusing {part}")
-            else:
-                model = load_fold_model(models_dir, args.arch, k, device, args.checkpoint)
-                p = {"train_ids": train_ids[rows], "test_ids": test_ids if k in test_folds else test_ids[:0]}
-                p["train_emb"], p["train_logit"] = (run(model, "train", rows, f"fold {k} held-out train") if len(rows)
-                                                    else (emb_train[:0], prob_train[:0]))
-                p["test_emb"], p["test_logit"] = (run(model, "test", None, f"fold {k} test") if k in test_folds
-                                                  else (emb_test[:0], prob_test[:0]))
-                atomic_write(part, lambda f: np.savez(f, **p))
-            emb_train[rows], prob_train[rows] = p["train_emb"], sigmoid(p["train_logit"])
-            if k in test_folds:
-                emb_test += p["test_emb"] / len(test_folds)
-                prob_test += sigmoid(p["test_logit"]) / len(test_folds)
-        if not args.predict_only:
-            header = ["isic_id", "target", "fold", "pred"]
-            write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_oof.csv"), header,
-                      [train_ids, train["target"].astype(int), folds, prob_train])
-        write_csv(os.path.join(args.work, "preds", f"img_{args.arch}_test.csv"), ["isic_id", "pred"],
-                  [test_ids, prob_test])
-        log(f"{args.arch}: wrote image-model scores to preds/img_{args.arch}_*.csv (test: fold models {test_folds})")
-    for split, emb, ids in (("train", emb_train, train_ids), ("test", emb_test, test_ids)):
-        broken = ids[np.isnan(emb).any(axis=1)]
-        if len(broken):
-            log(f"warning: {len(broken)} {split} image(s) cannot be decoded: {', '.join(broken[:20])}; their "
-                "image features are missing (NaN) and the GBDTs score them from their other features")
-        if split in splits:
-            save_array(os.path.join(edir, f"{args.arch}_{split}.npy"), emb, list(ids))
-    write_args(os.path.join(edir, f"{args.arch}_args.json"), args)
-    shutil.rmtree(os.path.join(edir, "parts"), ignore_errors=True)
-    log(f"{args.arch}: wrote emb/{args.arch}_{{{','.join(splits)}}}.npy")
+        emb = fold_model_outputs(args, models_dir, images, lesions, device, dtype)
+    save_embeddings(args, emb, lesions)
+    write_args(os.path.join(args.work, "emb", f"{args.arch}_args.json"), args)
+    shutil.rmtree(os.path.join(args.work, "emb", "parts"), ignore_errors=True)
 
 
 if __name__ == "__main__":

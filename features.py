@@ -3,10 +3,14 @@ one-hots fitted on train, lesion counts, and every numeric feature normalized ag
 patient's other lesions (the "ugly duckling" sign: z-score, percentile rank, deviation from the
 patient median, is-max and is-min).
 
-Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv, WORK/folds.csv (made if missing)
-Writes: WORK/features/{train,test}.npy (float32) with {train,test}_ids.txt beside them,
-        WORK/features/columns.txt, WORK/features/args.json, WORK/models/features.json (the vocabularies,
-        which --predict-only reads back from --models)
+This is the one stage that parses the Kaggle CSVs: it records the lesions of each split in the
+work directory, where every later stage reads them.
+
+Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv
+Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-grouped; checked on reruns),
+        WORK/test_lesions.csv (isic_id,patient_id), WORK/features/{train,test}.npy (float32) with
+        {train,test}_ids.txt beside them, WORK/features/columns.txt, WORK/features/args.json,
+        WORK/models/features.json (the vocabularies, which --predict-only reads back from --models)
 
     python features.py --data demo_data --work work                     # tiny: the demo set
     python features.py --data /kaggle/input/isic-2024-challenge --work work
@@ -19,71 +23,114 @@ import re
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, STATS, atomic_write, codes, DataError, default_data_dir, load_folds, log,
-                    patient_normalize, read_test, read_train, run_main, save_array, write_args, write_json)
+from common import (CATEGORICAL, NUMERIC, STATS, DataError, atomic_write, check_ids, codes, default_data_dir, log,
+                    patient_normalize, read_lesions, read_test, read_train, run_main, save_array, write_args,
+                    write_csv, write_json)
+
+
+def make_folds(patient_ids, targets, n_folds=5, seed=42):
+    """Fold of each row: grouped by patient, positives spread as evenly as the grouping allows.
+
+    Patients in a seeded random order, those with the most positives first, each to the fold with
+    the fewest positives so far (then the fewest rows)."""
+    patients, patient_codes = np.unique(np.asarray(patient_ids, dtype=str), return_inverse=True)
+    pos = np.bincount(patient_codes, weights=np.asarray(targets, dtype=float), minlength=len(patients))
+    rows = np.bincount(patient_codes, minlength=len(patients))
+    order = np.random.default_rng(seed).permutation(len(patients))
+    order = order[np.argsort(-pos[order], kind="stable")]
+    fold_pos, fold_rows = np.zeros(n_folds), np.zeros(n_folds)
+    patient_fold = np.empty(len(patients), dtype=np.int64)
+    for p in order:
+        f = np.lexsort((fold_rows, fold_pos))[0] if pos[p] > 0 else np.argmin(fold_rows)
+        patient_fold[p] = f
+        fold_pos[f] += pos[p]
+        fold_rows[f] += rows[p]
+    return patient_fold[patient_codes]
+
+
+def record_folds(work, train, n_folds=5, seed=42):
+    """The folds of WORK/folds.csv, made on first use. A folds.csv made from other training data is
+    refused: reused, it could put one patient in two folds."""
+    path = os.path.join(work, "folds.csv")
+    if not os.path.exists(path):
+        folds = make_folds(train["patient_id"], train["target"], n_folds, seed)
+        write_csv(path, ["isic_id", "patient_id", "target", "fold"],
+                  [train["isic_id"], train["patient_id"], train["target"].astype(int), folds])
+        log(f"wrote {path}: {n_folds} folds grouped by patient, seed {seed}")
+        return folds
+    old = read_lesions(work, "train")
+    check_ids(path, old["isic_id"], train["isic_id"])
+    for c in ("patient_id", "target"):
+        differs = np.flatnonzero(old[c] != train[c])
+        if len(differs):
+            raise DataError(f"{path}: made from other training data ({c} of isic_id {train['isic_id'][differs[0]]} "
+                            f"differs in {len(differs)} row(s)): use a new --work, or delete folds.csv and rerun "
+                            "every stage")
+    return old["fold"]
+
 
 def engineered_features(t):
     """The public feature set's ratios and interactions, plus clinical ABCDE features.
 
     Asymmetry, Border, Colour and Diameter are measured per lesion; Evolution cannot be (one visit),
     so it stands in as change against the patient's own lesions, from patient_normalize."""
-    np.seterr(divide="ignore", invalid="ignore")  # zero denominators become NaN below
     g = {c[7:] if c.startswith("tbp_lv_") else c: t[c] for c in NUMERIC}
-    size, age = g["clin_size_long_diam_mm"], g["age_approx"]
-    area, perim = g["areaMM2"], g["perimeterMM"]
-    delta_e = np.sqrt(g["deltaA"] ** 2 + g["deltaB"] ** 2 + g["deltaL"] ** 2)
-    border_complexity = g["norm_border"] + g["symm_2axis"]
-    shape_index = area / perim ** 2
-    f = {
-        "lesion_size_ratio": g["minorAxisMM"] / size,
-        "lesion_shape_index": shape_index,
-        "hue_contrast": np.abs(g["H"] - g["Hext"]),
-        "luminance_contrast": np.abs(g["L"] - g["Lext"]),
-        "lesion_color_difference": delta_e,
-        "border_complexity": border_complexity,
-        "color_uniformity": g["color_std_mean"] / g["radial_color_std_max"],
-        "position_distance_3d": np.sqrt(g["x"] ** 2 + g["y"] ** 2 + g["z"] ** 2),
-        "perimeter_to_area_ratio": perim / area,
-        "area_to_perimeter_ratio": area / perim,
-        "lesion_visibility_score": g["deltaLBnorm"] + g["norm_color"],
-        "symmetry_border_consistency": g["symm_2axis"] * g["norm_border"],
-        "consistency_symmetry_border": g["symm_2axis"] * g["norm_border"] / (g["symm_2axis"] + g["norm_border"]),
-        "color_consistency": g["stdL"] / g["Lext"],
-        "consistency_color": g["stdL"] * g["Lext"] / (g["stdL"] + g["Lext"]),
-        "size_age_interaction": size * age,
-        "hue_color_std_interaction": g["H"] * g["color_std_mean"],
-        "lesion_severity_index": (g["norm_border"] + g["norm_color"] + g["eccentricity"]) / 3,
-        "shape_complexity_index": border_complexity + shape_index,
-        "shape_color_consistency": g["eccentricity"] * g["color_std_mean"],
-        "border_length_ratio": perim / (2 * np.pi * np.sqrt(area / np.pi)),
-        "age_size_symmetry_index": age * g["areaMM2"] * g["symm_2axis"],
-        "age_normalized_nevi_confidence": g["nevi_confidence"] / age,
-        "age_normalized_nevi_confidence_2": np.sqrt(size ** 2 + age ** 2),
-        "color_contrast_index": g["deltaA"] + g["deltaB"] + g["deltaL"] + g["deltaLBnorm"],
-        "log_lesion_area": np.log1p(area),
-        "normalized_lesion_size": size / age,
-        "mean_hue_difference": (g["H"] + g["Hext"]) / 2,
-        "std_dev_contrast": np.sqrt((g["deltaA"] ** 2 + g["deltaB"] ** 2 + g["deltaL"] ** 2) / 3),
-        "color_shape_composite_index": (g["color_std_mean"] + g["area_perim_ratio"] + g["symm_2axis"]) / 3,
-        "lesion_orientation_3d": np.arctan2(g["y"], g["x"]),
-        "overall_asymmetry_factor": g["symm_2axis"] * g["eccentricity"],
-        "volume_approximation_3d": area * np.sqrt(g["x"] ** 2 + g["y"] ** 2 + g["z"] ** 2),
-        "color_range": np.abs(g["L"] - g["Lext"]) + np.abs(g["A"] - g["Aext"]) + np.abs(g["B"] - g["Bext"]),
-        "border_color_interaction": g["norm_border"] * g["norm_color"],
-        "border_color_interaction_2": g["norm_border"] * g["norm_color"] / (g["norm_border"] + g["norm_color"]),
-        "size_color_contrast_ratio": size / g["deltaLBnorm"],
-        "age_normalized_nevi_confidence_ratio": g["nevi_confidence"] / (1 + age),
-        "color_asymmetry_index": g["radial_color_std_max"] * g["symm_2axis"],
-        "color_variation_intensity": g["norm_color"] * g["deltaLBnorm"],
-        "color_contrast_ratio": g["deltaLBnorm"] / g["Lext"],
-        # clinical ABCDE
-        "abcde_asymmetry": g["symm_2axis"] * (1 + g["eccentricity"]),
-        "abcde_border_irregularity": g["area_perim_ratio"] / (4 * np.pi),
-        "abcde_color_variegation": g["color_std_mean"] + g["radial_color_std_max"] + g["norm_color"],
-        "abcde_color_darkness": g["Lext"] - g["L"],
-        "abcde_diameter_over_6mm": (size > 6).astype(float),
-        "abcde_not_nevus": 100 - g["nevi_confidence"],
-    }
+    with np.errstate(divide="ignore", invalid="ignore"):  # a zero denominator: NaN, below
+        size, age = g["clin_size_long_diam_mm"], g["age_approx"]
+        area, perim = g["areaMM2"], g["perimeterMM"]
+        delta_e = np.sqrt(g["deltaA"] ** 2 + g["deltaB"] ** 2 + g["deltaL"] ** 2)
+        border_complexity = g["norm_border"] + g["symm_2axis"]
+        shape_index = area / perim ** 2
+        f = {
+            "lesion_size_ratio": g["minorAxisMM"] / size,
+            "lesion_shape_index": shape_index,
+            "hue_contrast": np.abs(g["H"] - g["Hext"]),
+            "luminance_contrast": np.abs(g["L"] - g["Lext"]),
+            "lesion_color_difference": delta_e,
+            "border_complexity": border_complexity,
+            "color_uniformity": g["color_std_mean"] / g["radial_color_std_max"],
+            "position_distance_3d": np.sqrt(g["x"] ** 2 + g["y"] ** 2 + g["z"] ** 2),
+            "perimeter_to_area_ratio": perim / area,
+            "area_to_perimeter_ratio": area / perim,
+            "lesion_visibility_score": g["deltaLBnorm"] + g["norm_color"],
+            "symmetry_border_consistency": g["symm_2axis"] * g["norm_border"],
+            "consistency_symmetry_border": g["symm_2axis"] * g["norm_border"] / (g["symm_2axis"] + g["norm_border"]),
+            "color_consistency": g["stdL"] / g["Lext"],
+            "consistency_color": g["stdL"] * g["Lext"] / (g["stdL"] + g["Lext"]),
+            "size_age_interaction": size * age,
+            "hue_color_std_interaction": g["H"] * g["color_std_mean"],
+            "lesion_severity_index": (g["norm_border"] + g["norm_color"] + g["eccentricity"]) / 3,
+            "shape_complexity_index": border_complexity + shape_index,
+            "shape_color_consistency": g["eccentricity"] * g["color_std_mean"],
+            "border_length_ratio": perim / (2 * np.pi * np.sqrt(area / np.pi)),
+            "age_size_symmetry_index": age * g["areaMM2"] * g["symm_2axis"],
+            "age_normalized_nevi_confidence": g["nevi_confidence"] / age,
+            "age_normalized_nevi_confidence_2": np.sqrt(size ** 2 + age ** 2),
+            "color_contrast_index": g["deltaA"] + g["deltaB"] + g["deltaL"] + g["deltaLBnorm"],
+            "log_lesion_area": np.log1p(area),
+            "normalized_lesion_size": size / age,
+            "mean_hue_difference": (g["H"] + g["Hext"]) / 2,
+            "std_dev_contrast": np.sqrt((g["deltaA"] ** 2 + g["deltaB"] ** 2 + g["deltaL"] ** 2) / 3),
+            "color_shape_composite_index": (g["color_std_mean"] + g["area_perim_ratio"] + g["symm_2axis"]) / 3,
+            "lesion_orientation_3d": np.arctan2(g["y"], g["x"]),
+            "overall_asymmetry_factor": g["symm_2axis"] * g["eccentricity"],
+            "volume_approximation_3d": area * np.sqrt(g["x"] ** 2 + g["y"] ** 2 + g["z"] ** 2),
+            "color_range": np.abs(g["L"] - g["Lext"]) + np.abs(g["A"] - g["Aext"]) + np.abs(g["B"] - g["Bext"]),
+            "border_color_interaction": g["norm_border"] * g["norm_color"],
+            "border_color_interaction_2": g["norm_border"] * g["norm_color"] / (g["norm_border"] + g["norm_color"]),
+            "size_color_contrast_ratio": size / g["deltaLBnorm"],
+            "age_normalized_nevi_confidence_ratio": g["nevi_confidence"] / (1 + age),
+            "color_asymmetry_index": g["radial_color_std_max"] * g["symm_2axis"],
+            "color_variation_intensity": g["norm_color"] * g["deltaLBnorm"],
+            "color_contrast_ratio": g["deltaLBnorm"] / g["Lext"],
+            # clinical ABCDE
+            "abcde_asymmetry": g["symm_2axis"] * (1 + g["eccentricity"]),
+            "abcde_border_irregularity": g["area_perim_ratio"] / (4 * np.pi),
+            "abcde_color_variegation": g["color_std_mean"] + g["radial_color_std_max"] + g["norm_color"],
+            "abcde_color_darkness": g["Lext"] - g["L"],
+            "abcde_diameter_over_6mm": (size > 6).astype(float),
+            "abcde_not_nevus": 100 - g["nevi_confidence"],
+        }
     names = list(f)
     x = np.stack([f[n] for n in names], dtype=np.float64)
     x[~np.isfinite(x)] = np.nan  # a zero denominator is missing, not infinite
@@ -154,9 +201,11 @@ def main(argv=None):
         tables = [("test", test)]
     else:
         train = read_train(args.data)
-        load_folds(args.work, train)
+        record_folds(args.work, train)
         spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm}
         tables = [("train", train), ("test", test)]
+    write_csv(os.path.join(args.work, "test_lesions.csv"), ["isic_id", "patient_id"],
+              [test["isic_id"], test["patient_id"]])
     for c, v in spec["vocabularies"].items():
         unseen = sorted(set(test[c]) - set(v) - {""})
         if unseen:

@@ -6,14 +6,14 @@ they are `--pos-rate` of the negatives, then negatives undersampled until positi
 `--neg-rate` of them; each bag draws its own sample with its own seed. A fixed number of rounds,
 no early stopping: stopping on the validation fold would make the OOF score optimistic.
 
-Reads:  WORK/folds.csv, WORK/features/{train,test}.npy, WORK/features/columns.txt;
+Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/features/{train,test}.npy, WORK/features/columns.txt;
         with --image A: WORK/preds/img_A_{oof,test}.csv; with --embeddings A: WORK/emb/A_{train,test}.npy
 Writes: WORK/preds/NAME_oof.csv (isic_id,target,fold,pred), WORK/preds/NAME_test.csv (isic_id,pred),
         WORK/models/NAME/fold{k}_bag{b}.txt, importance.csv, args.json
         With --predict-only: reads the boosters from --models, writes only WORK/preds/NAME_test.csv
 
     python gbdt.py --work work --name tabular --rounds 50 --bags 1             # tiny
-    python gbdt.py --data DIR --work work --name tab_eva02 --image eva02_base --embeddings eva02_base
+    python gbdt.py --work work --name tab_eva02 --image eva02_base
 """
 import argparse
 import os
@@ -22,19 +22,15 @@ import re
 import lightgbm as lgb
 import numpy as np
 
-from common import (atomic_write, check_ids, DataError, default_data_dir, load_array, load_folds, log,
-                    patient_normalize, pauc, read_metadata, read_test, read_train, run_main, write_args,
-                    write_csv)
+from common import (DataError, atomic_write, load_array, log, patient_normalize, pauc, read_lesions, read_preds,
+                    run_main, write_args, write_csv, write_preds)
 
 
-def image_score_features(work, arch, split, table):
+def image_score_features(work, arch, split, lesions):
     """An image model's score as three features: raw, divided by the patient's mean score, and
     z-scored within the patient. Train scores are out-of-fold."""
-    path = os.path.join(work, "preds", f"img_{arch}_{'oof' if split == 'train' else 'test'}.csv")
-    preds = read_metadata(path, required=["isic_id", "pred"])
-    check_ids(path, preds["isic_id"], table["isic_id"])
-    score = preds["pred"][:, None]
-    pid = table["patient_id"].astype(str)
+    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"])[:, None]
+    pid = lesions["patient_id"].astype(str)
     patients, codes = np.unique(pid, return_inverse=True)
     ok = ~np.isnan(score[:, 0])  # a tile that could not be decoded has no score
     mean = (np.bincount(codes[ok], weights=score[ok, 0], minlength=len(patients))
@@ -44,20 +40,20 @@ def image_score_features(work, arch, split, table):
     return np.column_stack([score[:, 0], ratio, patient_normalize(score, pid)["z"][:, 0]]), names
 
 
-def load_features(args, split, table):
+def load_features(args, split, lesions):
     """The feature matrix of one split ("train" or "test") and the feature names."""
     fdir = os.path.join(args.work, "features")
-    blocks = [load_array(os.path.join(fdir, f"{split}.npy"), table["isic_id"])]
+    blocks = [load_array(os.path.join(fdir, f"{split}.npy"), lesions["isic_id"])]
     with open(os.path.join(fdir, "columns.txt")) as f:
         names = f.read().splitlines()
     if len(names) != blocks[0].shape[1]:
         raise DataError(f"{fdir}: columns.txt names {len(names)} features, {split}.npy has {blocks[0].shape[1]}")
     if args.image:
-        block, more = image_score_features(args.work, args.image, split, table)
+        block, more = image_score_features(args.work, args.image, split, lesions)
         blocks.append(block)
         names += more
     if args.embeddings:
-        blocks.append(load_array(os.path.join(args.work, "emb", f"{args.embeddings}_{split}.npy"), table["isic_id"]))
+        blocks.append(load_array(os.path.join(args.work, "emb", f"{args.embeddings}_{split}.npy"), lesions["isic_id"]))
         names += [f"emb_{args.embeddings}_{i}" for i in range(blocks[-1].shape[1])]
     return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
@@ -97,7 +93,6 @@ def lgb_params(args, seed):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
     parser.add_argument("--work", default="work")
     parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
     parser.add_argument("--image", help="add this arch's image scores (preds/img_ARCH_*.csv)")
@@ -117,18 +112,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     model_dir = os.path.join(args.models or os.path.join(args.work, "models"), args.name)
-    test = read_test(args.data)
+    test = read_lesions(args.work, "test")
     x_test, names = load_features(args, "test", test)
     if args.predict_only:
         boosters = load_boosters(model_dir, names)
         test_pred = sum(b.predict(x_test) for b in boosters) / len(boosters) if len(x_test) else np.zeros(0)
-        write_csv(os.path.join(args.work, "preds", f"{args.name}_test.csv"), ["isic_id", "pred"],
-                  [test["isic_id"], test_pred])
+        write_preds(args.work, args.name, "test", test, test_pred)
         log(f"{args.name}: test predictions of {len(boosters)} boosters from {model_dir}")
         return
-    train = read_train(args.data)
-    folds = load_folds(args.work, train)
-    y = train["target"].astype(int)
+    train = read_lesions(args.work, "train")
+    folds, y = train["fold"], train["target"]
     x_train, _ = load_features(args, "train", train)
     log(f"{args.name}: {x_train.shape[0]} train x {x_train.shape[1]} features, {y.sum()} positives, "
         f"{len(np.unique(folds))} folds x {args.bags} bags x {args.rounds} rounds")
@@ -156,10 +149,8 @@ def main(argv=None):
         log(f"{args.name} fold {k}: {len(trn)} train rows, {len(val)} validation rows, pAUC {score:.4f}")
     test_pred /= n_models
     log(f"{args.name}: OOF pAUC {pauc(y, oof):.4f}")
-    pdir = os.path.join(args.work, "preds")
-    write_csv(os.path.join(pdir, f"{args.name}_oof.csv"), ["isic_id", "target", "fold", "pred"],
-              [train["isic_id"], y, folds, oof])
-    write_csv(os.path.join(pdir, f"{args.name}_test.csv"), ["isic_id", "pred"], [test["isic_id"], test_pred])
+    write_preds(args.work, args.name, "train", train, oof)
+    write_preds(args.work, args.name, "test", test, test_pred)
     order = np.argsort(-gain)
     write_csv(os.path.join(model_dir, "importance.csv"), ["feature", "gain"],
               [np.array(names)[order], gain[order] / n_models])

@@ -14,7 +14,7 @@ if [ "${1:-}" = "--predict-only" ]; then
 fi
 if [ $# -eq 0 ]; then
     DATA=demo_data
-    [ -f $DATA/train-metadata.csv ] || python common.py demo $DATA
+    [ -f $DATA/train-metadata.csv ] || python demo.py $DATA
     EVA=eva02_tiny; CNX=convnext_atto
     TRAIN="--no-pretrained --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 3e-4 --workers 0"
     EXTRACT="--workers 0"
@@ -41,13 +41,13 @@ for ARCH in $EVA $CNX; do
     fi
     stage "extract $ARCH" python extract.py --arch $ARCH --data "$DATA" --work "$WORK" $EXTRACT "${PREDICT[@]}"
 done
-stage "gbdt tabular"    python gbdt.py --data "$DATA" --work "$WORK" --name tabular "${PREDICT[@]}"
-stage "gbdt tab_eva02"  python gbdt.py --data "$DATA" --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
-stage "gbdt tab_convnext" python gbdt.py --data "$DATA" --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
+stage "gbdt tabular"    python gbdt.py --work "$WORK" --name tabular "${PREDICT[@]}"
+stage "gbdt tab_eva02"  python gbdt.py --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
+stage "gbdt tab_convnext" python gbdt.py --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
 if [ ${#PREDICT[@]} -eq 0 ]; then
-    stage ensemble python ensemble.py --data "$DATA" --work "$WORK" --names tabular,tab_eva02,tab_convnext $LABELS
+    stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext $LABELS
 else
-    stage ensemble python ensemble.py --data "$DATA" --work "$WORK" --names tabular,tab_eva02,tab_convnext --predict-only
+    stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext --predict-only
 fi
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"

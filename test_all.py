@@ -1,35 +1,119 @@
-"""Tests of the pipeline: python -m pytest -q test_all.py (a few minutes on 2 cores, no GPU)."""
+"""Tests of the pipeline, in the order of the files they test: common, demo, features,
+train_backbone, extract, gbdt, ensemble, then the whole pipeline.
+
+    HF_HUB_OFFLINE=1 python -m pytest -q test_all.py                  # everything, a few minutes on 2 cores
+    HF_HUB_OFFLINE=1 python -m pytest -q -m "not slow" test_all.py    # the unit tests, under a minute
+
+Tests marked slow run stages on the demo set or train tiny models (no GPU needed).
+"""
 import csv
+import io
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from html.parser import HTMLParser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import h5py
-import numpy as np
-import pytest
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-import common
-import ensemble
-import features
-import gbdt
+import common  # noqa: E402
+import ensemble  # noqa: E402
+import extract  # noqa: E402
+import features  # noqa: E402
+import gbdt  # noqa: E402
+import train_backbone  # noqa: E402
+from demo import make_demo  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = os.path.join(HERE, "..", "shared")
-PUBLIC_TEST = os.path.join(SHARED, "isic2024_public_test")
-TRAIN_SAMPLE = os.path.join(SHARED, "isic2024_train_sample")
+PUBLIC_TEST = os.path.join(HERE, "testdata", "public_test")
+TRAIN_SAMPLE = os.path.join(HERE, "testdata", "train_sample")
+slow = pytest.mark.slow
 
+
+# ---------------------------------------------------------------- fixtures and helpers
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """A small demo set: 40 train patients, 8 test patients."""
     out = str(tmp_path_factory.mktemp("demo"))
-    common.make_demo(out, n_patients=40, n_test_patients=8, malignant_rate=0.06, seed=1)
+    make_demo(out, n_patients=40, n_test_patients=8, malignant_rate=0.06, seed=1)
     return out
 
 
-# ---------------------------------------------------------------- the metric
+@pytest.fixture(scope="session")
+def demo_work(demo, tmp_path_factory):
+    """features.py run on the demo set: folds.csv, test_lesions.csv, the feature matrices."""
+    work = str(tmp_path_factory.mktemp("demo_work"))
+    features.main(["--data", demo, "--work", work])
+    return work
+
+
+def tiny_train(epochs=2):
+    return ["--no-pretrained", "--epochs", str(epochs), "--neg-per-pos", "3", "--batch-size", "16", "--lr", "3e-4",
+            "--workers", "0"]
+
+
+@pytest.fixture(scope="session")
+def trained(demo, demo_work, tmp_path_factory):
+    """convnext_atto trained on every fold of the demo set, then extracted."""
+    work = str(tmp_path_factory.mktemp("work_img"))
+    shutil.copytree(demo_work, work, dirs_exist_ok=True)
+    train_backbone.main(["--arch", "convnext_atto", "--fold", "all", "--data", demo, "--work", work] + tiny_train())
+    extract.main(["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--batch-size", "64"])
+    return work
+
+
+def copy_work(src, dst, **kw):
+    shutil.copytree(src, dst, **kw)
+    return str(dst)
+
+
+def copy_demo(demo, dst):
+    shutil.copytree(demo, dst)
+    return str(dst)
+
+
+def rewrite_csv(path, edit):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = edit(rows)
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def run_script(script, args, timeout=600):
+    return subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def read_log(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def jpeg(mode, fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.new(mode, (70, 64), {"L": 128, "RGBA": (10, 20, 30, 40), "CMYK": (0, 50, 100, 0),
+                              "RGB": (200, 100, 50)}[mode]).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def corrupt_image(h5_path, isic_id, raw):
+    with h5py.File(h5_path, "a") as h5:
+        del h5[isic_id]
+        h5.create_dataset(isic_id, data=np.bytes_(raw))
+
+
+# ---------------------------------------------------------------- common: the metric
 
 def pauc_brute_force(y, pred, min_tpr=0.8):
     """The metric as REFERENCE.md words it, by loops: flip labels, negate scores, one ROC point per
@@ -80,24 +164,7 @@ def test_pauc_rejects_one_class():
         common.pauc([0, 0, 0], [0.1, 0.2, 0.3])
 
 
-# ---------------------------------------------------------------- folds
-
-def test_make_folds_grouped_balanced_deterministic():
-    rng = np.random.default_rng(3)
-    patients = np.repeat([f"IP_{i}" for i in range(200)], rng.integers(1, 40, 200))
-    y = (rng.random(len(patients)) < 0.02).astype(int)
-    folds = common.make_folds(patients, y, 5, seed=7)
-    for p in np.unique(patients):
-        assert len(set(folds[patients == p])) == 1
-    pos = np.bincount(folds, weights=y, minlength=5)
-    max_patient_pos = max(y[patients == p].sum() for p in np.unique(patients))
-    assert pos.max() - pos.min() <= max_patient_pos
-    assert set(folds) == set(range(5))
-    assert (common.make_folds(patients, y, 5, seed=7) == folds).all()
-    assert (common.make_folds(patients, y, 5, seed=8) != folds).any()
-
-
-# ---------------------------------------------------------------- patient normalization and ranks
+# ---------------------------------------------------------------- common: patient normalization
 
 def patient_normalize_loop(x, pids):
     out = {k: np.full(x.shape, np.nan) for k in common.STATS}
@@ -139,20 +206,10 @@ def test_patient_normalize_matches_loop():
     assert got["pct"][-1, 1] == 1.0 and got["is_max"][-1, 1] == 1.0 and got["is_min"][-1, 1] == 1.0
 
 
-def test_rank_average_matches_loop():
-    rng = np.random.default_rng(1)
-    preds = [rng.integers(0, 4, 30).astype(float), rng.normal(size=30), rng.random(30)]
-    want = np.zeros(30)
-    for p in preds:
-        for i in range(30):
-            want[i] += (sum(q < p[i] for q in p) + (sum(q == p[i] for q in p) + 1) / 2) / 30 / len(preds)
-    np.testing.assert_allclose(ensemble.rank_average(preds), want, atol=1e-12)
-
-
-# ---------------------------------------------------------------- the real files
+# ---------------------------------------------------------------- common: reading CSV files
 
 def test_reads_real_public_test_csv():
-    t = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"))
+    t = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"), ["isic_id"])
     assert list(t) == common.TEST_COLUMNS and len(t["isic_id"]) == 3
     assert t["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
     assert t["attribution"][1] == "Frazer Institute, The University of Queensland, Dermatology Research Centre"
@@ -161,8 +218,9 @@ def test_reads_real_public_test_csv():
 
 
 def test_spreadsheet_resaved_csv_gives_same_values():
-    a = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"))
-    b = common.read_metadata(os.path.join(PUBLIC_TEST, "variants", "test-metadata.spreadsheet-resaved.csv"))
+    a = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"), ["isic_id"])
+    b = common.read_metadata(os.path.join(PUBLIC_TEST, "variants", "test-metadata.spreadsheet-resaved.csv"),
+                             ["isic_id"])
     assert list(a) == list(b)
     for c in a:
         if a[c].dtype == float:
@@ -171,91 +229,98 @@ def test_spreadsheet_resaved_csv_gives_same_values():
             assert a[c].tolist() == b[c].tolist(), c
 
 
-def read_with_csv_module(path):
-    """The reference: csv.reader, float() on numbers, strings stripped (the reader before NumPy's)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if r]
-    cols = zip(*rows[1:])
-    return {h.strip(): np.array([np.nan if v.strip().lower() in common.MISSING else float(v) for v in col])
-            if h.strip() in common.FLOAT_COLUMNS else [v.strip() for v in col] for h, col in zip(rows[0], cols)}
-
-
-def test_numpy_csv_reader_matches_csv_module(tmp_path):
-    rng = np.random.default_rng(3)
-    numbers = [f"{v:.{d}g}" for v, d in zip(rng.lognormal(0, 4, 400) * rng.choice([-1, 1], 400),
-                                             rng.integers(1, 18, 400))]  # 1 to 17 digits, exponents
-    numbers += ["45", "45.0", "+7", ".5", "5.", "-0.0", "8.05E-13", " 3.2 ", "NA", "nan", "", "1e5", "0.000001234",
-                "123456789012345", "1234567890123456", "12345678901234567", '"2.5"', "-.25", "007"]
-    texts = ["Torso Front", "", " padded ", "Hospital Clínic", '"Frazer Institute, The University"',
-             '"say ""hi"""', '"two\nlines"', '"a,b"\t', "ISIC_0000001", "x" * 130]
-    lines = []
-    for i, v in enumerate(numbers):
-        lines.append(f"ISIC_{i:07d},{v},{texts[i % len(texts)]},{numbers[-1 - i]}")
-        if i % 97 == 5:
-            lines.append("")  # a blank line, skipped
-    body = "\r\n".join(["isic_id,tbp_lv_A,attribution,age_approx"] + lines)  # CRLF, no final newline
-    path = tmp_path / "t.csv"
-    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
-    got, want = common.read_metadata(str(path)), read_with_csv_module(path)
-    assert list(got) == list(want) and len(got["isic_id"]) == len(numbers)
-    for c in want:
-        if c in common.FLOAT_COLUMNS:
-            assert np.array_equal(got[c], want[c], equal_nan=True), c  # bit for bit, not approximately
-            assert (np.signbit(got[c]) == np.signbit(want[c])).all()
-        else:
-            assert got[c].tolist() == [w.strip() for w in want[c]], c
-    for bad, match in ((b"isic_id,target\nISIC_1,1\nISIC_2,1.5x\n", "row 3, column target: '1.5x' is not a number"),
-                       (b"isic_id,attribution\nISIC_1,\xff\xfe\n", r"row 2, column attribution: .* not UTF-8"),
-                       (b'isic_id,attribution\nISIC_1,ok\nISIC_2,"open\n', "line 3: a double quote is never closed"),
-                       (b"isic_id,a\nISIC_1,1\n\nISIC_2,2,3\n", "row 4 has 3 fields, the header has 2"),
-                       (b"", "the file is empty")):
-        path.write_bytes(bad)
-        with pytest.raises(common.DataError, match=match):
-            common.read_metadata(str(path))
-
-
-def test_distinct_fields_are_exact_even_when_hashes_collide(monkeypatch):
-    rng = np.random.default_rng(5)
-    words = [w.encode() for w in ("Torso Front", "Torso Back", "", "Left Arm", "Right Arm", "Head & Neck", "a" * 40)]
-    values = [words[i] for i in rng.integers(0, len(words), 500)]
-    b = np.zeros((40, len(values)), np.uint8)
-    for n, v in enumerate(values):
-        b[:len(v), n] = np.frombuffer(v, np.uint8)
-    for multiplier in (common.HASH_MULTIPLIER, 0):  # 0: the hash is the last byte, so values collide
-        monkeypatch.setattr(common, "HASH_MULTIPLIER", multiplier)
-        first, inverse = common.distinct(b)
-        assert [values[first[k]] for k in inverse] == values  # every field maps back to its own value
-        assert len(first) == len(set(values))
-
-
-def test_parse_decimals_is_exact_where_it_parses():
-    rng = np.random.default_rng(4)
-    values = rng.lognormal(0, 5, 20000) * rng.choice([-1, 1], 20000)
-    strings = [f"{v:.{d}f}"[:20] for v, d in zip(values, rng.integers(0, 18, 20000))]
-    b = np.zeros((max(map(len, strings)), len(strings)), np.uint8)
-    for n, s in enumerate(strings):
-        b[:len(s), n] = np.frombuffer(s.encode(), np.uint8)
-    got, ok = common.parse_decimals(b)
-    digits = ["".join(ch for ch in s if ch.isdigit()) for s in strings]
-    exact = np.array([len(d) <= 18 and int(d) <= 2 ** 53 for d in digits])  # an integer a float64 holds
-    assert (ok == exact).all() and exact.mean() > 0.5
-    assert (got[ok] == np.array([float(s) for s in strings])[ok]).all()
-
-
 def test_reads_real_train_rows():
-    t = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"))
+    t = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"), ["isic_id"])
     assert list(t) == common.TRAIN_COLUMNS and len(t["isic_id"]) == 5
     assert t["target"].tolist() == [1.0, 0.0, 1.0, 1.0, 0.0]
     assert t["iddx_3"][2] == "Squamous cell carcinoma, Invasive"
     assert np.isnan(t["mel_thick_mm"]).all()
 
 
+def read_with_csv_module(path, numbers):
+    """The reference: the file's lines split by hand-checked rules (csv.reader), float() on numbers,
+    text stripped and unquoted."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [r for r in csv.reader(f, skipinitialspace=True) if r]
+    cols = zip(*rows[1:])
+    return {h.strip(): np.array([np.nan if v.strip().lower() in common.MISSING else float(v) for v in col])
+            if h.strip() in numbers else [v.strip() for v in col] for h, col in zip(rows[0], cols)}
+
+
+def test_csv_reader_accepts_every_variation_and_matches_float(tmp_path):
+    rng = np.random.default_rng(3)
+    numbers = [f"{v:.{d}g}" for v, d in zip(rng.lognormal(0, 4, 400) * rng.choice([-1, 1], 400),
+                                             rng.integers(1, 18, 400))]  # 1 to 17 digits, exponents
+    numbers += ["45", "45.0", "+7", ".5", "5.", "-0.0", "8.05E-13", " 3.2 ", "NA", "nan", "", "1e5", "0.000001234",
+                "123456789012345", "1234567890123456", "12345678901234567", '"2.5"', ' "2.5"', "-.25", "007"]
+    texts = ["Torso Front", "", " padded ", "Hospital Clínic", '"Frazer Institute, The University"',
+             '"say ""hi"""', '"two\nlines"', ' "a,b"', "ISIC_0000001", "x" * 130]
+    for ending in ("\r\n", "\r", "\n"):  # CRLF, old Mac CR-only, Unix
+        lines = []
+        for i, v in enumerate(numbers):
+            lines.append(f"ISIC_{i:07d},{v},{texts[i % len(texts)]},{numbers[-1 - i]}")
+            if i % 97 == 5:
+                lines.append("")  # a blank line, skipped
+        body = ending.join(["isic_id,tbp_lv_A,attribution,age_approx"] + lines)  # no final line end
+        path = tmp_path / "t.csv"
+        path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        got = common.read_csv(str(path), numbers=["tbp_lv_A", "age_approx"])
+        want = read_with_csv_module(path, ["tbp_lv_A", "age_approx"])
+        assert list(got) == list(want) and len(got["isic_id"]) == len(numbers)
+        for c in want:
+            if c in ("tbp_lv_A", "age_approx"):
+                assert np.array_equal(got[c], want[c], equal_nan=True), c  # bit for bit, not approximately
+                assert (np.signbit(got[c]) == np.signbit(want[c])).all()
+            else:
+                assert got[c].tolist() == want[c], c
+        assert got["attribution"][4] == "Frazer Institute, The University" and got["attribution"][5] == 'say "hi"'
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"isic_id,target\nISIC_1,1\nISIC_2,1.5x\n", "line 3, column target: '1.5x' is not a number"),
+    (b"isic_id,attribution\nISIC_1,\xff\xfe\n", r"line 2, column attribution: .* not UTF-8"),
+    (b'isic_id,attribution\nISIC_1,ok\nISIC_2,"open\nISIC_3,ok\n', "line 3: a double quote .* never closed"),
+    # the quote opened on line 3 is closed by the first quote of line 5: reported where it opens
+    (b'isic_id,attribution\nISIC_1,ok\nISIC_2,"open\nISIC_3,ok\nISIC_4,"Frazer, x"\nISIC_5,ok\n',
+     "line 3: a closing double quote is followed by more text"),
+    (b"isic_id,target\nISIC_1,1\n\nISIC_2,2,3\n", "line 4 has 3 fields, the header has 2"),
+    (b"", "the file is empty"),
+    (b"isic_id,target,patient_id,target\nISIC_1,1,IP_1,0\n", "column target appears 2 times in the header"),
+    (b"isic_id;target;patient_id\nISIC_1;1;IP_1\n", "the header has 1 field: is the file separated by ';'"),
+])
+def test_csv_reader_errors_name_the_line_and_the_cause(tmp_path, content, match):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(common.DataError, match=f"bad.csv: {match}"):
+        common.read_csv(str(path), ["isic_id", "target"], ["target"])
+
+
+def test_number_spellings(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("isic_id,age_approx\na,45\nb,45.0\nc,8.05E-13\nd, 3.2 \ne,NA\nf,nan\ng,\nh,-1e3\n")
+    got = common.read_csv(str(path), numbers=["age_approx"])["age_approx"]
+    np.testing.assert_array_equal(got[[0, 1, 2, 3, 7]], [45.0, 45.0, 8.05e-13, 3.2, -1000.0])
+    assert np.isnan(got[4:7]).all()
+
+
+def test_stage_files_from_another_run_are_refused(tmp_path):
+    path = str(tmp_path / "emb" / "x_train.npy")
+    common.save_array(path, np.zeros((3, 2), np.float32), ["a", "b", "c"])
+    np.testing.assert_array_equal(common.load_array(path, ["a", "b", "c"]), np.zeros((3, 2)))
+    with pytest.raises(common.DataError, match="do not line up.*first difference at row 1"):
+        common.load_array(path, ["a", "c", "b"])
+    with pytest.raises(common.DataError, match="3 rows against 4"):
+        common.load_array(path, ["a", "b", "c", "d"])
+
+
+# ---------------------------------------------------------------- common: HDF5 tiles
+
 def test_reads_real_images():
     with h5py.File(os.path.join(PUBLIC_TEST, "test-image.hdf5"), "r") as h5:
         sizes = [common.decode_image(common.read_image_bytes(h5, i), i).shape
                  for i in ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]]
     assert sizes == [(141, 141, 3), (125, 125, 3), (119, 119, 3)]
-    t = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"))
+    t = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"), ["isic_id"])
     with h5py.File(os.path.join(TRAIN_SAMPLE, "train-image-5.hdf5"), "r") as h5:
         for i in t["isic_id"]:
             im = common.decode_image(common.read_image_bytes(h5, i), i)
@@ -281,78 +346,42 @@ def test_image_bytes_read_at_file_offset_match_h5py(tmp_path):
             common.read_image_bytes(h5, "ISIC_missing")
 
 
-def test_features_on_real_rows():
-    train = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"))
-    test = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"))
-    vocab = features.fit_vocabularies(train)
-    xtr, names = features.build_features(train, vocab)
-    xte, names_te = features.build_features(test, vocab)
-    assert names == names_te and xtr.shape[1] == xte.shape[1] == len(names)
-    assert not any(n.startswith(tuple(common.TRAIN_ONLY)) for n in names)
-    # FNQH Cairns is unseen in train: every attribution one-hot of that row is 0
-    att = [i for i, n in enumerate(names) if n.startswith("attribution__")]
-    assert xte[2, att].sum() == 0 and xte[0, att].sum() == 1
-    # each patient has one lesion here: z = 0, pct = 1, is_max = 1
-    assert (xte[:, names.index("clin_size_long_diam_mm_pn_z")] == 0).all()
-    assert (xte[:, names.index("clin_size_long_diam_mm_pn_pct")] == 1).all()
-    lr = names.index("lesion_size_ratio")
-    assert xte[0, lr] == pytest.approx(np.float32(2.187644 / 2.7))
+def test_image_formats_decode_to_rgb_and_broken_ones_name_the_id():
+    for raw in (jpeg("L"), jpeg("RGBA", "PNG"), jpeg("CMYK"), jpeg("RGB", "PNG")):
+        im = common.decode_image(raw, "ISIC_x")
+        assert im.shape == (64, 70, 3) and im.dtype == np.uint8
+    good = jpeg("RGB")
+    for raw, what in ((good[:len(good) // 2], "cannot be decoded"), (b"not an image", "cannot be decoded"),
+                      (b"", "empty")):
+        with pytest.raises(common.DataError, match=f"ISIC_bad.*{what}"):
+            common.decode_image(raw, "ISIC_bad")
 
 
-# ---------------------------------------------------------------- the demo set and the chain
-
-def test_demo_set_has_kaggle_layout(demo):
-    with open(os.path.join(demo, "train-metadata.csv")) as f:
-        assert next(csv.reader(f)) == common.TRAIN_COLUMNS
-    with open(os.path.join(demo, "test-metadata.csv")) as f:
-        assert next(csv.reader(f)) == common.TEST_COLUMNS
-    train = common.read_train(demo)
-    assert train["target"].sum() >= 10
-    with h5py.File(os.path.join(demo, "train-image.hdf5"), "r") as h5:
-        i = train["isic_id"][0]
-        assert h5[i].shape == () and h5[i].dtype.kind == "S"
-        assert 61 <= common.decode_image(common.read_image_bytes(h5, i)).shape[0] <= 239
-    common.check_image_ids(os.path.join(demo, "train-image.hdf5"), list(train["isic_id"]))
+def test_image_ids_must_match_metadata():
+    path = os.path.join(TRAIN_SAMPLE, "train-image-5.hdf5")
+    ids = list(common.read_csv(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"), ["isic_id"])["isic_id"])
+    common.check_image_ids(path, ids)
+    with pytest.raises(common.DataError, match="no image for 1 isic_id.*ISIC_9999999"):
+        common.check_image_ids(path, ids + ["ISIC_9999999"])
+    with pytest.raises(common.DataError, match=f"not in the metadata, e.g. {ids[0]}"):
+        common.check_image_ids(path, ids[1:])
 
 
-def test_tabular_chain_end_to_end(demo, tmp_path):
-    work = str(tmp_path / "work")
-    features.main(["--data", demo, "--work", work])
-    gbdt.main(["--data", demo, "--work", work, "--name", "tabular", "--rounds", "40", "--bags", "2"])
-    labels = os.path.join(demo, "demo_test_labels.csv")
-    ensemble.main(["--data", demo, "--work", work, "--test-labels", labels])
-    test_ids = common.read_test(demo)["isic_id"].tolist()
-    answers = common.read_metadata(labels, required=["isic_id", "target"])
-    test_pred = common.read_metadata(os.path.join(work, "preds", "tabular_test.csv"))["pred"]
-    report = open(os.path.join(work, "report.md")).read()
-    assert f"tabular {common.pauc(answers['target'], test_pred):.4f}" in report.split("Test pAUC")[1]
-    with open(os.path.join(work, "submission.csv")) as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == ["isic_id", "target"]
-    assert [r[0] for r in rows[1:]] == test_ids
-    assert all(np.isfinite(float(r[1])) for r in rows[1:])
-    oof = common.read_metadata(os.path.join(work, "preds", "tabular_oof.csv"))
-    folds = common.read_metadata(os.path.join(work, "folds.csv"))
-    assert oof["isic_id"].tolist() == folds["isic_id"].tolist()
-    assert common.pauc(oof["target"], oof["pred"]) > 0.05    # far above chance (about 0.02)
-    assert os.path.exists(os.path.join(work, "models", "tabular", "fold4_bag1.txt"))
-    assert os.path.exists(os.path.join(work, "report.md"))
+def test_h5_loader_works_under_spawn():
+    ids = ["ISIC_0015740", "ISIC_0015657", "ISIC_0015729"]
+    images = common.H5Images(os.path.join(PUBLIC_TEST, "test-image.hdf5"), ids)
+    loader = common.image_loader(images, [2, 0, 1], batch_size=2, workers=1)
+    loader.multiprocessing_context = "spawn"
+    batches = list(loader)
+    assert [int(i) for b in batches for i in b[3]] == [2, 0, 1]
+    assert batches[0][0].shape == (2, common.CANVAS, common.CANVAS, 3)
+    with h5py.File(images.h5_path, "r") as h5:
+        tile = common.decode_image(h5[ids[2]][()].tobytes())
+    h, w = batches[0][1][0].tolist()
+    assert (h, w) == tile.shape[:2] == (125, 125) and np.array_equal(batches[0][0][0, :h, :w].numpy(), tile)
 
 
-# ---------------------------------------------------------------- the image branch
-
-import signal  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-import extract  # noqa: E402
-import train_backbone  # noqa: E402
-
-def tiny_train(epochs=2):
-    return ["--no-pretrained", "--epochs", str(epochs), "--neg-per-pos", "3", "--batch-size", "16", "--lr", "3e-4",
-            "--workers", "0"]
-
+# ---------------------------------------------------------------- common: image models
 
 def test_focal_loss_hand_values():
     fl = common.FocalLoss(alpha=0.25, gamma=2.0)
@@ -374,6 +403,7 @@ def test_focal_loss_hand_values():
     assert fl(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(want, rel=1e-6)
 
 
+@slow
 def test_eva02_base_builds_design_model():
     model = common.build_model("eva02_base", pretrained=False)
     assert model.num_features == 768 and common.MODEL_CONFIGS["eva02_base"]["img_size"] == 448
@@ -384,6 +414,16 @@ def test_eva02_base_builds_design_model():
 
 def test_missing_weights_error_names_flag():
     with pytest.raises(common.DataError, match="--weights"):
+        common.build_model("convnext_atto", pretrained=True)
+
+
+def test_a_real_bug_in_model_building_is_not_called_missing_weights(monkeypatch):
+    import timm
+
+    def broken(*args, **kwargs):
+        raise TypeError("create_model() got an unexpected keyword argument")
+    monkeypatch.setattr(timm, "create_model", broken)
+    with pytest.raises(TypeError, match="unexpected keyword"):
         common.build_model("convnext_atto", pretrained=True)
 
 
@@ -403,33 +443,73 @@ def test_weights_from_local_file_load_with_new_head(tmp_path, ext):
     assert torch.equal(model.stages[3].blocks[0].conv_dw.weight, src.stages[3].blocks[0].conv_dw.weight)
 
 
-def test_h5_loader_works_under_spawn(demo):
-    ids = list(common.read_train(demo)["isic_id"][:6])
-    images = common.H5Images(os.path.join(demo, "train-image.hdf5"), ids)
-    loader = common.image_loader(images, [4, 0, 5, 1, 2, 3], batch_size=3, workers=1)
-    loader.multiprocessing_context = "spawn"
-    batches = list(loader)
-    assert [int(i) for b in batches for i in b[3]] == [4, 0, 5, 1, 2, 3]
-    assert batches[0][0].shape == (3, common.CANVAS, common.CANVAS, 3)
-    with h5py.File(images.h5_path, "r") as h5:
-        tile = common.decode_image(h5[ids[4]][()].tobytes())
-    h, w = batches[0][1][0].tolist()
-    assert (h, w) == tile.shape[:2] and np.array_equal(batches[0][0][0, :h, :w].numpy(), tile)
+# ---------------------------------------------------------------- demo.py
+
+@slow
+def test_demo_set_has_kaggle_layout(demo):
+    with open(os.path.join(demo, "train-metadata.csv")) as f:
+        assert next(csv.reader(f)) == common.TRAIN_COLUMNS
+    with open(os.path.join(demo, "test-metadata.csv")) as f:
+        assert next(csv.reader(f)) == common.TEST_COLUMNS
+    train = common.read_train(demo)
+    assert train["target"].sum() >= 10
+    with h5py.File(os.path.join(demo, "train-image.hdf5"), "r") as h5:
+        i = train["isic_id"][0]
+        assert h5[i].shape == () and h5[i].dtype.kind == "S"
+        assert 61 <= common.decode_image(common.read_image_bytes(h5, i)).shape[0] <= 239
+    common.check_image_ids(os.path.join(demo, "train-image.hdf5"), list(train["isic_id"]))
 
 
-def run_script(script, args, timeout=600):
-    return subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+# ---------------------------------------------------------------- features.py
+
+def test_make_folds_grouped_balanced_deterministic():
+    rng = np.random.default_rng(3)
+    patients = np.repeat([f"IP_{i}" for i in range(200)], rng.integers(1, 40, 200))
+    y = (rng.random(len(patients)) < 0.02).astype(int)
+    folds = features.make_folds(patients, y, 5, seed=7)
+    for p in np.unique(patients):
+        assert len(set(folds[patients == p])) == 1
+    pos = np.bincount(folds, weights=y, minlength=5)
+    max_patient_pos = max(y[patients == p].sum() for p in np.unique(patients))
+    assert pos.max() - pos.min() <= max_patient_pos
+    assert set(folds) == set(range(5))
+    assert (features.make_folds(patients, y, 5, seed=7) == folds).all()
+    assert (features.make_folds(patients, y, 5, seed=8) != folds).any()
 
 
-def read_log(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
+def test_features_on_real_rows():
+    train = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"), ["isic_id"])
+    test = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"), ["isic_id"])
+    vocab = features.fit_vocabularies(train)
+    xtr, names = features.build_features(train, vocab)
+    xte, names_te = features.build_features(test, vocab)
+    assert names == names_te and xtr.shape[1] == xte.shape[1] == len(names)
+    assert not any(n.startswith(tuple(common.TRAIN_ONLY)) for n in names)
+    # FNQH Cairns is unseen in train: every attribution one-hot of that row is 0
+    att = [i for i, n in enumerate(names) if n.startswith("attribution__")]
+    assert xte[2, att].sum() == 0 and xte[0, att].sum() == 1
+    # each patient has one lesion here: z = 0, pct = 1, is_max = 1
+    assert (xte[:, names.index("clin_size_long_diam_mm_pn_z")] == 0).all()
+    assert (xte[:, names.index("clin_size_long_diam_mm_pn_pct")] == 1).all()
+    lr = names.index("lesion_size_ratio")
+    assert xte[0, lr] == pytest.approx(np.float32(2.187644 / 2.7))
 
 
-def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, tmp_path):
+def test_engineered_features_leave_numpy_error_settings_alone():
+    train = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"), ["isic_id"])
+    train["tbp_lv_perimeterMM"][:] = 0.0  # zero denominators
+    with np.errstate(all="raise"):  # a notebook's own setting: kept, and no FloatingPointError
+        names, x = features.engineered_features(train)
+        assert np.geterr()["divide"] == "raise"
+    assert np.isnan(x[:, names.index("area_to_perimeter_ratio")]).all()
+
+
+# ---------------------------------------------------------------- train_backbone.py
+
+@slow
+def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, demo_work, tmp_path):
     args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo] + tiny_train(3)
-    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    straight, killed = copy_work(demo_work, tmp_path / "straight"), copy_work(demo_work, tmp_path / "killed")
     r = run_script("train_backbone.py", args + ["--work", straight])
     assert r.returncode == 0, r.stderr
     log_rows = read_log(os.path.join(straight, "models", "eva02_tiny", "fold1", "log.csv"))
@@ -455,14 +535,21 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     assert [r["epoch"] for r in read_log(log_path)] == ["0", "1", "2"]
 
 
-@pytest.fixture(scope="session")
-def trained(demo, tmp_path_factory):
-    """convnext_atto trained on every fold of the demo set, then extracted."""
-    work = str(tmp_path_factory.mktemp("work_img"))
-    train_backbone.main(["--arch", "convnext_atto", "--fold", "all", "--data", demo, "--work", work] + tiny_train())
-    extract.main(["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--batch-size", "64"])
-    return work
+@slow
+def test_ddp_two_cpu_processes_stay_in_sync(demo, demo_work, tmp_path):
+    work = copy_work(demo_work, tmp_path / "work")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "train_backbone.py", "--arch", "convnext_atto", "--fold", "0", "--data", demo,
+           "--work", work] + tiny_train(1)
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if "weights differ between ranks by at most" in line]
+    assert len(lines) == 2 and all(line.endswith("at most 0") for line in lines)
+    assert os.path.exists(os.path.join(work, "models", "convnext_atto", "fold0", "last.pt"))
 
+
+# ---------------------------------------------------------------- extract.py
 
 def embed_one(work, demo, fold, isic_id, split="train"):
     model = extract.load_fold_model(os.path.join(work, "models"), "convnext_atto", fold, torch.device("cpu"))
@@ -478,311 +565,93 @@ def embed_one(work, demo, fold, isic_id, split="train"):
     return f[0].numpy(), torch.sigmoid(z[0]).item()
 
 
+@slow
 def test_extraction_parity_and_out_of_fold(demo, trained):
-    train = common.read_train(demo)
-    folds = common.read_metadata(os.path.join(trained, "folds.csv"))["fold"].astype(int)
+    train = common.read_lesions(trained, "train")
     emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_train.npy"), train["isic_id"])
-    oof = common.read_metadata(os.path.join(trained, "preds", "img_convnext_atto_oof.csv"))
-    assert oof["isic_id"].tolist() == train["isic_id"].tolist()
+    oof = common.read_preds(trained, "img_convnext_atto", "train", train["isic_id"])
     for k in range(5):
-        row = int(np.flatnonzero(folds == k)[0])
+        row = int(np.flatnonzero(train["fold"] == k)[0])
         mine = [embed_one(trained, demo, j, train["isic_id"][row]) for j in range(5)]
         np.testing.assert_allclose(emb[row], mine[k][0], rtol=1e-4, atol=1e-4)
-        assert oof["pred"][row] == pytest.approx(mine[k][1], rel=1e-4, abs=1e-6)
+        assert oof[row] == pytest.approx(mine[k][1], rel=1e-4, abs=1e-6)
         # and not from any other fold's model, which trained on this row
         assert all(np.abs(emb[row] - mine[j][0]).max() > 1e-3 for j in range(5) if j != k)
 
 
+@slow
 def test_test_embeddings_are_mean_of_fold_models(demo, trained):
-    test = common.read_test(demo)
+    test = common.read_lesions(trained, "test")
     emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_test.npy"), test["isic_id"])
-    preds = common.read_metadata(os.path.join(trained, "preds", "img_convnext_atto_test.csv"))
+    preds = common.read_preds(trained, "img_convnext_atto", "test", test["isic_id"])
     per_fold = [embed_one(trained, demo, j, test["isic_id"][0], "test") for j in range(5)]
     np.testing.assert_allclose(emb[0], np.mean([e for e, _ in per_fold], axis=0), rtol=1e-4, atol=1e-4)
-    assert preds["pred"][0] == pytest.approx(np.mean([p for _, p in per_fold]), rel=1e-4)
+    assert preds[0] == pytest.approx(np.mean([p for _, p in per_fold]), rel=1e-4)
 
 
-def test_gbdt_with_image_scores_and_embeddings(demo, trained):
-    features.main(["--data", demo, "--work", trained])
-    gbdt.main(["--data", demo, "--work", trained, "--name", "tab_cnx", "--image", "convnext_atto",
-               "--embeddings", "convnext_atto", "--rounds", "20", "--bags", "1"])
-    with open(os.path.join(trained, "models", "tab_cnx", "importance.csv")) as f:
-        names = [r["feature"] for r in csv.DictReader(f)]
-    assert {"img_convnext_atto", "img_convnext_atto_over_patient_mean", "img_convnext_atto_pn_z",
-            "emb_convnext_atto_319"} <= set(names)
-
-
-def test_ddp_two_cpu_processes_stay_in_sync(demo, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train_backbone.py", "--arch", "convnext_atto", "--fold", "0", "--data", demo,
-           "--work", str(tmp_path)] + tiny_train(1)
-    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    lines = [line for line in r.stdout.splitlines() if "weights differ between ranks by at most" in line]
-    assert len(lines) == 2 and all(line.endswith("at most 0") for line in lines)
-    assert os.path.exists(os.path.join(str(tmp_path), "models", "convnext_atto", "fold0", "last.pt"))
-
-
-# ---------------------------------------------------------------- bad input, interruptions, reproducibility
-
-import io  # noqa: E402
-import shutil  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-
-def copy_demo(demo, dst):
-    shutil.copytree(demo, dst)
-    return str(dst)
-
-
-def rewrite_csv(path, edit):
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    rows = edit(rows)
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-
-
-@pytest.mark.parametrize("case, match", [
-    ("missing_file", "train-metadata.csv: file not found"),
-    ("missing_column", "missing required column.*tbp_lv_areaMM2"),
-    ("duplicate_id", "duplicated isic_id ISIC_1000003"),
-    ("not_a_number", "row 5, column tbp_lv_L: 'dark' is not a number"),
-    ("ragged_row", "row 3 has 54 fields, the header has 55"),
-])
-def test_bad_metadata_gives_clear_error_and_writes_nothing(demo, tmp_path, case, match):
-    data = copy_demo(demo, tmp_path / "data")
-    path = os.path.join(data, "train-metadata.csv")
-    if case == "missing_file":
-        os.remove(path)
-    elif case == "missing_column":
-        rewrite_csv(path, lambda rows: [r[:19] + r[20:] for r in rows])
-    elif case == "duplicate_id":
-        rewrite_csv(path, lambda rows: rows[:5] + [rows[4]] + rows[5:])
-    elif case == "not_a_number":
-        rewrite_csv(path, lambda rows: rows[:4] + [rows[4][:17] + ["dark"] + rows[4][18:]] + rows[5:])
-    elif case == "ragged_row":
-        rewrite_csv(path, lambda rows: rows[:2] + [rows[2][:-1]] + rows[3:])
-    with pytest.raises(common.DataError, match=match):
-        common.read_train(data)
-    work = str(tmp_path / "work")
-    r = run_script("features.py", ["--data", data, "--work", work])
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
-    assert not os.path.exists(os.path.join(work, "features"))
-
-
-def test_missing_data_dir_says_how_to_pass_it(tmp_path):
-    r = run_script("features.py", ["--work", str(tmp_path)])
-    assert r.returncode == 2 and "--data" in r.stderr and "python common.py demo" in r.stderr
-
-
-def test_number_spellings(tmp_path):
-    path = tmp_path / "m.csv"
-    path.write_text("isic_id,age_approx\na,45\nb,45.0\nc,8.05E-13\nd, 3.2 \ne,NA\nf,nan\ng,\nh,-1e3\n")
-    got = common.read_metadata(str(path))["age_approx"]
-    np.testing.assert_array_equal(got[[0, 1, 2, 3, 7]], [45.0, 45.0, 8.05e-13, 3.2, -1000.0])
-    assert np.isnan(got[4:7]).all()
-
-
-def jpeg(mode, fmt="JPEG"):
-    buf = io.BytesIO()
-    Image.new(mode, (70, 64), {"L": 128, "RGBA": (10, 20, 30, 40), "CMYK": (0, 50, 100, 0),
-                              "RGB": (200, 100, 50)}[mode]).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def test_image_formats_decode_to_rgb_and_broken_ones_name_the_id():
-    for raw in (jpeg("L"), jpeg("RGBA", "PNG"), jpeg("CMYK"), jpeg("RGB", "PNG")):
-        im = common.decode_image(raw, "ISIC_x")
-        assert im.shape == (64, 70, 3) and im.dtype == np.uint8
-    good = jpeg("RGB")
-    for raw, what in ((good[:len(good) // 2], "cannot be decoded"), (b"not an image", "cannot be decoded"),
-                      (b"", "empty")):
-        with pytest.raises(common.DataError, match=f"ISIC_bad.*{what}"):
-            common.decode_image(raw, "ISIC_bad")
-
-
-def test_image_ids_must_match_metadata(demo, tmp_path):
-    ids = list(common.read_train(demo)["isic_id"])
-    path = os.path.join(demo, "train-image.hdf5")
-    with pytest.raises(common.DataError, match="no image for 1 isic_id.*ISIC_9999999"):
-        common.check_image_ids(path, ids + ["ISIC_9999999"])
-    with pytest.raises(common.DataError, match=f"not in the metadata, e.g. {ids[0]}"):
-        common.check_image_ids(path, ids[1:])
-
-
-def test_stage_files_from_another_run_are_refused(tmp_path):
-    path = str(tmp_path / "emb" / "x_train.npy")
-    common.save_array(path, np.zeros((3, 2), np.float32), ["a", "b", "c"])
-    np.testing.assert_array_equal(common.load_array(path, ["a", "b", "c"]), np.zeros((3, 2)))
-    with pytest.raises(common.DataError, match="do not line up.*first difference at row 1"):
-        common.load_array(path, ["a", "c", "b"])
-    with pytest.raises(common.DataError, match="3 rows against 4"):
-        common.load_array(path, ["a", "b", "c", "d"])
-
-
-def corrupt_image(h5_path, isic_id, raw):
-    with h5py.File(h5_path, "a") as h5:
-        del h5[isic_id]
-        h5.create_dataset(isic_id, data=np.bytes_(raw))
-
-
-def test_broken_images_skipped_in_training_and_scored_without_image(demo, trained, tmp_path):
-    data = copy_demo(demo, tmp_path / "data")
-    train, test = common.read_train(data), common.read_test(data)
-    bad_train = train["isic_id"][np.flatnonzero(train["target"] == 1)[0]]   # a positive: in every epoch
-    bad_test = test["isic_id"][3]
-    corrupt_image(os.path.join(data, "train-image.hdf5"), bad_train, b"\xff\xd8\xff truncated")
-    corrupt_image(os.path.join(data, "test-image.hdf5"), bad_test, b"")
-    work = str(tmp_path / "work")
-    shutil.copytree(trained, work)
-    folds = common.read_metadata(os.path.join(work, "folds.csv"))["fold"].astype(int)
-    fold = (int(folds[list(train["isic_id"]).index(bad_train)]) + 1) % 5
-    r = run_script("train_backbone.py", ["--arch", "convnext_atto", "--fold", str(fold), "--data", data,
-                                         "--work", work] + tiny_train(1))
-    assert r.returncode == 0, r.stderr
-    assert f"skipped 1 training image(s) that cannot be decoded: {bad_train}" in r.stdout
-    r = run_script("extract.py", ["--arch", "convnext_atto", "--data", data, "--work", work, "--workers", "0"])
-    assert r.returncode == 0, r.stderr
-    assert bad_train in r.stdout and bad_test in r.stdout
-    emb = common.load_array(os.path.join(work, "emb", "convnext_atto_test.npy"), test["isic_id"])
-    assert np.isnan(emb[3]).all() and not np.isnan(emb[[0, 1, 2, 4]]).any()
-    features.main(["--data", data, "--work", work])
-    gbdt.main(["--data", data, "--work", work, "--name", "t", "--image", "convnext_atto", "--rounds", "10",
-               "--bags", "1"])
-    ensemble.main(["--data", data, "--work", work, "--names", "t"])
-    sub = common.read_metadata(os.path.join(work, "submission.csv"), required=["isic_id", "target"])
-    assert sub["isic_id"].tolist() == test["isic_id"].tolist() and np.isfinite(sub["target"]).all()
-
-
-def test_edge_cases_zero_test_rows_and_all_missing_column(demo, tmp_path):
-    data = copy_demo(demo, tmp_path / "data")
-    rewrite_csv(os.path.join(data, "test-metadata.csv"), lambda rows: rows[:1])
-    col = common.TRAIN_COLUMNS.index("tbp_lv_nevi_confidence")
-    rewrite_csv(os.path.join(data, "train-metadata.csv"),
-                lambda rows: rows[:1] + [r[:col] + [""] + r[col + 1:] for r in rows[1:]])
-    work = str(tmp_path / "work")
-    features.main(["--data", data, "--work", work])
-    gbdt.main(["--data", data, "--work", work, "--rounds", "10", "--bags", "1"])
-    ensemble.main(["--data", data, "--work", work])
-    with open(os.path.join(work, "submission.csv")) as f:
-        assert f.read() == "isic_id,target\n"
-
-
-def test_sigkill_never_leaves_a_half_written_file(demo, tmp_path):
-    work = str(tmp_path / "work")
-    features.main(["--data", demo, "--work", work])
-    gbdt.main(["--data", demo, "--work", work, "--rounds", "20", "--bags", "1"])
-    ids = common.read_train(demo)["isic_id"].tolist()
-    for delay in (0.5, 1.5, 2.5, 3.5):
-        proc = subprocess.Popen([sys.executable, "gbdt.py", "--data", demo, "--work", work, "--rounds", "60",
-                                 "--bags", "2", "--seed", "7"], cwd=HERE, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        oof = common.read_metadata(os.path.join(work, "preds", "tabular_oof.csv"))   # complete, old or new
-        assert oof["isic_id"].tolist() == ids and np.isfinite(oof["pred"]).all()
-        for name in os.listdir(os.path.join(work, "models", "tabular")):
-            if name.endswith(".txt") and not name.startswith("."):    # a whole booster loads
-                assert gbdt.lgb.Booster(model_file=os.path.join(work, "models", "tabular", name)).num_trees() >= 20
-
-
+@slow
 def test_extraction_resumes_from_finished_folds(demo, trained, tmp_path):
-    work = str(tmp_path / "work")
-    shutil.copytree(trained, work)
+    work = copy_work(trained, tmp_path / "work")
     want = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     # an interrupted run: fold 0 finished, and its part holds a marker no recomputation would give
     part = os.path.join(work, "emb", "parts", "convnext_atto_fold0.npz")
     os.makedirs(os.path.dirname(part))
-    folds = common.read_metadata(os.path.join(work, "folds.csv"))["fold"].astype(int)
-    train_ids = np.asarray(common.read_train(demo)["isic_id"], str)
-    test_ids = np.asarray(common.read_test(demo)["isic_id"], str)
-    rows = np.flatnonzero(folds == 0)
-    np.savez(part, train_ids=train_ids[rows], test_ids=test_ids,
+    train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
+    rows = np.flatnonzero(train["fold"] == 0)
+    np.savez(part, train_ids=train["isic_id"][rows].astype(str), test_ids=test["isic_id"].astype(str),
              train_emb=np.full((len(rows), 320), 7.0, np.float32), train_logit=np.zeros(len(rows)),
-             test_emb=np.zeros((len(test_ids), 320), np.float32), test_logit=np.zeros(len(test_ids)))
+             test_emb=np.zeros((len(test["isic_id"]), 320), np.float32), test_logit=np.zeros(len(test["isic_id"])))
     r = run_script("extract.py", ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0",
                                   "--resume"])
     assert r.returncode == 0, r.stderr
     assert "fold 0: reusing" in r.stdout and "fold 1 held-out train" in r.stdout
     got = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     assert (got[rows] == 7.0).all()
+    folds = train["fold"]
     np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-4, atol=1e-4)
     assert not os.path.exists(os.path.dirname(part))      # parts are removed once the outputs are whole
 
 
-def test_same_seed_gives_byte_identical_outputs(demo, tmp_path):
-    outs = []
-    for name in ("a", "b"):
-        work = str(tmp_path / name)
-        features.main(["--data", demo, "--work", work])
-        gbdt.main(["--data", demo, "--work", work, "--rounds", "20", "--bags", "2"])
-        ensemble.main(["--data", demo, "--work", work])
-        outs.append([open(os.path.join(work, f), "rb").read() for f in
-                     ("folds.csv", "features/train.npy", "features/test.npy", "preds/tabular_oof.csv",
-                      "preds/tabular_test.csv", "submission.csv")])
-    assert outs[0] == outs[1]
+# ---------------------------------------------------------------- gbdt.py
+
+@slow
+def test_gbdt_with_image_scores_and_embeddings(trained, tmp_path):
+    work = copy_work(trained, tmp_path / "work")
+    gbdt.main(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--embeddings", "convnext_atto",
+               "--rounds", "20", "--bags", "1"])
+    names = common.read_csv(os.path.join(work, "models", "tab_cnx", "importance.csv"), ["feature"])["feature"]
+    assert {"img_convnext_atto", "img_convnext_atto_over_patient_mean", "img_convnext_atto_pn_z",
+            "emb_convnext_atto_319"} <= set(names)
 
 
-# ---------------------------------------------------------------- Kaggle: pasted cells, predict-only
-
-def pasted_main(script):
-    """common.py then the script, in one namespace, as a kernel's cells hold them."""
-    import re
-    ns = {"__name__": "__kernel__"}
-    exec(compile(open(os.path.join(HERE, "common.py")).read(), "cell-common", "exec"), ns)
-    src = re.sub(r"^from common import (\([^)]*\)|[^\n]*)\n", "", open(os.path.join(HERE, script)).read(), flags=re.M)
-    assert "from common" not in src and "import features" not in src
-    exec(compile(src, f"cell-{script}", "exec"), ns)
-    return ns["main"]
-
-
-def test_every_script_runs_pasted_into_a_kernel(demo, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["/usr/local/lib/python3.10/dist-packages/ipykernel_launcher.py", "-f",
-                                      "/root/.local/share/jupyter/runtime/kernel-1.json"])
-    work = str(tmp_path / "work")
-    base = ["--data", demo, "--work", work]
-    pasted_main("features.py")(base)
-    pasted_main("train_backbone.py")(base + ["--arch", "convnext_atto", "--fold", "all"] + tiny_train(1))
-    pasted_main("extract.py")(base + ["--arch", "convnext_atto", "--workers", "0"])
-    pasted_main("gbdt.py")(base + ["--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10", "--bags", "1"])
-    pasted_main("ensemble.py")(base)
-    sub = common.read_metadata(os.path.join(work, "submission.csv"), required=["isic_id", "target"])
-    assert sub["isic_id"].tolist() == common.read_test(demo)["isic_id"].tolist()
-    assert np.isfinite(sub["target"]).all()
-    assert os.path.exists(os.path.join(work, "models", "convnext_atto", "fold4", "last.pt"))
+@slow
+def test_sigkill_never_leaves_a_half_written_file(demo, demo_work, tmp_path):
+    work = copy_work(demo_work, tmp_path / "work")
+    gbdt.main(["--work", work, "--rounds", "20", "--bags", "1"])
+    ids = common.read_lesions(work, "train")["isic_id"].tolist()
+    for delay in (0.5, 1.5, 2.5, 3.5):
+        proc = subprocess.Popen([sys.executable, "gbdt.py", "--work", work, "--rounds", "60", "--bags", "2",
+                                 "--seed", "7"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        oof = common.read_preds(work, "tabular", "train", ids)   # complete, old or new
+        assert np.isfinite(oof).all()
+        for name in os.listdir(os.path.join(work, "models", "tabular")):
+            if name.endswith(".txt") and not name.startswith("."):    # a whole booster loads
+                assert gbdt.lgb.Booster(model_file=os.path.join(work, "models", "tabular", name)).num_trees() >= 20
 
 
-def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trained, tmp_path):
-    work = str(tmp_path / "train_run")
-    shutil.copytree(trained, work)
-    features.main(["--data", demo, "--work", work])
-    gbdt.main(["--data", demo, "--work", work, "--name", "tab_cnx", "--image", "convnext_atto",
-               "--rounds", "20", "--bags", "2"])
-    ensemble.main(["--data", demo, "--work", work])
-    models = str(tmp_path / "input" / "models")          # as a Kaggle dataset: read-only
-    shutil.copytree(os.path.join(work, "models"), models)
-    for root, dirs, files in os.walk(models):
-        for name in files + dirs:
-            os.chmod(os.path.join(root, name), 0o555 if name in dirs else 0o444)
-    fresh = str(tmp_path / "kernel_work")
-    common_args = ["--data", demo, "--work", fresh, "--predict-only", "--models", models]
-    features.main(common_args)
-    extract.main(common_args + ["--arch", "convnext_atto", "--workers", "0", "--batch-size", "64"])
-    gbdt.main(common_args + ["--name", "tab_cnx", "--image", "convnext_atto"])
-    ensemble.main(["--data", demo, "--work", fresh, "--predict-only"])
-    assert not os.path.exists(os.path.join(fresh, "features", "train.npy"))
-    assert not os.path.exists(os.path.join(fresh, "folds.csv"))
-    with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
-        assert a.read() == b.read()
+# ---------------------------------------------------------------- ensemble.py
 
-
-# ---------------------------------------------------------------- report.html
-
-from html.parser import HTMLParser  # noqa: E402
+def test_rank_average_matches_loop():
+    rng = np.random.default_rng(1)
+    preds = [rng.integers(0, 4, 30).astype(float), rng.normal(size=30), rng.random(30)]
+    want = np.zeros(30)
+    for p in preds:
+        for i in range(30):
+            want[i] += (sum(q < p[i] for q in p) + (sum(q == p[i] for q in p) + 1) / 2) / 30 / len(preds)
+    np.testing.assert_allclose(ensemble.rank_average(preds), want, atol=1e-12)
 
 
 class ReportParser(HTMLParser):
@@ -821,14 +690,12 @@ class ReportParser(HTMLParser):
             self.text[self.svg].append(data)
 
 
-def test_report_html_shows_every_model(demo, trained, tmp_path):
-    work = str(tmp_path / "work")
-    shutil.copytree(trained, work, ignore=shutil.ignore_patterns("*.pt"))  # the logs, not the checkpoints
-    features.main(["--data", demo, "--work", work])
-    gbdt.main(["--data", demo, "--work", work, "--name", "tab", "--rounds", "10", "--bags", "1"])
-    gbdt.main(["--data", demo, "--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10",
-               "--bags", "1"])
-    ensemble.main(["--data", demo, "--work", work, "--names", "tab,tab_cnx"])
+@slow
+def test_report_html_shows_every_model(trained, tmp_path):
+    work = copy_work(trained, tmp_path / "work", ignore=shutil.ignore_patterns("*.pt"))  # the logs, not the weights
+    gbdt.main(["--work", work, "--name", "tab", "--rounds", "10", "--bags", "1"])
+    gbdt.main(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10", "--bags", "1"])
+    ensemble.main(["--work", work, "--names", "tab,tab_cnx"])
     page = open(os.path.join(work, "report.html"), encoding="utf-8").read()
     assert not any(s in page for s in ("<script", "<link", "src=", "href=")), "self-contained: nothing fetched"
     report = ReportParser()
@@ -849,12 +716,176 @@ def test_report_html_shows_every_model(demo, trained, tmp_path):
     assert [row[0] for row in report.rows[1:]] == ["tab", "tab_cnx", "img_convnext_atto", "ensemble"]
     # each GBDT's most important feature labels a bar
     for name in ("tab", "tab_cnx"):
-        with open(os.path.join(work, "models", name, "importance.csv")) as f:
-            top = next(csv.DictReader(f))["feature"]
+        top = common.read_csv(os.path.join(work, "models", name, "importance.csv"), ["feature"])["feature"][0]
         assert top in report.text[f"importance-{name}"]
     # the image model's validation pAUC, a line per fold, a point per logged epoch
     curves = report.lines["curve-convnext_atto-val_pauc"]
     assert sorted(curves) == [f"fold {k}" for k in range(5)]
     for k in range(5):
-        with open(os.path.join(work, "models", "convnext_atto", f"fold{k}", "log.csv")) as f:
-            assert len(curves[f"fold {k}"]) == len(list(csv.DictReader(f)))
+        assert len(curves[f"fold {k}"]) == len(read_log(os.path.join(work, "models", "convnext_atto", f"fold{k}",
+                                                                      "log.csv")))
+
+
+# ---------------------------------------------------------------- the whole pipeline
+
+@slow
+def test_tabular_chain_end_to_end(demo, tmp_path):
+    work = str(tmp_path / "work")
+    features.main(["--data", demo, "--work", work])
+    gbdt.main(["--work", work, "--name", "tabular", "--rounds", "40", "--bags", "2"])
+    labels = os.path.join(demo, "demo_test_labels.csv")
+    ensemble.main(["--work", work, "--test-labels", labels])
+    test_ids = common.read_test(demo)["isic_id"].tolist()
+    answers = common.read_csv(labels, ["isic_id", "target"], ["target"])
+    test_pred = common.read_preds(work, "tabular", "test", test_ids)
+    report = open(os.path.join(work, "report.md")).read()
+    assert f"tabular {common.pauc(answers['target'], test_pred):.4f}" in report.split("Test pAUC")[1]
+    with open(os.path.join(work, "submission.csv")) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["isic_id", "target"]
+    assert [r[0] for r in rows[1:]] == test_ids
+    assert all(np.isfinite(float(r[1])) for r in rows[1:])
+    folds = common.read_lesions(work, "train")
+    assert folds["isic_id"].tolist() == common.read_train(demo)["isic_id"].tolist()
+    oof = common.read_preds(work, "tabular", "train", folds["isic_id"])
+    assert common.pauc(folds["target"], oof) > 0.05    # far above chance (about 0.02)
+    assert os.path.exists(os.path.join(work, "models", "tabular", "fold4_bag1.txt"))
+
+
+@slow
+@pytest.mark.parametrize("case, match", [
+    ("missing_file", "train-metadata.csv: file not found"),
+    ("missing_column", "missing required column.*tbp_lv_areaMM2"),
+    ("duplicate_id", "duplicated isic_id ISIC_1000003"),
+    ("not_a_number", "line 5, column tbp_lv_L: 'dark' is not a number"),
+    ("ragged_row", "line 3 has 54 fields, the header has 55"),
+])
+def test_bad_metadata_gives_clear_error_and_writes_nothing(demo, tmp_path, case, match):
+    data = copy_demo(demo, tmp_path / "data")
+    path = os.path.join(data, "train-metadata.csv")
+    if case == "missing_file":
+        os.remove(path)
+    elif case == "missing_column":
+        rewrite_csv(path, lambda rows: [r[:19] + r[20:] for r in rows])
+    elif case == "duplicate_id":
+        rewrite_csv(path, lambda rows: rows[:5] + [rows[4]] + rows[5:])
+    elif case == "not_a_number":
+        rewrite_csv(path, lambda rows: rows[:4] + [rows[4][:17] + ["dark"] + rows[4][18:]] + rows[5:])
+    elif case == "ragged_row":
+        rewrite_csv(path, lambda rows: rows[:2] + [rows[2][:-1]] + rows[3:])
+    with pytest.raises(common.DataError, match=match):
+        common.read_train(data)
+    work = str(tmp_path / "work")
+    r = run_script("features.py", ["--data", data, "--work", work])
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert not os.path.exists(os.path.join(work, "features"))
+
+
+@slow
+def test_missing_data_dir_says_how_to_pass_it(tmp_path):
+    r = run_script("features.py", ["--work", str(tmp_path)])
+    assert r.returncode == 2 and "--data" in r.stderr and "python demo.py" in r.stderr
+
+
+@slow
+def test_broken_images_skipped_in_training_and_scored_without_image(demo, trained, tmp_path):
+    data = copy_demo(demo, tmp_path / "data")
+    train, test = common.read_lesions(trained, "train"), common.read_lesions(trained, "test")
+    bad_train = train["isic_id"][np.flatnonzero(train["target"] == 1)[0]]   # a positive: in every epoch
+    bad_test = test["isic_id"][3]
+    corrupt_image(os.path.join(data, "train-image.hdf5"), bad_train, b"\xff\xd8\xff truncated")
+    corrupt_image(os.path.join(data, "test-image.hdf5"), bad_test, b"")
+    work = copy_work(trained, tmp_path / "work")
+    fold = (int(train["fold"][list(train["isic_id"]).index(bad_train)]) + 1) % 5
+    r = run_script("train_backbone.py", ["--arch", "convnext_atto", "--fold", str(fold), "--data", data,
+                                         "--work", work] + tiny_train(1))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped 1 training image(s) that cannot be decoded: {bad_train}" in r.stdout
+    r = run_script("extract.py", ["--arch", "convnext_atto", "--data", data, "--work", work, "--workers", "0"])
+    assert r.returncode == 0, r.stderr
+    assert bad_train in r.stdout and bad_test in r.stdout
+    emb = common.load_array(os.path.join(work, "emb", "convnext_atto_test.npy"), test["isic_id"])
+    assert np.isnan(emb[3]).all() and not np.isnan(emb[[0, 1, 2, 4]]).any()
+    gbdt.main(["--work", work, "--name", "t", "--image", "convnext_atto", "--rounds", "10", "--bags", "1"])
+    ensemble.main(["--work", work, "--names", "t"])
+    sub = common.read_csv(os.path.join(work, "submission.csv"), ["isic_id", "target"], ["target"])
+    assert sub["isic_id"].tolist() == test["isic_id"].tolist() and np.isfinite(sub["target"]).all()
+
+
+@slow
+def test_edge_cases_zero_test_rows_and_all_missing_column(demo, tmp_path):
+    data = copy_demo(demo, tmp_path / "data")
+    rewrite_csv(os.path.join(data, "test-metadata.csv"), lambda rows: rows[:1])
+    col = common.TRAIN_COLUMNS.index("tbp_lv_nevi_confidence")
+    rewrite_csv(os.path.join(data, "train-metadata.csv"),
+                lambda rows: rows[:1] + [r[:col] + [""] + r[col + 1:] for r in rows[1:]])
+    work = str(tmp_path / "work")
+    features.main(["--data", data, "--work", work])
+    gbdt.main(["--work", work, "--rounds", "10", "--bags", "1"])
+    ensemble.main(["--work", work])
+    with open(os.path.join(work, "submission.csv")) as f:
+        assert f.read() == "isic_id,target\n"
+
+
+@slow
+def test_same_seed_gives_byte_identical_outputs(demo, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        work = str(tmp_path / name)
+        features.main(["--data", demo, "--work", work])
+        gbdt.main(["--work", work, "--rounds", "20", "--bags", "2"])
+        ensemble.main(["--work", work])
+        outs.append([open(os.path.join(work, f), "rb").read() for f in
+                     ("folds.csv", "features/train.npy", "features/test.npy", "preds/tabular_oof.csv",
+                      "preds/tabular_test.csv", "submission.csv")])
+    assert outs[0] == outs[1]
+
+
+def pasted_main(script):
+    """common.py then the script, in one namespace, as a kernel's cells hold them."""
+    ns = {"__name__": "__kernel__"}
+    exec(compile(open(os.path.join(HERE, "common.py")).read(), "cell-common", "exec"), ns)
+    src = re.sub(r"^from common import (\([^)]*\)|[^\n]*)\n", "", open(os.path.join(HERE, script)).read(), flags=re.M)
+    assert "from common" not in src and "import features" not in src
+    exec(compile(src, f"cell-{script}", "exec"), ns)
+    return ns["main"]
+
+
+@slow
+def test_every_script_runs_pasted_into_a_kernel(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["/usr/local/lib/python3.10/dist-packages/ipykernel_launcher.py", "-f",
+                                      "/root/.local/share/jupyter/runtime/kernel-1.json"])
+    work = str(tmp_path / "work")
+    pasted_main("features.py")(["--data", demo, "--work", work])
+    pasted_main("train_backbone.py")(["--data", demo, "--work", work, "--arch", "convnext_atto", "--fold", "all"]
+                                     + tiny_train(1))
+    pasted_main("extract.py")(["--data", demo, "--work", work, "--arch", "convnext_atto", "--workers", "0"])
+    pasted_main("gbdt.py")(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10",
+                            "--bags", "1"])
+    pasted_main("ensemble.py")(["--work", work])
+    sub = common.read_csv(os.path.join(work, "submission.csv"), ["isic_id", "target"], ["target"])
+    assert sub["isic_id"].tolist() == common.read_test(demo)["isic_id"].tolist()
+    assert np.isfinite(sub["target"]).all()
+    assert os.path.exists(os.path.join(work, "models", "convnext_atto", "fold4", "last.pt"))
+
+
+@slow
+def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trained, tmp_path):
+    work = copy_work(trained, tmp_path / "train_run")
+    gbdt.main(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "20", "--bags", "2"])
+    ensemble.main(["--work", work])
+    models = str(tmp_path / "input" / "models")          # as a Kaggle dataset: read-only
+    shutil.copytree(os.path.join(work, "models"), models)
+    for root, dirs, files in os.walk(models):
+        for name in files + dirs:
+            os.chmod(os.path.join(root, name), 0o555 if name in dirs else 0o444)
+    fresh = str(tmp_path / "kernel_work")
+    common_args = ["--work", fresh, "--predict-only", "--models", models]
+    features.main(common_args + ["--data", demo])
+    extract.main(common_args + ["--data", demo, "--arch", "convnext_atto", "--workers", "0", "--batch-size", "64"])
+    gbdt.main(common_args + ["--name", "tab_cnx", "--image", "convnext_atto"])
+    ensemble.main(["--work", fresh, "--predict-only"])
+    assert not os.path.exists(os.path.join(fresh, "features", "train.npy"))
+    assert not os.path.exists(os.path.join(fresh, "folds.csv"))
+    with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
+        assert a.read() == b.read()

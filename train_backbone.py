@@ -6,7 +6,7 @@ and resizing on the device in batches, mixed precision (bf16, or fp16 with a gra
 GPUs without bf16). Validation pAUC on the fold's held-out patients picks the best checkpoint.
 Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel, rank 0 writing.
 
-Reads:  DATA/train-metadata.csv, DATA/train-image.hdf5, WORK/folds.csv (made if missing)
+Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
 Writes: WORK/models/ARCH/fold{k}/best.pt (weights of the best epoch), last.pt (everything needed
         to resume), log.csv (one row per epoch), args.json
 
@@ -23,9 +23,9 @@ import time
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, amp_dtype, atomic_write, autocast, build_model, check_image_ids, data_path,
-                    default_data_dir, FocalLoss, H5Images, image_loader, load_folds, log, normalization, pauc, predict,
-                    prepare_batch, read_train, run_main, split_broken, write_args, write_csv)
+from common import (MODEL_CONFIGS, FocalLoss, H5Images, amp_dtype, atomic_write, autocast, build_model,
+                    check_image_ids, data_path, default_data_dir, image_loader, log, normalization, pauc, predict,
+                    prepare_batch, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -46,10 +46,30 @@ def save_checkpoint(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+LOG_HEADER = ["epoch", "train_loss", "val_loss", "val_pauc", "lr", "seconds", "train_images_per_s"]
+
+
+def write_epoch_log(path, row):
+    """Rewrites log.csv with the rows of earlier epochs (a resumed run drops any it will redo)."""
+    old = read_csv(path, LOG_HEADER, LOG_HEADER) if os.path.exists(path) else {c: np.zeros(0) for c in LOG_HEADER}
+    keep = old["epoch"] < row[0]
+    columns = [np.r_[old[c][keep], v] for c, v in zip(LOG_HEADER, row)]
+    write_csv(path, LOG_HEADER, [columns[0].astype(int)] + columns[1:])
+
+
+def check_ranks_in_sync(model):
+    """Largest difference of any weight between the DDP ranks (0 when DDP works)."""
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
+    torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
+    return (hi - lo).abs().max().item()
+
+
 def train_fold(args, fold, train, folds, images, device, rank, world):
     arch_cfg = MODEL_CONFIGS[args.arch]
     out_dir = os.path.join(args.work, "models", args.arch, f"fold{fold}")
-    y = train["target"].astype(int)
+    y = train["target"]
     ids = np.asarray(train["isic_id"], dtype=str)
     trn, val = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
     if args.val_neg_per_pos:  # a subsample of validation negatives keeps validation fast
@@ -137,20 +157,6 @@ def train_fold(args, fold, train, folds, images, device, rank, world):
     return best
 
 
-LOG_HEADER = ["epoch", "train_loss", "val_loss", "val_pauc", "lr", "seconds", "train_images_per_s"]
-
-
-def write_epoch_log(path, row):
-    """Rewrites log.csv with the rows of earlier epochs (a resumed run drops any it will redo)."""
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = [line.rstrip("\n").split(",") for line in f][1:]
-        rows = [r for r in rows if int(r[0]) < row[0]]
-    rows.append([str(v) for v in row])
-    write_csv(path, LOG_HEADER, list(zip(*rows)))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
@@ -183,11 +189,11 @@ def main(argv=None):
               else torch.device("cpu"))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    train = read_train(args.data)
+    train = read_lesions(args.work, "train")
     h5_path = data_path(args.data, "train-image.hdf5")
     check_image_ids(h5_path, list(train["isic_id"]))
     images = H5Images(h5_path, train["isic_id"], train["target"])
-    folds = load_folds(args.work, train)
+    folds = train["fold"]
     todo = sorted(set(folds.tolist())) if args.fold == "all" else [int(args.fold)]
     for fold in todo:
         if rank == 0:
@@ -197,15 +203,6 @@ def main(argv=None):
             log(f"{args.arch} fold {fold}: best validation pAUC {best:.4f}")
     if world > 1:
         torch.distributed.destroy_process_group()
-
-
-def check_ranks_in_sync(model):
-    """Largest difference of any weight between the DDP ranks (0 when DDP works)."""
-    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    hi, lo = flat.clone(), flat.clone()
-    torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
-    torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
-    return (hi - lo).abs().max().item()
 
 
 if __name__ == "__main__":
