@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402 (after the OpenMP setting)
 import torch  # noqa: E402
 
 import common  # noqa: E402
+import ensemble  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
 from demo import demo_lesions, make_demo, write_metadata  # noqa: E402
@@ -312,21 +313,114 @@ def forward_flops(model, size):
     return counter.get_total_flops()
 
 
-def gpu_estimate(peak_tflops=18.7, efficiency=0.4):
-    """Table rows of the GPU cost projected from the forward FLOPs torch counts for one image
-    (training at three times that) at `efficiency` of a P100's fp16 peak: an estimate, not a
-    measurement."""
-    rate = peak_tflops * efficiency * 1e12
-    table, total = [], 0.0
-    for arch in ("eva02_base", "convnext"):
+# Kaggle's GPUs: dense fp16 peak TFLOP/s of one, how many a notebook has, and the share of the peak
+# assumed for these models (the P100 has no tensor cores and reaches a larger share of a smaller peak)
+KAGGLE_GPUS = {"P100": (18.7, 1, 0.4), "2 x T4": (65.0, 2, 0.25)}
+KAGGLE_CORES, DECODES_PER_CORE = 4, 7100  # a Kaggle notebook's CPU cores; JPEG decodes a second on one core
+
+
+def saved_activation_bytes(arch, checkpointing):
+    """Bytes that autograd saves per image in one training forward of ARCH at its training size
+    (bf16 autocast on the CPU, random weights), counted with saved_tensors_hooks: the difference
+    between batches of 2 and 1, so that what does not grow with the batch (the weights' 16-bit
+    copies) is left out."""
+    model = common.build_model(arch, pretrained=False).train()
+    model.set_grad_checkpointing(checkpointing)
+    size = common.MODEL_CONFIGS[arch]["img_size"]
+
+    def saved(batch):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            model(torch.randn(batch, 3, size, size))
+        return sum(storages.values())
+    return saved(2) - saved(1)
+
+
+def memory_figures(archs):
+    """Table rows: per architecture at its training size, what training holds in GPU memory, and the
+    largest micro-batch (train_backbone.py's rule, common.largest_micro_batch) on 16 and 80 GB."""
+    table = []
+    for arch in archs:
+        cfg = common.MODEL_CONFIGS[arch]
+        n_params = sum(p.numel() for p in common.build_model(arch, pretrained=False).parameters())
+        act = {c: saved_activation_bytes(arch, c) for c in (False, True)}
+        table += [(f"{arch} ({cfg['img_size']} px): parameters, millions", "", "", n_params / 1e6, ""),
+                  (f"{arch}: weights + gradients + AdamW state, GiB", "", "", 16 * n_params / 2 ** 30,
+                   "fp32, 16 bytes a parameter"),
+                  (f"{arch}: saved activations per image, MiB", "", "", act[False] / 2 ** 20,
+                   f"MODEL_CONFIGS act_mib: {cfg['act_mib']}"),
+                  (f"{arch}: the same with gradient checkpointing, MiB", "", "", act[True] / 2 ** 20,
+                   f"MODEL_CONFIGS act_mib_ckpt: {cfg['act_mib_ckpt']}")]
+        for gb in (16, 80):
+            plain, ckpt = (common.largest_micro_batch(gb * 1e9, n_params, act[c]) for c in (False, True))
+            table.append((f"{arch}: largest micro-batch on {gb} GB", "", "", float(plain),
+                          f"{ckpt} with gradient checkpointing"))
+    return table
+
+
+def submission_figures(test_lesions, archs, cache):
+    """Table rows: the submission notebook's time on each of KAGGLE_GPUS for `test_lesions` lesions,
+    stage by stage: features and GBDT prediction measured here (on fewer rows, scaled) and
+    extraction projected from counted FLOPs; `run.sh --predict-only` runs one fold model per
+    architecture (extract.py --test-models best), the mean of five would be five times the GPU time."""
+    n = 40_000
+    data = os.path.join(cache, f"submission{n}")
+    if not os.path.exists(os.path.join(data, "test-metadata.csv")):
+        os.makedirs(data, exist_ok=True)
+        write_metadata(os.path.join(data, "test-metadata.csv"), synthetic_train(n), common.TEST_COLUMNS)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        t0 = time.perf_counter()
+        test = common.read_test(data)
+        x, _ = features.build_features(test, features.fit_vocabularies(test))
+        common.save_array(os.path.join(tmp, "test.npy"), x, list(test["isic_id"]))
+    t_features = (time.perf_counter() - t0) * test_lesions / n
+    rng = np.random.default_rng(0)
+    y = (rng.random(20_000) < 0.02).astype(int)
+    booster = gbdt.lgb.train({"objective": "binary", "num_leaves": 31, "max_depth": 6, "verbose": -1},
+                             gbdt.lgb.Dataset(x[:20_000], y), 250)
+    t_booster = timed(booster.predict, x)[0] * test_lesions / n
+    t_gbdt = 3 * 5 * 3 * t_booster  # three GBDTs of 5 folds x 3 bags
+    t_ensemble = timed(ensemble.rank_average, [rng.random(test_lesions) for _ in range(3)])[0]
+    table = [("features.py --predict-only", test_lesions, "", t_features / 60, "minutes, measured on 40,000 rows"),
+             ("gbdt.py --predict-only, three models of 15 boosters", test_lesions, "", t_gbdt / 60, "minutes"),
+             ("ensemble.py --predict-only", test_lesions, "", t_ensemble / 60, "minutes")]
+    decode = test_lesions / (KAGGLE_CORES * DECODES_PER_CORE) / 60
+    flops = {a: forward_flops(common.build_model(a, pretrained=False).eval(), common.MODEL_CONFIGS[a]["img_size"])
+             for a in archs}
+    for gpu, (peak, count, share) in KAGGLE_GPUS.items():
+        rate = peak * 1e12 * count * share
+        total = (t_features + t_gbdt + t_ensemble) / 60
+        for arch in archs:
+            minutes = max(test_lesions * flops[arch] / rate / 60, decode)
+            total += minutes
+            table += [(f"{gpu}: extract.py {arch}, one fold model (--test-models best)", test_lesions, "", minutes,
+                       f"minutes, projected: {flops[arch] / 1e9:.1f} GFLOP an image at {share:.0%} of the peak"),
+                      (f"{gpu}: extract.py {arch}, mean of 5 fold models", test_lesions, "", 5 * minutes, "minutes")]
+        table.append((f"**{gpu}: run.sh --predict-only, hours**", test_lesions, "", total / 60,
+                      "projected; Kaggle's limit is 12 h"))
+    return table
+
+
+def gpu_estimate(archs, test_lesions, cache):
+    """Table rows of the GPU cost projected from counted FLOPs (training at three times the forward)
+    on Kaggle's GPUs, the training memory, and the submission notebook's time: estimates, not
+    measurements."""
+    table = []
+    for arch in archs:
         size = common.MODEL_CONFIGS[arch]["img_size"]
         fwd = forward_flops(common.build_model(arch, pretrained=False).eval(), size)
-        train_h, extract_h = projected_hours(rate / (3 * fwd), rate / fwd)
-        total += train_h + extract_h
-        table += [(f"{arch} forward GFLOP per image, {size} px", "", "", fwd / 1e9, "counted"),
-                  (f"{arch} hours: 5 folds x 12 epochs, estimated", "", "", train_h, "P100 at 40% of its peak"),
-                  (f"{arch} hours: extracting every train tile, estimated", REAL_TILES, "", extract_h, "")]
-    return table + [("**both architectures, hours, estimated**", "", "", total, "the design's budget: about 21")]
+        table.append((f"{arch} forward GFLOP per image, {size} px", "", "", fwd / 1e9, "counted"))
+        for gpu, (peak, count, share) in KAGGLE_GPUS.items():
+            rate = peak * 1e12 * count * share
+            train_h, extract_h = projected_hours(rate / (3 * fwd), rate / fwd)
+            table += [(f"{gpu}: {arch} training, hours per fold (12 epochs)", "", "", train_h / 5,
+                       f"projected at {share:.0%} of the peak"),
+                      (f"{gpu}: {arch} extraction of every train tile, hours", REAL_TILES, "", extract_h, "")]
+    return table + memory_figures(archs) + submission_figures(test_lesions, archs, cache)
 
 
 def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, True), steps=10, n_tiles=2048):
@@ -339,7 +433,7 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     peak = next((t * 1e12 for k, t in PEAK_TFLOPS.items() if k in name), None)
-    dtype = common.amp_dtype(device)
+    dtype, _ = common.amp_settings(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     data = os.path.join(cache, "demo_images")
@@ -441,15 +535,18 @@ def main(argv=None):
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
     parser.add_argument("--no-gbdt", action="store_true", help="targets 1 to 3 only (about 2 min)")
-    parser.add_argument("--gpu-estimate", action="store_true", help="only the GPU cost estimate from counted FLOPs")
+    parser.add_argument("--gpu-estimate", action="store_true",
+                        help="only the projections for Kaggle's GPUs: time from counted FLOPs, training memory, "
+                             "the submission notebook's time (no GPU needed; about 5 min on 2 cores)")
+    parser.add_argument("--test-lesions", type=int, default=500_000, help="with --gpu-estimate: hidden test size")
     parser.add_argument("--gpu", action="store_true",
                         help="only the GPU measurements: training and extraction images/s, the predict loop, "
                              "the projected full run (about 6 min on one GPU)")
-    parser.add_argument("--archs", nargs="+", default=["eva02_base", "convnext"], help="with --gpu")
+    parser.add_argument("--archs", nargs="+", default=["eva02_base", "convnext"], help="with --gpu or --gpu-estimate")
     parser.add_argument("--no-compile", action="store_true", help="with --gpu: eager mode only")
     args = parser.parse_args(argv)
     if args.gpu_estimate or args.gpu:
-        print_table(gpu_estimate() if args.gpu_estimate else
+        print_table(gpu_estimate(args.archs, args.test_lesions, args.cache) if args.gpu_estimate else
                     gpu_figures(args.cache, args.archs, (False,) if args.no_compile else (False, True)))
         return
     gbdt_rows = [] if args.no_gbdt else sorted(args.gbdt_rows or [args.rows // 4, args.rows // 2, args.rows])
@@ -475,7 +572,7 @@ def main(argv=None):
 
 
 def print_table(table):
-    print("| what | rows | features | seconds (or ratio) | note |\n|---|---:|---:|---:|---|")
+    print("| what | rows | features | seconds (or what the note says) | note |\n|---|---:|---:|---:|---|")
     for what, rows, n_feat, sec, note in table:
         rows = f"{rows:,}" if rows != "" else ""
         print(f"| {what} | {rows} | {n_feat} | {sec:.2f} | {note} |")

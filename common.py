@@ -6,13 +6,19 @@ image loader with device-side resizing and augmentation, and the mixed-precision
 A Kaggle notebook pastes this file into one cell, then one script (without its `from common
 import` line) into the next, and calls that script's main([...]).
 """
+import argparse
 import contextlib
 import csv
+import errno
+import fcntl
+import glob
+import hashlib
 import io
 import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -59,29 +65,56 @@ def log(*args):
 
 
 def run_main(main):
-    """The scripts' entry point: bad input ends with its message and exit status 2, no traceback."""
+    """The scripts' entry point: bad input, or a work folder that cannot be written (read-only, a
+    file, a full disk), ends with one `error:` line and exit status 2, no traceback."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST):
+            raise
+        what = ("free some space, or pass a --work on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+                else "is --work a folder you can write to?")
+        print(f"error: {e.filename}: {e.strerror}: {what}", file=sys.stderr)
+        sys.exit(2)
+
+
+def positive(kind):
+    """An argparse type: a number of type `kind` above 0."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        return value
+    return parse
 
 
 # ---------------------------------------------------------------- atomic writes, id-checked arrays
 
 def atomic_write(path, write):
     """Calls write(file) on a temporary file beside `path`, then renames it: a crash or Ctrl-C leaves
-    the old file or none, never half of one. No fsync: it guards against power loss only, and took
-    1 to 2 s of the 2.4 s that the 850 MB feature matrix of 400,000 lesions takes to save."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    the old file or none, never half of one. A run killed outright leaves its temporary file
+    (.NAME.tmp-*), which the next write of the same file removes. No fsync: it guards against power
+    loss only, and would double the time to save the largest feature matrix."""
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    for leftover in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
+        os.unlink(leftover)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are for sharing
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a full disk, say: name the file being written
+            raise OSError(e.errno, e.strerror, path) from None
         raise
 
 
@@ -133,11 +166,64 @@ def write_args(path, args):
     write_json(path, {"argv": sys.argv, "args": vars(args), "time": time.strftime("%Y-%m-%d %H:%M:%S")})
 
 
+# ---------------------------------------------------------------- model folders: locked, committed whole, checked
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def output_lock(work, name):
+    """Held while a stage writes its outputs, so that a second run writing the same outputs stops
+    with an error instead of mixing its files with the first's. The lock (on WORK/.lock-NAME) ends
+    with the process, however it ends: a killed run leaves no stale lock."""
+    os.makedirs(work, exist_ok=True)
+    path = os.path.join(work, f".lock-{name}")
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"{work}: another run is writing {name} here now; wait for it to end, or use "
+                            "another --work") from None
+        yield
+
+
+def commit_folder(partial, final, manifest):
+    """Puts the finished folder `partial` in place of `final`, with manifest.json written into it last:
+    what makes the folder, the sha256 of each of its files, and `manifest`'s facts (arguments,
+    features, folds, the digests of its inputs). An older `final` is removed whole."""
+    manifest["files"] = {f: file_digest(os.path.join(partial, f)) for f in sorted(os.listdir(partial))}
+    write_json(os.path.join(partial, "manifest.json"), manifest)
+    old = final + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(folder, rerun):
+    """A committed folder's manifest, with its digest ("digest": what a consumer records), after
+    checking every file it lists; `rerun` is the command that makes the folder, for the message."""
+    path = os.path.join(folder, "manifest.json")
+    if not os.path.exists(path):
+        raise DataError(f"{folder}: not a complete trained model (no manifest.json): run {rerun}")
+    with open(path) as f:
+        manifest = json.load(f)
+    for name, digest in manifest["files"].items():
+        p = os.path.join(folder, name)
+        if not os.path.exists(p) or file_digest(p) != digest:
+            raise DataError(f"{folder}: {name} is missing or is not the file this model was trained with (an "
+                            f"incomplete copy, or the files of two runs mixed): run {rerun}")
+    return {**manifest, "digest": file_digest(path)}
+
+
 # ---------------------------------------------------------------- reading CSV files
 
 def parse_floats(values, path, column, lines):
-    """Strings to float64: '45', '45.0', '8.05E-13', ' 3.2 ' parse; '', 'NA', 'nan' are missing.
-    lines: each value's line in the file, for the error message."""
+    """Strings to float64: '45', '45.0', '8.05E-13', ' 3.2 ' parse; '', 'NA', 'nan' are missing; 'inf'
+    or 1e39 (beyond float32) is an error. lines: each value's line in the file, for the message."""
     text = np.char.lower(np.char.strip(np.asarray(values, dtype=str)))
     missing = np.isin(text, list(MISSING))
     out = np.full(len(text), np.nan)
@@ -149,6 +235,10 @@ def parse_floats(values, path, column, lines):
                 float(text[i])
             except ValueError:
                 raise DataError(f"{path}: line {lines[i]}, column {column}: {values[i]!r} is not a number") from None
+    unmeasurable = np.flatnonzero(~missing & ~(np.abs(out) <= np.finfo(np.float32).max))
+    if len(unmeasurable):  # inf, or a number the float32 feature matrix cannot hold
+        i = unmeasurable[0]
+        raise DataError(f"{path}: line {lines[i]}, column {column}: {values[i]!r} is not a finite number")
     return out
 
 
@@ -161,9 +251,10 @@ def csv_problem(error):
     return str(error)
 
 
-def read_csv(path, required=(), numbers=()):
+def read_csv(path, required=(), numbers=(), keys=()):
     """A CSV file as {column: array}, in file order: the columns named in `numbers` as float64 (NaN =
-    missing), the others as object arrays of str; every field stripped of surrounding spaces.
+    missing), the others as object arrays of str; every field stripped of surrounding spaces. Each
+    field of the `keys` columns (ids) must be non-empty, with no space inside.
 
     Python's csv module reads it, strict, so that a broken quote is an error. Quoted fields may hold
     commas, quotes and line breaks; CRLF or CR line ends, a UTF-8 BOM and blank lines are fine.
@@ -209,13 +300,21 @@ def read_csv(path, required=(), numbers=()):
     if missing:
         raise DataError(f"{path}: missing required column(s) {', '.join(missing)}")
     columns = zip(*rows) if rows else [()] * len(header)
-    return {name: parse_floats(values, path, name, lines) if name in numbers
-            else np.array([v.strip() for v in values], dtype=object) for name, values in zip(header, columns)}
+    table = {name: parse_floats(values, path, name, lines) if name in numbers
+             else np.array([v.strip() for v in values], dtype=object) for name, values in zip(header, columns)}
+    for name in keys:
+        text = table[name].astype(str)
+        bad = np.flatnonzero((text == "") | (np.char.find(text, " ") >= 0))
+        if len(bad):
+            value = str(text[bad[0]])
+            raise DataError(f"{path}: line {lines[bad[0]]}, column {name}: "
+                            + (f"{value!r} has a space inside" if value else "empty"))
+    return table
 
 
 def read_metadata(path, required, numbers=METADATA_NUMBERS):
     """A Kaggle metadata CSV as {column: array}: numeric columns float64 (NaN = missing), others str."""
-    table = read_csv(path, required, numbers)
+    table = read_csv(path, required, numbers, keys=[c for c in ("isic_id", "patient_id") if c in required])
     ids = table["isic_id"]
     if len(set(ids)) < len(ids):
         uniq, counts = np.unique(ids.astype(str), return_counts=True)
@@ -246,10 +345,26 @@ def check_labels(path, ids, target):
         raise DataError(f"{path}: isic_id {ids[bad[0]]}: target is {value}, not 0 or 1 ({len(bad)} such row(s))")
 
 
+def check_classes(path, target, rows="the training lesions"):
+    """Training needs both classes."""
+    classes = np.unique(target)
+    if len(classes) < 2:
+        held = f"only lesions of target {int(classes[0])}" if len(classes) else "no lesion"
+        raise DataError(f"{path}: {rows} hold {held}: training needs malignant and benign lesions")
+
+
+def check_folds(path, target, folds):
+    """Every training fold (the rows of every other fold) must hold both classes."""
+    for k in np.unique(folds):
+        check_classes(path, target[folds != k], f"the training rows of fold {k} (too few patients with a "
+                                                  "malignant lesion for the folds?)")
+
+
 def read_train(data_dir):
     path = data_path(data_dir, "train-metadata.csv")
     table = read_metadata(path, ["isic_id", "patient_id", "target"] + NUMERIC + CATEGORICAL)
     check_labels(path, table["isic_id"], table["target"])
+    check_classes(path, table["target"])
     return table
 
 
@@ -267,10 +382,19 @@ def read_lesions(work, split):
     if not os.path.exists(path):
         raise DataError(f"{path}: not found: run features.py first (it records the lesions of each split)")
     numbers = ["target", "fold"] if split == "train" else []
-    lesions = read_csv(path, ["isic_id", "patient_id"] + numbers, numbers)
+    lesions = read_csv(path, ["isic_id", "patient_id"] + numbers, numbers, keys=["isic_id", "patient_id"])
+    if split == "train":
+        check_labels(path, lesions["isic_id"], lesions["target"])
+        check_folds(path, lesions["target"], lesions["fold"])
     for c in numbers:
         lesions[c] = lesions[c].astype(int)
     return lesions
+
+
+def lesions_digest(work):
+    """What identifies the training lesions and their folds: model manifests record it, so that a
+    fold model is never used on folds other than those it was trained with."""
+    return file_digest(os.path.join(work, "folds.csv"))
 
 
 def read_preds(work, name, split, ids):
@@ -444,10 +568,18 @@ def read_image_bytes(h5, isic_id, location=None):
     return value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
 
 
+def open_h5(path):
+    import h5py
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read as an HDF5 file ({e}): is it complete, and the Kaggle image "
+                        "file?") from None
+
+
 def check_image_ids(h5_path, ids):
     """Every metadata isic_id must have an image, and the reverse."""
-    import h5py
-    with h5py.File(h5_path, "r") as h5:
+    with open_h5(h5_path) as h5:
         stored = set(h5.keys())
     lacking = [i for i in ids if i not in stored]
     if lacking:
@@ -462,22 +594,30 @@ def check_image_ids(h5_path, ids):
 # ---------------------------------------------------------------- image models
 
 # the design's backbones, and tiny ones for tests and the CPU demo
+# act_mib(_ckpt): MiB that autograd saves per image in a training forward at img_size, without (with)
+# gradient checkpointing, as bench.py --gpu-estimate counts them; train_backbone.py sizes its micro-batches by them
 MODEL_CONFIGS = {
-    "eva02_small": dict(model_name="eva02_small_patch14_336.mim_in22k_ft_in1k", feature_dim=384, img_size=336),
-    "eva02_base": dict(model_name="eva02_base_patch14_448.mim_in22k_ft_in22k_in1k", feature_dim=768, img_size=448),
-    "convnext": dict(model_name="convnextv2_tiny.fcmae_ft_in22k_in1k", feature_dim=768, img_size=224),
-    "eva02_tiny": dict(model_name="eva02_tiny_patch14_224.mim_in22k", feature_dim=192, img_size=56),
-    "convnext_atto": dict(model_name="convnextv2_atto.fcmae_ft_in1k", feature_dim=320, img_size=64),
+    "eva02_small": dict(model_name="eva02_small_patch14_336.mim_in22k_ft_in1k", feature_dim=384, img_size=336,
+                        act_mib=120.9, act_mib_ckpt=10.8),
+    "eva02_base": dict(model_name="eva02_base_patch14_448.mim_in22k_ft_in22k_in1k", feature_dim=768, img_size=448,
+                       act_mib=494.5, act_mib_ckpt=37.2),
+    "convnext": dict(model_name="convnextv2_tiny.fcmae_ft_in22k_in1k", feature_dim=768, img_size=224,
+                     act_mib=80.9, act_mib_ckpt=7.0),
+    "eva02_tiny": dict(model_name="eva02_tiny_patch14_224.mim_in22k", feature_dim=192, img_size=56,
+                       act_mib=1.8, act_mib_ckpt=0.17),
+    "convnext_atto": dict(model_name="convnextv2_atto.fcmae_ft_in1k", feature_dim=320, img_size=64,
+                          act_mib=1.9, act_mib_ckpt=0.21),
 }
 CANVAS = 256  # tiles (61 to 239 px) are placed, not resized, on a canvas this size; the GPU resizes
 
 
-def build_model(arch, weights=None, pretrained=True, drop_path=0.1):
-    """A timm backbone with a one-logit head. Weights come from `weights` (a .safetensors or .pth
-    file), else timm's local cache; nothing is downloaded unless HF_HUB_OFFLINE=0 is set."""
+def build_model(arch, weights=None, pretrained=True, drop_path=0.1, one_logit=True):
+    """A timm backbone with a one-logit head (one_logit=False: the head it was pretrained with).
+    Weights come from `weights` (a .safetensors or .pth file), else timm's local cache; nothing is
+    downloaded unless HF_HUB_OFFLINE=0 is set."""
     import timm
     cfg = MODEL_CONFIGS[arch]
-    kwargs = dict(num_classes=1, drop_path_rate=drop_path)
+    kwargs = dict(drop_path_rate=drop_path, **({"num_classes": 1} if one_logit else {}))
     if cfg["model_name"].startswith("eva02"):
         kwargs["img_size"] = cfg["img_size"]
     if weights:
@@ -489,7 +629,16 @@ def build_model(arch, weights=None, pretrained=True, drop_path=0.1):
         return timm.create_model(cfg["model_name"], pretrained=pretrained, **kwargs)
     except (FileNotFoundError, ConnectionError) as e:  # not in the local cache, and the hub offline or unreachable
         raise DataError(f"no local pretrained weights for {cfg['model_name']} ({type(e).__name__}): pass "
-                        "--weights PATH (a .safetensors or .pth file), or --no-pretrained") from None
+                        "--weights PATH (a .safetensors or .pth file), or --no-pretrained; with internet, "
+                        "HF_HUB_OFFLINE=0 lets timm download them") from None
+
+
+def largest_micro_batch(memory, n_params, per_image):
+    """The most images (a power of 2) whose saved activations (`per_image` bytes each) fit in 85% of
+    `memory` bytes beside 16 bytes a parameter (fp32 weights and gradients, AdamW's two moments)
+    and 1 GiB for the CUDA context and workspaces; 0 if not even one does."""
+    room = 0.85 * memory - 16 * n_params - 2 ** 30
+    return 2 ** int(np.log2(room / per_image)) if room >= per_image else 0
 
 
 def normalization(model):
@@ -520,20 +669,18 @@ class H5Images(torch.utils.data.Dataset):
     started by fork or spawn each get their own handle."""
 
     def __init__(self, h5_path, ids, labels=None):
-        import h5py
         self.h5_path, self.ids = h5_path, list(ids)
         self.labels = np.zeros(len(self.ids), np.float32) if labels is None else np.asarray(labels, np.float32)
         self.h5, self.pid = None, None
-        with h5py.File(h5_path, "r") as h5:  # found once, here: a missing image stops the run before it starts
+        with open_h5(h5_path) as h5:  # found once, here: a missing image stops the run before it starts
             self.locations = [image_location(h5, i) for i in self.ids]
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, i):
-        import h5py
         if self.pid != os.getpid():
-            self.h5, self.pid = h5py.File(self.h5_path, "r"), os.getpid()
+            self.h5, self.pid = open_h5(self.h5_path), os.getpid()
         isic_id = self.ids[i]
         raw = read_image_bytes(self.h5, isic_id, self.locations[i])
         # left uninitialized: prepare_batch never samples outside the tile, and zero-filling the
@@ -541,8 +688,7 @@ class H5Images(torch.utils.data.Dataset):
         canvas = np.empty((CANVAS, CANVAS, 3), np.uint8)
         try:
             image = decode_image(raw, isic_id)
-        except DataError as e:  # a broken tile: size (0, 0), which every consumer leaves out
-            print(f"warning: {self.h5_path}: {e}", file=sys.stderr, flush=True)
+        except DataError:  # a broken tile: size (0, 0), which every consumer leaves out and reports
             return canvas, np.zeros(2, np.int64), self.labels[i], i
         if max(image.shape[:2]) > CANVAS:  # larger than any real tile: shrink on the CPU
             from PIL import Image
@@ -554,6 +700,24 @@ class H5Images(torch.utils.data.Dataset):
 
     def __getstate__(self):  # an open h5py file cannot be pickled: workers reopen it
         return {**self.__dict__, "h5": None, "pid": None}
+
+    def problem(self, i):
+        """Why tile i cannot be decoded."""
+        with open_h5(self.h5_path) as h5:
+            try:
+                decode_image(read_image_bytes(h5, self.ids[i], self.locations[i]), self.ids[i])
+            except DataError as e:
+                return str(e)
+        return f"isic_id {self.ids[i]}: decodes"
+
+
+def broken_tiles(images, positions, what, consequence):
+    """One warning line for the tiles (positions in images.ids) that cannot be decoded."""
+    if len(positions) == 0:
+        return
+    ids = [images.ids[i] for i in positions[:5]]
+    log(f"warning: {len(positions)} {what} image(s) cannot be decoded ({consequence}): {', '.join(ids)}"
+        + (", ..." if len(positions) > 5 else ""))
 
 
 def image_loader(images, rows=None, batch_size=64, workers=2):
@@ -603,11 +767,34 @@ def prepare_batch(canvas, sizes, out_size, mean, std, device, augment=False, gen
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
-def amp_dtype(device, cpu_amp=False):
-    """bf16 where the GPU has it, fp16 (with a gradient scaler) on older GPUs, none on the CPU."""
+def process_device():
+    """(device, rank, world size) of this process. Under torchrun (WORLD_SIZE above 1) the process
+    group is started (NCCL on GPUs, gloo on the CPU) and each process takes its LOCAL_RANK's GPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), rank, world
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device, rank, world
+
+
+def amp_settings(device, cpu_amp=False):
+    """The autocast dtype, and whether training needs a gradient scaler (fp16 alone: its narrow range
+    underflows small gradients). bf16 where the GPU computes it natively (compute capability 8.0
+    and up: A100, L4, H100); fp16 below (T4 7.5, P100 6.0), where torch.cuda.is_bf16_supported()
+    may say yes but bf16 is emulated, slowly, and cuDNN has no bf16 convolutions; float32 on the
+    CPU unless cpu_amp. Logs the choice."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_amp else None
+        capability = torch.cuda.get_device_capability(device)
+        dtype = torch.bfloat16 if capability >= (8, 0) else torch.float16
+        why = f"{torch.cuda.get_device_name(device)}, compute capability {capability[0]}.{capability[1]}"
+    else:
+        dtype, why = (torch.bfloat16 if cpu_amp else None), "CPU" + (", --cpu-amp" if cpu_amp else "")
+    log(f"precision: {str(dtype or torch.float32)[6:]}{' with a gradient scaler' if dtype == torch.float16 else ''} "
+        f"({why})")
+    return dtype, dtype == torch.float16
 
 
 def autocast(device, dtype):
@@ -646,4 +833,8 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
             embs[rows], logits[rows] = f.float().cpu().numpy(), z.float().cpu().numpy()
         if progress and ((batch + 1) % 50 == 0 or seen == n):
             log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")
+    if n and np.isnan(logits).all():
+        images = loader.dataset
+        raise DataError(f"{images.h5_path}: none of the {n} images of {progress or 'this split'} can be decoded; "
+                        f"the first: {images.problem(next(iter(loader.sampler)))}")
     return embs, logits

@@ -17,13 +17,15 @@ Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/repor
 import argparse
 import glob
 import html
+import itertools
+import json
 import os
 import re
 
 import numpy as np
 
-from common import (DataError, atomic_write, check_ids, check_labels, log, pauc, read_csv, read_lesions, read_preds,
-                    roc_points, run_main, write_args, write_csv, write_preds)
+from common import (DataError, atomic_write, check_ids, check_labels, log, output_lock, pauc, read_csv, read_lesions,
+                    read_manifest, read_preds, roc_points, run_main, write_args, write_csv, write_json, write_preds)
 
 
 def rank01(x):
@@ -43,6 +45,47 @@ def rank01(x):
 def rank_average(preds):
     """Mean over models of each model's ranks / n (ties averaged)."""
     return np.mean([rank01(p) for p in preds], axis=0)
+
+
+def simplex_grid(m, steps=10):
+    """Every vector of m non-negative weights, multiples of 1/steps, that sum to 1 (stars and bars)."""
+    return np.array([np.diff([-1, *bars, steps + m - 1]) - 1
+                     for bars in itertools.combinations(range(steps + m - 1), m - 1)]) / steps
+
+
+def choose_weights(ranks, y, rows):
+    """The grid's weights whose rank average (ranks: models x lesions) scores the best pAUC on the
+    lesions `rows`; of equal scores, the weights nearest to equal ones."""
+    grid = simplex_grid(len(ranks))
+    scores = np.array([pauc(y[rows], w @ ranks[:, rows]) for w in grid])
+    best = grid[scores >= scores.max() - 1e-12]
+    return best[np.argmin(((best - 1 / len(ranks)) ** 2).sum(axis=1))]
+
+
+def nested_choice(ranks, y, folds):
+    """The honest out-of-fold score of choosing weights: each fold's lesions are ranked with the
+    weights chosen on the other folds. Returns ({fold: weights}, the predictions)."""
+    chosen, pred = {}, np.empty(len(y))
+    for k in np.unique(folds):
+        chosen[k] = choose_weights(ranks, y, folds != k)
+        pred[folds == k] = chosen[k] @ ranks[:, folds == k]
+    return chosen, pred
+
+
+def parse_weights(text, names):
+    """--weights: "oof" (None: chosen on the out-of-fold predictions), "equal", or one number a model."""
+    if text == "oof":
+        return None
+    if text == "equal":
+        return np.full(len(names), 1 / len(names))
+    try:
+        w = np.array([float(v) for v in text.split(",")])
+    except ValueError:
+        w = np.zeros(0)
+    if len(w) != len(names) or (w < 0).any() or not w.sum() > 0:
+        raise DataError(f"--weights {text}: 'oof', 'equal', or {len(names)} non-negative numbers, one for each of "
+                        f"{', '.join(names)}")
+    return w / w.sum()
 
 
 def model_preds(work, name, split, ids):
@@ -265,11 +308,13 @@ def training_html(work):
     return "".join(out)
 
 
-def write_report_html(path, work, y, scores, rows, facts):
+def write_report_html(path, work, y, scores, rows, facts, names, combos):
     """report.html, one self-contained file (inline CSS and SVG, no scripts, nothing fetched): the pAUC
-    table (rows as report.md's: name, OOF pAUC, fold pAUCs), the ROC curves (scores: {name: OOF
-    predictions}, the ensemble last), feature importance and the image models' training curves.
-    facts: (number, what) pairs for the header."""
+    table (rows as report.md's: name, OOF pAUC, fold pAUCs), the ensemble's combinations (combos as
+    report.md's), the ROC curves (scores: {name: OOF predictions}, the ensemble last), feature
+    importance and the image models' training curves. facts: (number, what) pairs for the header."""
+    combo_body = "".join(f"<tr><th>{esc(label)}</th><td>{fmt_weights(w)}</td><td>{o:.4f}</td>"
+                         f"<td>{'' if t is None else f'{t:.4f}'}</td></tr>" for label, w, o, t in combos)
     table = np.array([[s] + list(fs) for _, s, fs in rows])
     best = np.where(np.isnan(table), -1, table).max(axis=0)  # bold the best of each column
     head = ("<tr><th>model</th><th>OOF pAUC</th>" + "".join(f"<th>fold {k}</th>" for k in range(table.shape[1] - 1))
@@ -286,6 +331,10 @@ def write_report_html(path, work, y, scores, rows, facts):
 each lesion scored by the model of the fold that did not train on it.</p>
 <h2>OOF pAUC per model and fold</h2>
 <table id="pauc"><thead>{head}</thead><tbody>{body}</tbody></table>
+<h2>Ensemble weights</h2>
+<p class="note">Rank averages of the models, the weights in the order {esc(", ".join(names))}.</p>
+<table id="combinations"><thead><tr><th>rank average of</th><th>weights</th><th>OOF pAUC</th><th>test pAUC</th></tr>
+</thead><tbody>{combo_body}</tbody></table>
 <h2>ROC curves</h2>
 {roc_html(y, scores, {n: s for n, s, _ in rows})}
 <h2>Feature importance</h2>
@@ -297,64 +346,146 @@ each lesion scored by the model of the fold that did not train on it.</p>
     atomic_write(path, lambda f: f.write(page.encode()))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
-                        "except the image models (img_*), which the GBDTs already use")
-    parser.add_argument("--predict-only", action="store_true", help="only the test predictions: the submission")
-    parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
-                        "demo_test_labels.csv): also scores the test predictions")
-    args = parser.parse_args(argv)
+def fmt_weights(w):
+    return "/".join(f"{v:g}" for v in np.round(w, 3))
+
+
+def combination_rows(names, oof_ranks, y, weights, honest, test_ranks, test_y):
+    """report.md's ensemble table: (combination, weights, OOF pAUC, test pAUC or None) of every subset
+    of up to four models with equal weights, then the weights in use, scored in sample and, where
+    they were chosen on the out-of-fold predictions, honestly (each fold by weights chosen without it)."""
+    def row(label, w, oof_pred=None):
+        oof_pred = w @ oof_ranks if oof_pred is None else oof_pred
+        return label, w, pauc(y, oof_pred), pauc(test_y, w @ test_ranks) if test_y is not None else None
+    rows = []
+    if len(names) <= 4:
+        for size in range(1, len(names) + 1):
+            for subset in itertools.combinations(range(len(names)), size):
+                w = np.isin(np.arange(len(names)), subset) / size
+                rows.append(row(" + ".join(names[i] for i in subset), w))
+    rows.append(row("the weights in use, scored on the rows they were chosen on", weights))
+    if honest is not None:
+        rows.append(row("the weights chosen on the other folds, fold by fold (honest)", weights, honest))
+    return rows
+
+
+def ensemble_spec(models_dir, names, weights):
+    """models/ensemble.json: the models and weights of the submission, with the digests of the model
+    folders, so that --predict-only rebuilds the same submission from the same models."""
+    members = {n: read_manifest(os.path.join(models_dir, n), f"gbdt.py --name {n}")["digest"] for n in names}
+    return {"names": names, "weights": weights.tolist(), "members": members}
+
+
+def read_ensemble_spec(models_dir, names):
+    """The training run's names and weights, after checking that the models folder holds its models."""
+    path = os.path.join(models_dir, "ensemble.json")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found: run ensemble.py on the training data first")
+    with open(path) as f:
+        spec = json.load(f)
+    if names and names != spec["names"]:
+        raise DataError(f"{path}: the submission was built from {', '.join(spec['names'])}, not {', '.join(names)}")
+    if ensemble_spec(models_dir, spec["names"], np.array(spec["weights"])) != spec:
+        raise DataError(f"{models_dir}: its GBDT models are not those the ensemble was built from (models of two runs "
+                        "mixed?): run gbdt.py and ensemble.py on the training data again")
+    return spec["names"], np.array(spec["weights"])
+
+
+def ensemble(args):
+    """The stage's work: read and check every input, then write the submission and the report."""
+    models_dir = args.models or os.path.join(args.work, "models")
     test = read_lesions(args.work, "test")
-    names = (args.names.split(",") if args.names else
-             sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
-                    if not os.path.basename(p).startswith(("img_", "ensemble_"))))
+    names = args.names.split(",") if args.names else None
+    if args.predict_only:
+        names, weights = read_ensemble_spec(models_dir, names)
+    names = names or sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
+                            if not os.path.basename(p).startswith(("img_", "ensemble_")))
     if not names:
         raise DataError(f"{args.work}/preds: no model predictions found (run gbdt.py first)")
     # every input is read and checked before anything is written
     tst = [model_preds(args.work, n, "test", test["isic_id"]) for n in names]
-    ens_test = rank_average(tst) if len(test["isic_id"]) else np.zeros(0)
+    test_ranks = np.array([rank01(p) for p in tst]) if len(test["isic_id"]) else np.zeros((len(names), 0))
     if not args.predict_only:
         train = read_lesions(args.work, "train")
         y, folds = train["target"], train["fold"]
         oof = [model_preds(args.work, n, "train", train["isic_id"]) for n in names]
-        ens_oof = rank_average(oof)
+        oof_ranks = np.array([rank01(p) for p in oof])
+        weights, honest = parse_weights(args.weights, names), None
+        if weights is None:
+            if len(names) > 6:
+                raise DataError(f"--weights oof searches the weights of at most 6 models, not {len(names)}: pass "
+                                "--names, or --weights")
+            weights = choose_weights(oof_ranks, y, np.ones(len(y), bool))
+            per_fold, honest = nested_choice(oof_ranks, y, folds)
+        spec = ensemble_spec(models_dir, names, weights)
         # the image models alone, for reference (the GBDTs use them); an undecodable tile ranks last
         images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
         scores = {**dict(zip(names, oof)), **{n: np.nan_to_num(read_preds(args.work, n, "train", train["isic_id"]),
-                                                                nan=-1.0) for n in images}, "ensemble": ens_oof}
+                                                                nan=-1.0) for n in images},
+                  "ensemble": weights @ oof_ranks if honest is None else honest}
+        labels = None
         if args.test_labels:  # held-out answers, such as the demo set's
             labels = read_csv(args.test_labels, ["isic_id", "target"], ["target"])
             check_ids(args.test_labels, labels["isic_id"], test["isic_id"])
             check_labels(args.test_labels, labels["isic_id"], labels["target"])
+    ens_test = weights @ test_ranks
     write_preds(args.work, "ensemble", "test", test, ens_test)
     write_csv(os.path.join(args.work, "submission.csv"), ["isic_id", "target"], [test["isic_id"], ens_test])
-    log(f"wrote {args.work}/submission.csv: {len(ens_test)} rows, the rank average of {', '.join(names)}")
+    log(f"wrote {args.work}/submission.csv: {len(ens_test)} rows, the rank average of "
+        + ", ".join(f"{n} (weight {w:g})" for n, w in zip(names, weights)))
     if args.predict_only:
         return
+    write_json(os.path.join(models_dir, "ensemble.json"), spec)
     rows = [(n, pauc(y, p), fold_scores(y, folds, p)) for n, p in scores.items()]
     for n, s, fs in rows:
         log(f"{n:>20s}: OOF pAUC {s:.4f}  per fold {' '.join(f'{f:.4f}' for f in fs)}")
-    write_preds(args.work, "ensemble", "train", train, ens_oof)
+    write_preds(args.work, "ensemble", "train", train, scores["ensemble"])
+    test_y = labels["target"] if labels is not None else None
+    combos = combination_rows(names, oof_ranks, y, weights, honest, test_ranks, test_y)
     n_folds, n_patients = len(np.unique(folds)), len(np.unique(train["patient_id"]))
+    how = ("chosen on the out-of-fold predictions (--weights oof); the ensemble's OOF row below ranks each fold "
+           "with the weights chosen on the other folds: "
+           + ", ".join(f"fold {k} {fmt_weights(w)}" for k, w in per_fold.items())) if honest is not None \
+        else f"--weights {args.weights}"
     lines = ["# ISIC 2024 pipeline report", "",
              f"{len(y)} train lesions ({y.sum()} malignant) of {n_patients} patients, "
              f"{len(test['isic_id'])} test lesions. Score: partial AUC above 80% TPR (max 0.2).", "",
              "| model | OOF pAUC | " + " | ".join(f"fold {k}" for k in range(n_folds)) + " |",
              "|---|---|" + "---|" * n_folds]
     lines += [f"| {n} | {s:.4f} | " + " | ".join(f"{f:.4f}" for f in fs) + " |" for n, s, fs in rows]
+    lines += ["", f"Ensemble weights ({', '.join(names)}): {fmt_weights(weights)}, {how}.", "",
+              "| rank average of | weights | OOF pAUC | test pAUC |", "|---|---|---|---|"]
+    lines += [f"| {label} | {fmt_weights(w)} | {o:.4f} | {'' if t is None else f'{t:.4f}'} |"
+              for label, w, o, t in combos]
     if args.test_labels:
         test_scores = {**dict(zip(names, tst)), "ensemble": ens_test}
         lines += ["", f"Test pAUC against {args.test_labels}: "
-                  + ", ".join(f"{n} {pauc(labels['target'], p):.4f}" for n, p in test_scores.items())]
+                  + ", ".join(f"{n} {pauc(test_y, p):.4f}" for n, p in test_scores.items())]
         log(lines[-1])
     atomic_write(os.path.join(args.work, "report.md"), lambda f: f.write(("\n".join(lines) + "\n").encode()))
     facts = [(len(y), "train lesions"), (int(y.sum()), "malignant"), (n_patients, "patients"),
              (len(test["isic_id"]), "test lesions")]
-    write_report_html(os.path.join(args.work, "report.html"), args.work, y, scores, rows, facts)
+    write_report_html(os.path.join(args.work, "report.html"), args.work, y, scores, rows, facts, names, combos)
     write_args(os.path.join(args.work, "ensemble_args.json"), args)
     log(f"wrote {args.work}/report.md and report.html")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="work")
+    parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
+                        "except the image models (img_*), which the GBDTs already use")
+    parser.add_argument("--weights", default="oof",
+                        help="oof: chosen on the out-of-fold predictions (a grid of tenths); equal; or one number "
+                             "a model, in --names order")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="only the submission, with the models and weights of --models/ensemble.json")
+    parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
+                        "demo_test_labels.csv): also scores the test predictions")
+    args = parser.parse_args(argv)
+    with output_lock(args.work, "ensemble"):
+        ensemble(args)
 
 
 if __name__ == "__main__":

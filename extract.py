@@ -1,21 +1,29 @@
 """Image embeddings and image-model scores for every lesion.
 
 Train lesions get theirs from the model of the fold that held them out, never from a model that
-trained on them. Test lesions get the mean over the fold models (`--test-models best`: only the
-fold model with the best validation pAUC, about five times faster). `--frozen` embeds every lesion
-with the pretrained backbone instead (one feature space, no fold models, no scores).
+trained on them. Test lesions get theirs from the fold model with the best validation pAUC
+(`--test-models best`, the default: one model, which a P100 runs on 500,000 test lesions in the
+12 hours of a Kaggle notebook), or from the mean over the fold models (`--test-models mean`,
+five times the GPU time). A score is the model's logit standardized by the mean and spread of
+that model's own out-of-fold logits, so that train and test scores mean the same whatever the
+fold model. `--frozen` embeds every lesion with the pretrained backbone instead (no scores).
+Under `torchrun --nproc_per_node=N` the lesions are split across the GPUs; process 0 writes.
 
 Reads:  WORK/folds.csv and WORK/test_lesions.csv (from features.py), DATA/{train,test}-image.hdf5,
-        WORK/models/ARCH/fold{k}/last.pt (or best.pt)
+        WORK/models/ARCH/fold{k}/ (last.pt or best.pt, checked against its manifest)
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
-        WORK/emb/ARCH_args.json; with --predict-only, the test files alone, from the models in --models;
+        WORK/models/ARCH/scores.json (the fold models' digests and logit statistics, which --predict-only
+        reads back), WORK/emb/ARCH_args.json; with --predict-only, the test files alone, from --models;
         while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold, which --resume reuses)
 
     python extract.py --arch eva02_tiny --data demo_data --work work --workers 0     # tiny
     python extract.py --arch eva02_base --data /kaggle/input/isic-2024-challenge --work work
+    torchrun --nproc_per_node=2 extract.py --arch eva02_base --work work --predict-only --models MODELS
 """
 import argparse
+import contextlib
+import json
 import os
 import re
 import shutil
@@ -23,129 +31,178 @@ import shutil
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, DataError, H5Images, amp_dtype, atomic_write, build_model, check_ids,
-                    check_image_ids, data_path, default_data_dir, image_loader, log, normalization, predict,
-                    read_lesions, run_main, save_array, write_args, write_preds)
+from common import (MODEL_CONFIGS, DataError, H5Images, amp_settings, atomic_write, broken_tiles, build_model,
+                    check_ids, check_image_ids, data_path, default_data_dir, image_loader, lesions_digest, log,
+                    normalization, output_lock, positive, predict, process_device, read_lesions, read_manifest,
+                    run_main, save_array, write_args, write_json, write_preds)
 
 
-def sigmoid(z):
-    return 1 / (1 + np.exp(-np.asarray(z, dtype=np.float64)))
-
-
-def fold_checkpoint(models_dir, arch, fold, checkpoint):
-    path = os.path.join(models_dir, arch, f"fold{fold}", f"{checkpoint}.pt")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: no trained model for fold {fold} (run train_backbone.py --arch {arch} "
-                        f"--fold {fold} first, or use --frozen)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+def fold_manifests(args, models_dir, lesions):
+    """The committed fold models of ARCH, {fold: manifest}: every fold of folds.csv when training
+    rows are scored (each trained on exactly those folds), else every fold model in the folder
+    (all from one training run's folds)."""
+    arch_dir = os.path.join(models_dir, args.arch)
+    if "train" in lesions:
+        folds = sorted(set(lesions["train"]["fold"].tolist()))
+    else:
+        folds = sorted(int(d[4:]) for d in (os.listdir(arch_dir) if os.path.isdir(arch_dir) else [])
+                       if re.fullmatch(r"fold\d+", d))
+    if not folds:
+        raise DataError(f"{arch_dir}: no fold models (fold*/); train them first, or use --frozen")
+    manifests = {k: read_manifest(os.path.join(arch_dir, f"fold{k}"), f"train_backbone.py --arch {args.arch} "
+                                  f"--fold {k}") for k in folds}
+    trained_on = {m["lesions"] for m in manifests.values()}
+    if "train" in lesions and trained_on != {lesions_digest(args.work)}:
+        stale = [k for k, m in manifests.items() if m["lesions"] != lesions_digest(args.work)]
+        raise DataError(f"{arch_dir}: fold model(s) {stale} were trained on other folds than {args.work}/folds.csv's "
+                        f"(their held-out rows would not be out of fold): retrain them with train_backbone.py")
+    if len(trained_on) > 1:
+        raise DataError(f"{arch_dir}: its fold models come from training runs on different folds: copy the "
+                        "fold*/ folders of one run")
+    return manifests
 
 
 def load_fold_model(models_dir, arch, fold, device, checkpoint="last"):
     model = build_model(arch, pretrained=False, drop_path=0.0)
-    model.load_state_dict(fold_checkpoint(models_dir, arch, fold, checkpoint)["model"])
+    path = os.path.join(models_dir, arch, f"fold{fold}", f"{checkpoint}.pt")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False)["model"])
     return model.to(device).eval()
 
 
-def trained_folds(models_dir, arch):
-    """The fold numbers of the models folder's ARCH/fold{k}/ directories."""
-    arch_dir = os.path.join(models_dir, arch)
-    return sorted(int(d[4:]) for d in (os.listdir(arch_dir) if os.path.isdir(arch_dir) else [])
-                  if re.fullmatch(r"fold\d+", d))
+def process_rank():
+    """This process's rank under torchrun, else 0."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def embed(args, model, images, rows, device, dtype, what):
-    """Embeddings (N, D) and logits (N,) of the tiles `rows` of images (None: all), in that order."""
+    """Embeddings (N, D) and logits (N,) of the tiles `rows` of images (None: all), in that order.
+    Under torchrun each process scores an equal share of the rows, and process 0 gathers the
+    shares (through files in WORK/emb/parts/) and returns them whole; the others return None."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows)
+    rank, world = process_rank(), torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     mean, std = normalization(model)
-    loader = image_loader(images, rows, args.batch_size, args.workers)
-    return predict(model, loader, MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype,
-                   progress=f"{args.arch} {what}")
+    loader = image_loader(images, np.array_split(rows, world)[rank], args.batch_size, args.workers)
+    emb, logit = predict(model, loader, MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype,
+                         progress=f"{args.arch} {what}" + (f", process {rank}" if world > 1 else ""))
+    if world == 1:
+        return emb, logit
+    shard = os.path.join(args.work, "emb", "parts", f"{args.arch}_{what.replace(' ', '_')}_process{{}}.npz")
+    atomic_write(shard.format(rank), lambda f: np.savez(f, emb=emb, logit=logit))
+    torch.distributed.barrier()
+    if rank:
+        return None, None
+    shards = [dict(np.load(shard.format(r))) for r in range(world)]
+    for r in range(world):
+        os.remove(shard.format(r))
+    return np.concatenate([s["emb"] for s in shards]), np.concatenate([s["logit"] for s in shards])
 
 
-def fold_part(args, models_dir, k, images, rows, device, dtype):
+def fold_part(args, models_dir, k, model_digest, images, rows, device, dtype):
     """Fold model k's embeddings and logits of the tiles rows[split] of each split, saved as
-    WORK/emb/parts/ARCH_fold{k}.npz; with --resume, a part an interrupted run finished is reused."""
+    WORK/emb/parts/ARCH_fold{k}.npz; with --resume, a part that an interrupted run finished with
+    the same model (its manifest's digest) and checkpoint is reused. None in torchrun processes
+    other than the first."""
     part = os.path.join(args.work, "emb", "parts", f"{args.arch}_fold{k}.npz")
     ids = {s: np.asarray(images[s].ids, str)[r] for s, r in rows.items()}
+    model_id = np.array(f"{model_digest} {args.checkpoint}")
     if args.resume and os.path.exists(part):
         p = dict(np.load(part))
-        for s in rows:
-            check_ids(part, p[f"{s}_ids"], ids[s])
-        log(f"{args.arch} fold {k}: reusing {part}")
-        return p
+        if p["model"] == model_id:
+            for s in rows:
+                check_ids(part, p[f"{s}_ids"], ids[s])
+            log(f"{args.arch} fold {k}: reusing {part}")
+            return p
+        log(f"{args.arch} fold {k}: {part} was made by another model or checkpoint; scoring again")
     model = load_fold_model(models_dir, args.arch, k, device, args.checkpoint)
-    p = {}
+    p = {"model": model_id}
     for s, r in rows.items():
         p[f"{s}_ids"] = ids[s]
         p[f"{s}_emb"], p[f"{s}_logit"] = (
             embed(args, model, images[s], r, device, dtype, f"fold {k} {'held-out train' if s == 'train' else s}")
             if len(r) else (np.zeros((0, model.num_features), np.float32), np.zeros(0)))
+    if process_rank():
+        return None
     atomic_write(part, lambda f: np.savez(f, **p))
     return p
 
 
+def logit_statistics(args, models_dir, made_with, train_logits):
+    """Each fold model's mean and standard deviation of its out-of-fold logits, {fold: (mean, std)}:
+    computed from train_logits ({fold: logits}), and recorded in MODELS/ARCH/scores.json with the
+    fold models they come from; with --predict-only (no train_logits), read back from there."""
+    path = os.path.join(models_dir, args.arch, "scores.json")
+    if train_logits:
+        stats = {k: (float(np.nanmean(z)), float(np.nanstd(z)) or 1.0) for k, z in train_logits.items()}
+        write_json(path, {**made_with, "logit_stats": {str(k): v for k, v in stats.items()}})
+        return stats
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found: run extract.py --arch {args.arch} on the training data first")
+    with open(path) as f:
+        recorded = json.load(f)
+    if {k: recorded.get(k) for k in made_with} != made_with:
+        raise DataError(f"{path}: made from other fold models, or another --checkpoint, than these (models of two "
+                        f"runs mixed?): run extract.py --arch {args.arch} on the training data")
+    return {int(k): tuple(v) for k, v in recorded["logit_stats"].items()}
+
+
+def standardize(logits, stats):
+    """{fold: logits} to {fold: (logits - mean) / std}, by each fold model's own statistics."""
+    return {k: (z - stats[k][0]) / stats[k][1] for k, z in logits.items()}
+
+
 def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
-    """Out-of-fold embeddings and scores of the train lesions, and the test lesions' mean over the
-    test fold models (all of them, or the best one). Writes the scores to WORK/preds/."""
-    folds = sorted(set(lesions["train"]["fold"].tolist())) if "train" in lesions else trained_folds(models_dir,
-                                                                                                    args.arch)
-    if not folds:
-        raise DataError(f"{models_dir}/{args.arch}: no fold models (fold*/); train them first, or use --frozen")
+    """Out-of-fold embeddings and scores of the train lesions, and those of the test lesions from the
+    test fold models (the best one, or the mean over all). Writes the scores to WORK/preds/ and
+    returns the embeddings; None in torchrun processes other than the first."""
+    manifests = fold_manifests(args, models_dir, lesions)
+    folds = sorted(manifests)
     test_folds = folds if args.test_models == "mean" else [max(
-        folds, key=lambda k: fold_checkpoint(models_dir, args.arch, k, args.checkpoint)["val_pauc"])]
+        folds, key=lambda k: manifests[k]["val_pauc"][args.checkpoint])]
     dim = MODEL_CONFIGS[args.arch]["feature_dim"]
     emb = {s: np.zeros((len(t["isic_id"]), dim), np.float32) for s, t in lesions.items()}
-    prob = {s: np.zeros(len(t["isic_id"])) for s, t in lesions.items()}
+    train_logits, test_logits = {}, {}
     for k in folds:
-        rows = {"test": np.arange(len(prob["test"]) if k in test_folds else 0)}
+        rows = {"test": np.arange(len(lesions["test"]["isic_id"]) if k in test_folds else 0)}
         if "train" in lesions:
             rows["train"] = np.flatnonzero(lesions["train"]["fold"] == k)
-        p = fold_part(args, models_dir, k, images, rows, device, dtype)
-        for s, r in rows.items():
-            emb[s][r] += p[f"{s}_emb"] / (len(test_folds) if s == "test" else 1)
-            prob[s][r] += sigmoid(p[f"{s}_logit"]) / (len(test_folds) if s == "test" else 1)
+        p = fold_part(args, models_dir, k, manifests[k]["digest"], images, rows, device, dtype)
+        if p is None:
+            continue
+        if "train" in lesions:
+            emb["train"][rows["train"]] = p["train_emb"]
+            train_logits[k] = p["train_logit"]
+        if k in test_folds:
+            emb["test"] += p["test_emb"] / len(test_folds)
+            test_logits[k] = p["test_logit"]
+    if process_rank():
+        return None
+    made_with = {"folds": {str(k): m["digest"] for k, m in manifests.items()}, "checkpoint": args.checkpoint}
+    stats = logit_statistics(args, models_dir, made_with, train_logits)
+    score = {"test": np.mean(list(standardize(test_logits, stats).values()), axis=0)}
+    if "train" in lesions:
+        score["train"] = np.zeros(len(lesions["train"]["isic_id"]))
+        for k, z in standardize(train_logits, stats).items():
+            score["train"][lesions["train"]["fold"] == k] = z
     for s, t in lesions.items():
-        write_preds(args.work, f"img_{args.arch}", s, t, prob[s])
+        write_preds(args.work, f"img_{args.arch}", s, t, score[s])
     log(f"{args.arch}: wrote image-model scores to preds/img_{args.arch}_*.csv (test: fold models {test_folds})")
     return emb
 
 
-def save_embeddings(args, emb, lesions):
+def save_embeddings(args, emb, lesions, images):
     """WORK/emb/ARCH_{split}.npy with its ids; the tiles that could not be decoded are listed."""
     for split, e in emb.items():
-        ids = np.asarray(lesions[split]["isic_id"], str)
-        broken = ids[np.isnan(e).any(axis=1)]
-        if len(broken):
-            log(f"warning: {len(broken)} {split} image(s) cannot be decoded: {', '.join(broken[:20])}; their "
-                "image features are missing (NaN) and the GBDTs score them from their other features")
-        save_array(os.path.join(args.work, "emb", f"{args.arch}_{split}.npy"), e, list(ids))
+        broken_tiles(images[split], np.flatnonzero(np.isnan(e).any(axis=1)), split,
+                     "no image features: the GBDTs score them from their other features")
+        save_array(os.path.join(args.work, "emb", f"{args.arch}_{split}.npy"), e, list(lesions[split]["isic_id"]))
     log(f"{args.arch}: wrote emb/{args.arch}_{{{','.join(emb)}}}.npy")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
-    parser.add_argument("--predict-only", action="store_true", help="only the test lesions, from --models")
-    parser.add_argument("--test-models", choices=["mean", "best"], default="mean")
-    parser.add_argument("--checkpoint", choices=["last", "best"], default="last",
-                        help="last: the fixed epoch count; best: the epoch of best validation pAUC, whose "
-                             "OOF scores are optimistic, having been chosen on those very rows")
-    parser.add_argument("--frozen", action="store_true", help="pretrained backbone, no fine-tuning")
-    parser.add_argument("--weights", help="with --frozen: pretrained weights file")
-    parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
-    parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
-    args = parser.parse_args(argv)
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = amp_dtype(device, args.cpu_amp)
+def extract(args, device):
+    """The stage's work: every split's embeddings and scores, saved (by the first process alone)."""
+    dtype, _ = amp_settings(device, args.cpu_amp)
     models_dir = args.models or os.path.join(args.work, "models")
-    lesions = {"test": read_lesions(args.work, "test")}
-    if not args.predict_only:
-        lesions["train"] = read_lesions(args.work, "train")
+    lesions = {s: read_lesions(args.work, s) for s in (["test"] if args.predict_only else ["train", "test"])}
     images = {}
     for split, t in lesions.items():
         path = data_path(args.data, f"{split}-image.hdf5")
@@ -156,9 +213,41 @@ def main(argv=None):
         emb = {s: embed(args, model, images[s], None, device, dtype, f"frozen {s}")[0] for s in lesions}
     else:
         emb = fold_model_outputs(args, models_dir, images, lesions, device, dtype)
-    save_embeddings(args, emb, lesions)
+    if process_rank():
+        return
+    save_embeddings(args, emb, lesions, images)
     write_args(os.path.join(args.work, "emb", f"{args.arch}_args.json"), args)
     shutil.rmtree(os.path.join(args.work, "emb", "parts"), ignore_errors=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
+    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
+    parser.add_argument("--work", default="work")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true", help="only the test lesions, from --models")
+    parser.add_argument("--test-models", choices=["best", "mean"], default="best",
+                        help="test scores from the fold model of best validation pAUC, or the mean over all")
+    parser.add_argument("--checkpoint", choices=["last", "best"], default="last",
+                        help="last: the fixed epoch count; best: the epoch of best validation pAUC, whose "
+                             "OOF scores are optimistic, having been chosen on those very rows")
+    parser.add_argument("--frozen", action="store_true", help="pretrained backbone, no fine-tuning")
+    parser.add_argument("--weights", help="with --frozen: pretrained weights file")
+    parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")
+    parser.add_argument("--batch-size", type=positive(int), default=256)
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
+    parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
+    args = parser.parse_args(argv)
+    device, rank, world = process_device()
+    with output_lock(args.work, f"extract-{args.arch}") if rank == 0 else contextlib.nullcontext():
+        try:
+            extract(args, device)
+        except torch.cuda.OutOfMemoryError:
+            raise DataError(f"{device}: out of GPU memory scoring {args.arch} in batches of {args.batch_size}: pass "
+                            "a smaller --batch-size") from None
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import re
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, STATS, DataError, atomic_write, check_ids, codes, default_data_dir, log,
-                    patient_normalize, read_lesions, read_test, read_train, run_main, save_array, write_args,
-                    write_csv, write_json)
+from common import (CATEGORICAL, NUMERIC, STATS, DataError, atomic_write, check_folds, check_ids, codes,
+                    default_data_dir, log, output_lock, patient_normalize, read_lesions, read_test, read_train,
+                    run_main, save_array, write_args, write_csv, write_json)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
@@ -54,6 +54,7 @@ def record_folds(work, train, n_folds=5, seed=42):
     path = os.path.join(work, "folds.csv")
     if not os.path.exists(path):
         folds = make_folds(train["patient_id"], train["target"], n_folds, seed)
+        check_folds(path, train["target"], folds)
         write_csv(path, ["isic_id", "patient_id", "target", "fold"],
                   [train["isic_id"], train["patient_id"], train["target"].astype(int), folds])
         log(f"wrote {path}: {n_folds} folds grouped by patient, seed {seed}")
@@ -182,15 +183,8 @@ def build_features(table, vocabularies, patient_norm=True):
     return x.T, names
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
-    parser.add_argument("--predict-only", action="store_true",
-                        help="only the test features, with the vocabularies saved in --models at training")
-    parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
-    args = parser.parse_args(argv)
+def make_features(args):
+    """The stage's work: read the metadata, record the lesions, build and save the features."""
     spec_path = os.path.join(args.models or os.path.join(args.work, "models"), "features.json")
     test = read_test(args.data)
     if args.predict_only:
@@ -219,6 +213,19 @@ def main(argv=None):
     if not args.predict_only:
         write_json(spec_path, {**spec, "columns": names})
     write_args(os.path.join(out, "args.json"), args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
+    parser.add_argument("--work", default="work")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="only the test features, with the vocabularies saved in --models at training")
+    parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
+    args = parser.parse_args(argv)
+    with output_lock(args.work, "features"):
+        make_features(args)
 
 
 if __name__ == "__main__":

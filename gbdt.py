@@ -9,35 +9,33 @@ no early stopping: stopping on the validation fold would make the OOF score opti
 Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/features/{train,test}.npy, WORK/features/columns.txt;
         with --image A: WORK/preds/img_A_{oof,test}.csv; with --embeddings A: WORK/emb/A_{train,test}.npy
 Writes: WORK/preds/NAME_oof.csv (isic_id,target,fold,pred), WORK/preds/NAME_test.csv (isic_id,pred),
-        WORK/models/NAME/fold{k}_bag{b}.txt, importance.csv, args.json
-        With --predict-only: reads the boosters from --models, writes only WORK/preds/NAME_test.csv
+        WORK/models/NAME/: fold{k}_bag{b}.txt, importance.csv, args.json, and manifest.json (written last:
+        the features, folds, boosters, each file's sha256, the digests of the inputs), in place at once
+        With --predict-only: reads the boosters from --models (after checking the manifest), writes only
+        WORK/preds/NAME_test.csv
 
     python gbdt.py --work work --name tabular --rounds 50 --bags 1             # tiny
     python gbdt.py --work work --name tab_eva02 --image eva02_base
 """
 import argparse
 import os
-import re
+import shutil
 
 import lightgbm as lgb
 import numpy as np
 
-from common import (DataError, atomic_write, load_array, log, patient_normalize, pauc, read_lesions, read_preds,
-                    run_main, write_args, write_csv, write_preds)
+from common import (DataError, atomic_write, commit_folder, file_digest, lesions_digest, load_array, log,
+                    output_lock, patient_normalize, pauc, positive, read_lesions, read_manifest, read_preds, run_main,
+                    write_args, write_csv, write_preds)
 
 
 def image_score_features(work, arch, split, lesions):
-    """An image model's score as three features: raw, divided by the patient's mean score, and
-    z-scored within the patient. Train scores are out-of-fold."""
-    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"])[:, None]
-    pid = lesions["patient_id"].astype(str)
-    patients, codes = np.unique(pid, return_inverse=True)
-    ok = ~np.isnan(score[:, 0])  # a tile that could not be decoded has no score
-    mean = (np.bincount(codes[ok], weights=score[ok, 0], minlength=len(patients))
-            / np.maximum(np.bincount(codes[ok], minlength=len(patients)), 1))[codes]
-    ratio = np.where(mean != 0, score[:, 0] / np.where(mean != 0, mean, 1), np.nan)
-    names = [f"img_{arch}", f"img_{arch}_over_patient_mean", f"img_{arch}_pn_z"]
-    return np.column_stack([score[:, 0], ratio, patient_normalize(score, pid)["z"][:, 0]]), names
+    """An image model's score (its standardized logit; out of fold for train) as three features: the
+    score, its deviation from the patient's median score, and its z-score within the patient."""
+    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"])
+    pn = patient_normalize(score[:, None], lesions["patient_id"].astype(str))  # a tile without a score: NaN
+    return np.column_stack([score, pn["dev"][:, 0], pn["z"][:, 0]]), [f"img_{arch}", f"img_{arch}_pn_dev",
+                                                                      f"img_{arch}_pn_z"]
 
 
 def load_features(args, split, lesions):
@@ -58,26 +56,35 @@ def load_features(args, split, lesions):
     return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
 
-def load_boosters(model_dir, names):
-    """The trained boosters of a model folder, in training order (fold, then bag)."""
-    files = [f for f in os.listdir(model_dir) if re.fullmatch(r"fold\d+_bag\d+\.txt", f)] \
-        if os.path.isdir(model_dir) else []
-    if not files:
-        raise DataError(f"{model_dir}: no trained boosters (fold*_bag*.txt); train with gbdt.py first")
-    files.sort(key=lambda f: [int(n) for n in re.findall(r"\d+", f)])
-    boosters = [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in files]
-    if boosters[0].feature_name() != names:
-        raise DataError(f"{model_dir}: the boosters were trained on other features than these "
-                        f"({boosters[0].num_feature()} against {len(names)}): same feature options as in training?")
-    return boosters
+def input_digests(args, models_dir):
+    """The digests of the models-folder files this model's features come from: features.json and,
+    for image features, the scores.json that extract.py wrote for those image models."""
+    digests = {"features.json": file_digest(os.path.join(models_dir, "features.json"))}
+    for arch in {args.image, args.embeddings} - {None}:
+        path = os.path.join(models_dir, arch, "scores.json")
+        if os.path.exists(path):
+            digests[f"{arch}/scores.json"] = file_digest(path)
+    return digests
+
+
+def load_boosters(model_dir, names, inputs):
+    """The boosters of a committed model folder, checked against the features they get now."""
+    rerun = f"gbdt.py --name {os.path.basename(model_dir)} on the training data, with the same options"
+    manifest = read_manifest(model_dir, rerun)
+    if manifest["features"] != names:
+        raise DataError(f"{model_dir}: trained on other features than these ({len(manifest['features'])} against "
+                        f"{len(names)}): same feature options as in training?")
+    changed = [k for k, v in manifest["inputs"].items() if inputs.get(k) != v]
+    if changed:
+        raise DataError(f"{model_dir}: trained on features from another {', '.join(changed)} than the models folder "
+                        f"holds now (models of two runs mixed?): run {rerun}")
+    return [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in manifest["boosters"]]
 
 
 def bag_sample(y, rng, pos_rate, neg_rate):
     """Row indices of one bag: positives oversampled (with replacement) to pos_rate x negatives,
     then negatives undersampled to (positives / neg_rate)."""
     pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    if len(pos) == 0:
-        raise DataError("a training fold has no positive lesion: too few positives for the folds")
     n_pos = max(len(pos), int(np.ceil(pos_rate * len(neg))))
     pos = np.r_[pos, rng.choice(pos, n_pos - len(pos))] if n_pos > len(pos) else pos
     n_neg = min(len(neg), int(len(pos) / neg_rate))
@@ -91,44 +98,21 @@ def lgb_params(args, seed):
             "seed": seed, "deterministic": True, "num_threads": args.threads, "verbose": -1}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
-    parser.add_argument("--image", help="add this arch's image scores (preds/img_ARCH_*.csv)")
-    parser.add_argument("--embeddings", help="add this arch's embeddings (emb/ARCH_*.npy)")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
-    parser.add_argument("--predict-only", action="store_true",
-                        help="only test predictions, from the boosters in --models: no training")
-    parser.add_argument("--rounds", type=int, default=250)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--num-leaves", type=int, default=31)
-    parser.add_argument("--max-depth", type=int, default=6)
-    parser.add_argument("--bags", type=int, default=3)
-    parser.add_argument("--pos-rate", type=float, default=0.003)
-    parser.add_argument("--neg-rate", type=float, default=0.01)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
-
-    model_dir = os.path.join(args.models or os.path.join(args.work, "models"), args.name)
-    test = read_lesions(args.work, "test")
-    x_test, names = load_features(args, "test", test)
-    if args.predict_only:
-        boosters = load_boosters(model_dir, names)
-        test_pred = sum(b.predict(x_test) for b in boosters) / len(boosters) if len(x_test) else np.zeros(0)
-        write_preds(args.work, args.name, "test", test, test_pred)
-        log(f"{args.name}: test predictions of {len(boosters)} boosters from {model_dir}")
-        return
+def train_boosters(args, model_dir, names, test, x_test, inputs):
+    """Boosters on every fold, bagged; out-of-fold and test predictions. The boosters are written
+    into MODEL_DIR.partial, which replaces MODEL_DIR whole once every one is there."""
     train = read_lesions(args.work, "train")
     folds, y = train["fold"], train["target"]
     x_train, _ = load_features(args, "train", train)
     log(f"{args.name}: {x_train.shape[0]} train x {x_train.shape[1]} features, {y.sum()} positives, "
         f"{len(np.unique(folds))} folds x {args.bags} bags x {args.rounds} rounds")
+    partial = model_dir + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
+    os.makedirs(partial)
     oof = np.full(len(y), np.nan)
     test_pred = np.zeros(len(x_test))
     gain = np.zeros(len(names))
-    n_models = 0
+    boosters = []
     for k in np.unique(folds):
         trn, val = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         fold_pred = np.zeros(len(val))
@@ -141,20 +125,59 @@ def main(argv=None):
             if len(x_test):
                 test_pred += booster.predict(x_test)
             gain += booster.feature_importance("gain")
-            n_models += 1
+            boosters.append(f"fold{k}_bag{b}.txt")
             text = booster.model_to_string()
-            atomic_write(os.path.join(model_dir, f"fold{k}_bag{b}.txt"), lambda f: f.write(text.encode()))
+            atomic_write(os.path.join(partial, boosters[-1]), lambda f: f.write(text.encode()))
         oof[val] = fold_pred
         score = pauc(y[val], fold_pred) if 0 < y[val].sum() < len(val) else float("nan")
         log(f"{args.name} fold {k}: {len(trn)} train rows, {len(val)} validation rows, pAUC {score:.4f}")
-    test_pred /= n_models
+    test_pred /= len(boosters)
     log(f"{args.name}: OOF pAUC {pauc(y, oof):.4f}")
+    order = np.argsort(-gain)
+    write_csv(os.path.join(partial, "importance.csv"), ["feature", "gain"],
+              [np.array(names)[order], gain[order] / len(boosters)])
+    write_args(os.path.join(partial, "args.json"), args)
+    commit_folder(partial, model_dir, {"stage": "gbdt.py", "features": names, "folds": np.unique(folds).tolist(),
+                                       "boosters": boosters, "lesions": lesions_digest(args.work),
+                                       "inputs": inputs})
     write_preds(args.work, args.name, "train", train, oof)
     write_preds(args.work, args.name, "test", test, test_pred)
-    order = np.argsort(-gain)
-    write_csv(os.path.join(model_dir, "importance.csv"), ["feature", "gain"],
-              [np.array(names)[order], gain[order] / n_models])
-    write_args(os.path.join(model_dir, "args.json"), args)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="work")
+    parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
+    parser.add_argument("--image", help="add this arch's image scores (preds/img_ARCH_*.csv)")
+    parser.add_argument("--embeddings", help="add this arch's embeddings (emb/ARCH_*.npy)")
+    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="only test predictions, from the boosters in --models: no training")
+    parser.add_argument("--rounds", type=positive(int), default=250)
+    parser.add_argument("--lr", type=positive(float), default=0.05)
+    parser.add_argument("--num-leaves", type=positive(int), default=31)
+    parser.add_argument("--max-depth", type=int, default=6, help="-1: no limit")
+    parser.add_argument("--bags", type=positive(int), default=3)
+    parser.add_argument("--pos-rate", type=positive(float), default=0.003,
+                        help="positives oversampled to this share of the negatives")
+    parser.add_argument("--neg-rate", type=positive(float), default=0.01,
+                        help="then negatives undersampled until positives are this share of them")
+    parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    models_dir = args.models or os.path.join(args.work, "models")
+    model_dir = os.path.join(models_dir, args.name)
+    with output_lock(args.work, f"gbdt-{args.name}"):
+        test = read_lesions(args.work, "test")
+        x_test, names = load_features(args, "test", test)
+        inputs = input_digests(args, models_dir)
+        if not args.predict_only:
+            train_boosters(args, model_dir, names, test, x_test, inputs)
+            return
+        boosters = load_boosters(model_dir, names, inputs)
+        test_pred = sum(b.predict(x_test) for b in boosters) / len(boosters) if len(x_test) else np.zeros(0)
+        write_preds(args.work, args.name, "test", test, test_pred)
+        log(f"{args.name}: test predictions of {len(boosters)} boosters from {model_dir}")
 
 
 if __name__ == "__main__":

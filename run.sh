@@ -44,11 +44,7 @@ done
 stage "gbdt tabular"    python gbdt.py --work "$WORK" --name tabular "${PREDICT[@]}"
 stage "gbdt tab_eva02"  python gbdt.py --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
 stage "gbdt tab_convnext" python gbdt.py --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
-if [ ${#PREDICT[@]} -eq 0 ]; then
-    stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext $LABELS
-else
-    stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext --predict-only
-fi
+stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext $LABELS "${PREDICT[@]}"
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"
 printf '%-24s %6ds\n' total $SECONDS

@@ -7,6 +7,7 @@ train_backbone, extract, gbdt, ensemble, then the whole pipeline.
 Tests marked slow run stages on the demo set or train tiny models (no GPU needed).
 """
 import csv
+import errno
 import io
 import os
 import re
@@ -43,9 +44,9 @@ slow = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
-    """A small demo set: 40 train patients, 8 test patients."""
+    """A small demo set: 40 train patients, 20 test patients drawn like them."""
     out = str(tmp_path_factory.mktemp("demo"))
-    make_demo(out, n_patients=40, n_test_patients=8, malignant_rate=0.06, seed=1)
+    make_demo(out, n_patients=40, n_test_patients=20, malignant_rate=0.06, seed=1)
     return out
 
 
@@ -105,6 +106,22 @@ def jpeg(mode, fmt="JPEG"):
     Image.new(mode, (70, 64), {"L": 128, "RGBA": (10, 20, 30, 40), "CMYK": (0, 50, 100, 0),
                               "RGB": (200, 100, 50)}[mode]).save(buf, format=fmt)
     return buf.getvalue()
+
+
+def stage_error(capsys, main, args):
+    """Runs a stage's main as `python SCRIPT.py` does (common.run_main); checks that it ends with exit
+    status 2 and no traceback, and returns what it printed to stderr."""
+    with pytest.raises(SystemExit) as e:
+        common.run_main(lambda: main(args))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: " in err and "Traceback" not in err, err
+    return err
+
+
+def one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
 
 
 def corrupt_image(h5_path, isic_id, raw):
@@ -295,12 +312,60 @@ def test_csv_reader_errors_name_the_line_and_the_cause(tmp_path, content, match)
         common.read_csv(str(path), ["isic_id", "target"], ["target"])
 
 
+@pytest.mark.parametrize("row, match", [
+    ("ISIC_2,IP_1,0,inf", "line 3, column tbp_lv_A: 'inf' is not a finite number"),
+    ("ISIC_2,IP_1,0,-Infinity", "line 3, column tbp_lv_A: '-Infinity' is not a finite number"),
+    ("ISIC_2,IP_1,0,1e39", "line 3, column tbp_lv_A: '1e39' is not a finite number"),
+    (",IP_1,0,1", "line 3, column isic_id: empty"),
+    ("ISIC_2,,0,1", "line 3, column patient_id: empty"),
+    ("ISIC 2,IP_1,0,1", "line 3, column isic_id: 'ISIC 2' has a space inside"),
+])
+def test_ids_and_numbers_that_are_not_measurements_are_errors(tmp_path, row, match):
+    path = tmp_path / "m.csv"
+    path.write_text(f"isic_id,patient_id,target,tbp_lv_A\nISIC_1,IP_1,1,2.5\n{row}\n")
+    with pytest.raises(common.DataError, match=f"m.csv: {match}"):
+        common.read_metadata(str(path), ["isic_id", "patient_id"])
+
+
+@pytest.mark.parametrize("targets, match", [
+    ("0 1 0.5", "ISIC_2: target is 0.5, not 0 or 1"),
+    ("-1 1 -1", "ISIC_0: target is -1, not 0 or 1"),
+    ("0 2 1", "ISIC_1: target is 2, not 0 or 1"),
+    ("0 1 ", "ISIC_2: target is empty, not 0 or 1"),
+    ("0 0 0", "hold only lesions of target 0: training needs malignant and benign lesions"),
+    ("1 1 1", "hold only lesions of target 1"),
+    ("", "hold no lesion"),
+])
+def test_training_labels_must_be_0_or_1_and_both_present(tmp_path, targets, match):
+    header = ",".join(common.TRAIN_COLUMNS)
+    rows = [",".join(f"ISIC_{i}" if c == "isic_id" else "IP_1" if c == "patient_id" else t if c == "target" else "1"
+                     for c in common.TRAIN_COLUMNS) for i, t in enumerate(targets.split(" ") if targets else [])]
+    (tmp_path / "train-metadata.csv").write_text("\n".join([header] + rows) + "\n")
+    with pytest.raises(common.DataError, match=match):
+        common.read_train(str(tmp_path))
+
+
 def test_number_spellings(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("isic_id,age_approx\na,45\nb,45.0\nc,8.05E-13\nd, 3.2 \ne,NA\nf,nan\ng,\nh,-1e3\n")
     got = common.read_csv(str(path), numbers=["age_approx"])["age_approx"]
     np.testing.assert_array_equal(got[[0, 1, 2, 3, 7]], [45.0, 45.0, 8.05e-13, 3.2, -1000.0])
     assert np.isnan(got[4:7]).all()
+
+
+def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_path):
+    path = tmp_path / "features" / "train.npy"
+    code = ("import sys, time, numpy as np, common\n"
+            "common.atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 1000), f.flush(), time.sleep(60)))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=HERE)
+    deadline = time.time() + 60
+    while not list(path.parent.glob(".train.npy.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(path.parent.glob(".train.npy.tmp-*"))) == 1 and not path.exists()
+    common.save_array(str(path), np.zeros((2, 2), np.float32), ["a", "b"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["train.npy", "train_ids.txt"]
 
 
 def test_stage_files_from_another_run_are_refused(tmp_path):
@@ -403,6 +468,53 @@ def test_focal_loss_hand_values():
     assert fl(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(want, rel=1e-6)
 
 
+@pytest.mark.parametrize("capability, dtype", [((6, 0), torch.float16), ((7, 5), torch.float16),
+                                               ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_precision_is_native_bf16_or_fp16_with_a_scaler(monkeypatch, capability, dtype):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # says yes on a T4 too
+    assert common.amp_settings(torch.device("cuda", 0)) == (dtype, dtype == torch.float16)
+    assert common.amp_settings(torch.device("cpu")) == (None, False)
+    assert common.amp_settings(torch.device("cpu"), cpu_amp=True) == (torch.bfloat16, False)
+
+
+def test_micro_batches_follow_the_gpu_memory(monkeypatch):
+    class Props:
+        total_memory, name = 16 * 10 ** 9, "a GPU"
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    cuda = torch.device("cuda", 0)
+
+    def plan(arch, n_params, **flags):
+        args = type("Args", (), {"arch": arch, "batch_size": 64, "micro_batch": None, "grad_checkpointing": False,
+                                 **flags})
+        model = torch.nn.Linear(n_params, 1, bias=False)
+        return train_backbone.memory_plan(args, model, cuda)
+    # room: 85% of 16 GB - 16 bytes a parameter - 1 GiB, divided by the saved activations of an image
+    room = 0.85 * 16e9 - 16 * 86_000_000 - 2 ** 30
+    want = 2 ** int(np.log2(room / (common.MODEL_CONFIGS["eva02_base"]["act_mib"] * 2 ** 20)))
+    assert plan("eva02_base", 86_000_000) == (want, False) and 8 <= want <= 32
+    assert plan("convnext", 28_000_000) == (64, False)                   # capped at the batch
+    assert plan("eva02_base", 86_000_000, micro_batch=4) == (4, False)  # the flags win
+    assert plan("eva02_base", 86_000_000, grad_checkpointing=True)[1] is True
+    Props.total_memory = int(3.2e9)  # not one image without checkpointing: a few with it
+    micro, checkpointing = plan("eva02_base", 86_000_000)
+    assert checkpointing and 1 <= micro <= 8
+    assert plan("convnext", 28_000_000, micro_batch=16)[0] == 16
+    assert train_backbone.memory_plan(type("Args", (), {"arch": "convnext", "batch_size": 64, "micro_batch": None,
+                                                         "grad_checkpointing": False}), None,
+                                      torch.device("cpu")) == (64, False)
+
+
+@pytest.mark.parametrize("arch", ["convnext_atto", "eva02_tiny"])
+def test_model_table_holds_the_measured_activation_memory(arch):
+    import bench
+    for checkpointing, key in ((False, "act_mib"), (True, "act_mib_ckpt")):
+        measured = bench.saved_activation_bytes(arch, checkpointing) / 2 ** 20
+        assert measured == pytest.approx(common.MODEL_CONFIGS[arch][key], rel=0.1), key
+    assert common.MODEL_CONFIGS[arch]["act_mib_ckpt"] < common.MODEL_CONFIGS[arch]["act_mib"] / 4
+
+
 @slow
 def test_eva02_base_builds_design_model():
     model = common.build_model("eva02_base", pretrained=False)
@@ -441,6 +553,20 @@ def test_weights_from_local_file_load_with_new_head(tmp_path, ext):
     assert model.get_classifier().out_features == 1
     assert torch.equal(model.stem[0].weight, src.stem[0].weight)
     assert torch.equal(model.stages[3].blocks[0].conv_dw.weight, src.stages[3].blocks[0].conv_dw.weight)
+
+
+@pytest.mark.parametrize("arch", ["convnext_atto", "eva02_tiny"])
+def test_exported_weights_load_back_with_the_weights_flag(tmp_path, arch):
+    torch.manual_seed(3)
+    train_backbone.main(["--arch", arch, "--no-pretrained", "--save-weights", str(tmp_path)])
+    path = tmp_path / f"{arch}.safetensors"
+    from safetensors.torch import load_file
+    saved = load_file(str(path))
+    model = common.build_model(arch, weights=str(path))
+    assert model.get_classifier().out_features == 1
+    body = {k: v for k, v in model.state_dict().items() if k in saved and v.shape == saved[k].shape}
+    assert len(body) >= len(saved) - 2  # every tensor but the classifier's
+    assert all(torch.equal(v, saved[k]) for k, v in body.items())
 
 
 # ---------------------------------------------------------------- demo.py
@@ -504,6 +630,80 @@ def test_engineered_features_leave_numpy_error_settings_alone():
     assert np.isnan(x[:, names.index("area_to_perimeter_ratio")]).all()
 
 
+@slow
+def test_folds_are_reused_only_for_the_same_lesions_patients_and_labels(demo, demo_work, tmp_path, capsys):
+    data = copy_demo(demo, tmp_path / "data")
+    work = copy_work(demo_work, tmp_path / "work")
+    features.main(["--data", data, "--work", work])  # the same metadata: folds.csv reused
+    col = common.TRAIN_COLUMNS.index("patient_id")
+    rewrite_csv(os.path.join(data, "train-metadata.csv"),
+                lambda rows: rows[:3] + [rows[3][:col] + ["IP_9999999"] + rows[3][col + 1:]] + rows[4:])
+    err = one_error_line(stage_error(capsys, features.main, ["--data", data, "--work", work]))
+    assert "folds.csv: made from other training data (patient_id of isic_id" in err and "new --work" in err
+
+
+@slow
+def test_a_test_csv_with_an_empty_target_column_is_fine(demo, tmp_path):
+    data = copy_demo(demo, tmp_path / "data")
+    rewrite_csv(os.path.join(data, "test-metadata.csv"), lambda rows: [rows[0] + ["target"]] + [r + [""] for r in rows[1:]])
+    features.main(["--data", data, "--work", str(tmp_path / "work")])
+    assert "target" not in common.read_test(data)
+
+
+@slow
+@pytest.mark.parametrize("case, match", [
+    ("header_only", "train-metadata.csv: the training lesions hold no lesion"),
+    ("all_positive", "train-metadata.csv: the training lesions hold only lesions of target 1"),
+    ("positives_in_one_patient", "folds.csv: the training rows of fold .* hold only lesions of target 0"),
+    ("cr_line_ends", None),
+])
+def test_training_data_that_cannot_train_stops_before_any_work(demo, tmp_path, capsys, case, match):
+    data = copy_demo(demo, tmp_path / "data")
+    path = os.path.join(data, "train-metadata.csv")
+    target, patient = common.TRAIN_COLUMNS.index("target"), common.TRAIN_COLUMNS.index("patient_id")
+    if case == "header_only":
+        rewrite_csv(path, lambda rows: rows[:1])
+    elif case == "all_positive":
+        rewrite_csv(path, lambda rows: rows[:1] + [r[:target] + ["1.0"] + r[target + 1:] for r in rows[1:]])
+    elif case == "positives_in_one_patient":
+        rewrite_csv(path, lambda rows: rows[:1] + [r[:patient] + ["IP_0000001"] + r[patient + 1:] if r[target] == "1.0"
+                                                   else r for r in rows[1:]])
+    else:  # old Mac line ends: read as any other
+        with open(path, "rb") as f:
+            text = f.read()
+        with open(path, "wb") as f:
+            f.write(text.replace(b"\r\n", b"\r").replace(b"\n", b"\r"))
+    work = str(tmp_path / "work")
+    if match is None:
+        features.main(["--data", data, "--work", work])
+        assert common.read_lesions(work, "train")["isic_id"].tolist() == common.read_train(demo)["isic_id"].tolist()
+        return
+    assert re.search(match, one_error_line(stage_error(capsys, features.main, ["--data", data, "--work", work])))
+    assert not os.path.exists(os.path.join(work, "features"))
+
+
+@slow
+def test_an_unwritable_work_folder_is_one_error_line(demo, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(a_file)]))
+    assert "a_file: File exists: is --work a folder you can write to?" in err
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+    monkeypatch.setattr(common.tempfile, "mkstemp", read_only)
+    err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(tmp_path / "w1")]))
+    assert "Read-only file system: is --work a folder you can write to?" in err
+    monkeypatch.undo()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(common.np, "save", disk_full)
+    err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(tmp_path / "w2")]))
+    assert re.search(r"features/train.npy: No space left on device: free some space", err)
+    assert not [p for p in (tmp_path / "w2" / "features").iterdir() if p.name.startswith(".")]
+
+
 # ---------------------------------------------------------------- train_backbone.py
 
 @slow
@@ -516,7 +716,7 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     assert [int(r["epoch"]) for r in log_rows] == [0, 1, 2]
     assert all(0 <= float(r["val_pauc"]) <= 0.2 for r in log_rows)
     # the same run, killed (SIGKILL) once its first epoch is logged, then resumed
-    log_path = os.path.join(killed, "models", "eva02_tiny", "fold1", "log.csv")
+    log_path = os.path.join(killed, "models", "eva02_tiny", "fold1.partial", "log.csv")
     proc = subprocess.Popen([sys.executable, "train_backbone.py"] + args + ["--work", killed], cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -532,7 +732,62 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     assert a["epoch"] == b["epoch"] == 2
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
-    assert [r["epoch"] for r in read_log(log_path)] == ["0", "1", "2"]
+    assert [r["epoch"] for r in read_log(os.path.join(killed, "models", "eva02_tiny", "fold1", "log.csv"))] == \
+        ["0", "1", "2"]
+    assert not os.path.exists(os.path.dirname(log_path))  # the finished fold replaced fold1/ whole
+
+
+def test_micro_batches_give_the_whole_batch_gradient():
+    x, y = torch.randn(8, 3, 64, 64), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0])
+    after = []
+    for micro in (8, 3, 1):
+        torch.manual_seed(0)
+        model = common.build_model("convnext_atto", pretrained=False, drop_path=0.0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss = train_backbone.train_step(model, model, opt, scaler, common.FocalLoss(), x, y, micro,
+                                         torch.device("cpu"), None)
+        after.append((loss, torch.cat([p.detach().flatten() for p in model.parameters()])))
+    for loss, weights in after[1:]:
+        assert loss == pytest.approx(after[0][0], rel=1e-5)
+        torch.testing.assert_close(weights, after[0][1], rtol=0, atol=1e-6)
+
+
+@slow
+def test_out_of_gpu_memory_names_the_flags_that_lower_it(demo, demo_work, tmp_path, capsys, monkeypatch):
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train_backbone, "train_step", oom)
+    work = copy_work(demo_work, tmp_path / "work")
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "0",
+                                                                   "--data", demo, "--work", work] + tiny_train(1)))
+    assert "out of GPU memory training convnext_atto: pass a smaller --micro-batch, or --grad-checkpointing" in err
+
+
+@slow
+@pytest.mark.parametrize("option, match", [
+    (["--fold", "7"], "--fold 7: the folds of .*folds.csv are 0 to 4, or 'all'"),
+    (["--fold", "abc"], "--fold abc: the folds of"),
+    (["--epochs", "0"], "argument --epochs: must be above 0, not 0"),
+])
+def test_bad_training_options_are_one_error(demo, demo_work, capsys, option, match):
+    err = stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--data", demo, "--work", demo_work]
+                      + tiny_train(1) + option)
+    assert re.search(match, err)
+    assert not os.path.exists(os.path.join(demo_work, "models", "convnext_atto"))
+
+
+@slow
+def test_no_fold_model_is_saved_from_data_it_cannot_learn(demo, demo_work, tmp_path, capsys):
+    work = copy_work(demo_work, tmp_path / "work")
+    lesions = common.read_lesions(work, "train")
+    folds = np.where(lesions["target"] == 1, 2, lesions["fold"])  # every positive in fold 2
+    common.write_csv(os.path.join(work, "folds.csv"), ["isic_id", "patient_id", "target", "fold"],
+                     [lesions["isic_id"], lesions["patient_id"], lesions["target"], folds])
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "all",
+                                                                   "--data", demo, "--work", work] + tiny_train(1)))
+    assert "the training rows of fold 2" in err and "only lesions of target 0" in err
+    assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
 
 
 @slow
@@ -562,7 +817,13 @@ def embed_one(work, demo, fold, isic_id, split="train"):
                              torch.device("cpu"))
     with torch.no_grad():
         f, z = common.forward_features_and_logit(model, x)
-    return f[0].numpy(), torch.sigmoid(z[0]).item()
+    return f[0].numpy(), z[0].item()
+
+
+def scores_json(work):
+    import json
+    with open(os.path.join(work, "models", "convnext_atto", "scores.json")) as f:
+        return json.load(f)
 
 
 @slow
@@ -570,46 +831,172 @@ def test_extraction_parity_and_out_of_fold(demo, trained):
     train = common.read_lesions(trained, "train")
     emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_train.npy"), train["isic_id"])
     oof = common.read_preds(trained, "img_convnext_atto", "train", train["isic_id"])
+    stats = scores_json(trained)["logit_stats"]
     for k in range(5):
+        # a fold's scores are its model's logits standardized by their own mean and spread
+        assert oof[train["fold"] == k].mean() == pytest.approx(0, abs=1e-5)
+        assert oof[train["fold"] == k].std() == pytest.approx(1, abs=1e-5)
         row = int(np.flatnonzero(train["fold"] == k)[0])
         mine = [embed_one(trained, demo, j, train["isic_id"][row]) for j in range(5)]
         np.testing.assert_allclose(emb[row], mine[k][0], rtol=1e-4, atol=1e-4)
-        assert oof[row] == pytest.approx(mine[k][1], rel=1e-4, abs=1e-6)
+        mean, std = stats[str(k)]
+        assert oof[row] == pytest.approx((mine[k][1] - mean) / std, rel=1e-4, abs=1e-4)
         # and not from any other fold's model, which trained on this row
         assert all(np.abs(emb[row] - mine[j][0]).max() > 1e-3 for j in range(5) if j != k)
 
 
 @slow
-def test_test_embeddings_are_mean_of_fold_models(demo, trained):
+def test_test_scores_come_from_the_best_fold_model_or_the_mean_of_all(demo, trained, tmp_path):
     test = common.read_lesions(trained, "test")
-    emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_test.npy"), test["isic_id"])
-    preds = common.read_preds(trained, "img_convnext_atto", "test", test["isic_id"])
     per_fold = [embed_one(trained, demo, j, test["isic_id"][0], "test") for j in range(5)]
+    stats = {int(k): v for k, v in scores_json(trained)["logit_stats"].items()}
+    manifests = [common.read_manifest(os.path.join(trained, "models", "convnext_atto", f"fold{k}"), "") for k in range(5)]
+    best = max(range(5), key=lambda k: manifests[k]["val_pauc"]["last"])
+    emb = common.load_array(os.path.join(trained, "emb", "convnext_atto_test.npy"), test["isic_id"])
+    score = common.read_preds(trained, "img_convnext_atto", "test", test["isic_id"])
+    np.testing.assert_allclose(emb[0], per_fold[best][0], rtol=1e-4, atol=1e-4)
+    assert score[0] == pytest.approx((per_fold[best][1] - stats[best][0]) / stats[best][1], rel=1e-4, abs=1e-4)
+    work = copy_work(trained, tmp_path / "work")
+    extract.main(["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--test-models", "mean"])
+    emb = common.load_array(os.path.join(work, "emb", "convnext_atto_test.npy"), test["isic_id"])
+    score = common.read_preds(work, "img_convnext_atto", "test", test["isic_id"])
     np.testing.assert_allclose(emb[0], np.mean([e for e, _ in per_fold], axis=0), rtol=1e-4, atol=1e-4)
-    assert preds[0] == pytest.approx(np.mean([p for _, p in per_fold]), rel=1e-4)
+    assert score[0] == pytest.approx(np.mean([(z - stats[k][0]) / stats[k][1] for k, (_, z) in enumerate(per_fold)]),
+                                     rel=1e-4, abs=1e-4)
+
+
+def ks_statistic(a, b):
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution
+    functions, by a loop over the pooled values."""
+    a, b = np.sort(a[~np.isnan(a)]), np.sort(b[~np.isnan(b)])
+    return max(abs(np.searchsorted(a, v, "right") / len(a) - np.searchsorted(b, v, "right") / len(b))
+               for v in np.r_[a, b])
+
+
+def test_standardized_scores_mean_the_same_on_train_and_test(tmp_path):
+    """Five fold models whose logits differ in level and spread: before, a train lesion's probability
+    came from its fold's model and a test lesion's was the mean of the five, so their distributions
+    differ; each model's logits standardized by its own out-of-fold statistics agree."""
+    rng = np.random.default_rng(8)
+    scale, offset = np.array([0.5, 1.0, 1.5, 2.0, 3.0]), np.array([-3.0, -1.0, 0.0, 1.0, 2.5])
+    folds = np.repeat(np.arange(5), 2000)
+    train_latent, test_latent = rng.normal(size=10000), rng.normal(size=4000)
+    oof = {k: scale[k] * train_latent[folds == k] + offset[k] for k in range(5)}
+    test = {k: scale[k] * test_latent + offset[k] for k in range(5)}
+    args = type("Args", (), {"arch": "convnext_atto"})
+    stats = extract.logit_statistics(args, str(tmp_path), {"folds": {}, "checkpoint": "last"}, oof)
+    assert extract.logit_statistics(args, str(tmp_path), {"folds": {}, "checkpoint": "last"}, {}) == stats
+    train_score = np.concatenate(list(extract.standardize(oof, stats).values()))
+    best, mean = extract.standardize({3: test[3]}, stats)[3], np.mean(list(extract.standardize(test, stats).values()), 0)
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    before = ks_statistic(sigmoid(np.concatenate(list(oof.values()))), np.mean([sigmoid(z) for z in test.values()], 0))
+    after = [ks_statistic(train_score, best), ks_statistic(train_score, mean)]
+    assert before > 0.1 and max(after) < 0.05, (before, after)
 
 
 @slow
-def test_extraction_resumes_from_finished_folds(demo, trained, tmp_path):
+def test_two_processes_extract_what_one_does(demo, trained, tmp_path):
+    work = copy_work(trained, tmp_path / "work")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "extract.py",
+           "--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0"]
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "process 1" in r.stdout
+    for split in ("train", "test"):
+        ids = common.read_lesions(work, split)["isic_id"]
+        np.testing.assert_allclose(common.load_array(os.path.join(work, "emb", f"convnext_atto_{split}.npy"), ids),
+                                   common.load_array(os.path.join(trained, "emb", f"convnext_atto_{split}.npy"), ids),
+                                   rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(common.read_preds(work, "img_convnext_atto", split, ids),
+                                   common.read_preds(trained, "img_convnext_atto", split, ids), rtol=1e-4, atol=1e-4)
+    assert not os.path.exists(os.path.join(work, "emb", "parts"))
+
+
+def fake_part(work, fold, value):
+    """A part of extract.py --resume's, as an interrupted run with the current fold model would leave it,
+    holding a marker no recomputation gives."""
+    part = os.path.join(work, "emb", "parts", f"convnext_atto_fold{fold}.npz")
+    os.makedirs(os.path.dirname(part), exist_ok=True)
+    train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
+    rows = np.flatnonzero(train["fold"] == fold)
+    digest = common.file_digest(os.path.join(work, "models", "convnext_atto", f"fold{fold}", "manifest.json"))
+    np.savez(part, model=np.array(f"{digest} last"), train_ids=train["isic_id"][rows].astype(str),
+             test_ids=test["isic_id"].astype(str), train_emb=np.full((len(rows), 320), value, np.float32),
+             train_logit=np.zeros(len(rows)), test_emb=np.zeros((len(test["isic_id"]), 320), np.float32),
+             test_logit=np.zeros(len(test["isic_id"])))
+    return part, rows
+
+
+@slow
+def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, trained, tmp_path):
     work = copy_work(trained, tmp_path / "work")
     want = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
-    # an interrupted run: fold 0 finished, and its part holds a marker no recomputation would give
-    part = os.path.join(work, "emb", "parts", "convnext_atto_fold0.npz")
-    os.makedirs(os.path.dirname(part))
-    train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
-    rows = np.flatnonzero(train["fold"] == 0)
-    np.savez(part, train_ids=train["isic_id"][rows].astype(str), test_ids=test["isic_id"].astype(str),
-             train_emb=np.full((len(rows), 320), 7.0, np.float32), train_logit=np.zeros(len(rows)),
-             test_emb=np.zeros((len(test["isic_id"]), 320), np.float32), test_logit=np.zeros(len(test["isic_id"])))
-    r = run_script("extract.py", ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0",
-                                  "--resume"])
+    folds = common.read_lesions(work, "train")["fold"]
+    part, rows = fake_part(work, 0, 7.0)
+    args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--test-models", "mean"]
+    r = run_script("extract.py", args + ["--resume"])
     assert r.returncode == 0, r.stderr
     assert "fold 0: reusing" in r.stdout and "fold 1 held-out train" in r.stdout
     got = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     assert (got[rows] == 7.0).all()
-    folds = train["fold"]
     np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-4, atol=1e-4)
     assert not os.path.exists(os.path.dirname(part))      # parts are removed once the outputs are whole
+    # fold 0 retrained after its part was written: the part is scored again, not reused
+    part, rows = fake_part(work, 0, 7.0)
+    train_backbone.main(["--arch", "convnext_atto", "--fold", "0", "--data", demo, "--work", work] + tiny_train(1))
+    r = run_script("extract.py", args + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    assert "fold 0: " in r.stdout and "made by another model" in r.stdout and "fold 0: reusing" not in r.stdout
+    assert not (np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))[rows] == 7.0).any()
+
+
+@slow
+def test_fold_models_of_other_folds_or_incomplete_are_refused(demo, trained, tmp_path, capsys):
+    work = copy_work(trained, tmp_path / "work")
+    args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0"]
+    os.remove(os.path.join(work, "models", "convnext_atto", "fold3", "best.pt"))  # an incomplete copy
+    err = one_error_line(stage_error(capsys, extract.main, args))
+    assert "fold3: best.pt is missing or is not the file this model was trained with" in err
+    assert "run train_backbone.py --arch convnext_atto --fold 3" in err
+    shutil.rmtree(work)
+    work = copy_work(trained, tmp_path / "work")
+    with open(os.path.join(work, "folds.csv"), "a") as f:  # folds.csv changed since the models were trained
+        f.write("")
+    lesions = common.read_lesions(work, "train")
+    common.write_csv(os.path.join(work, "folds.csv"), ["isic_id", "patient_id", "target", "fold"],
+                     [lesions["isic_id"], lesions["patient_id"], lesions["target"], (lesions["fold"] + 1) % 5])
+    err = one_error_line(stage_error(capsys, extract.main, args))
+    assert "were trained on other folds than" in err and "retrain them" in err
+
+
+@slow
+@pytest.mark.parametrize("damage", ["not_hdf5", "empty", "truncated"])
+def test_a_damaged_hdf5_file_is_one_error_line(demo, demo_work, tmp_path, capsys, damage):
+    data = copy_demo(demo, tmp_path / "data")
+    path = os.path.join(data, "train-image.hdf5")
+    with open(path, "rb") as f:
+        raw = f.read()
+    with open(path, "wb") as f:
+        f.write({"not_hdf5": b"isic_id,target\n", "empty": b"", "truncated": raw[:len(raw) // 2]}[damage])
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "0",
+                                                                   "--data", data, "--work", demo_work] + tiny_train(1)))
+    assert "train-image.hdf5: cannot be read as an HDF5 file" in err
+
+
+@slow
+def test_when_no_tile_of_a_split_decodes_it_is_an_error(demo, trained, tmp_path, capsys):
+    data = copy_demo(demo, tmp_path / "data")
+    work = copy_work(trained, tmp_path / "work")
+    test_ids = common.read_lesions(work, "test")["isic_id"]
+    for i in test_ids:
+        corrupt_image(os.path.join(data, "test-image.hdf5"), i, b"\xff\xd8\xff not a jpeg")
+    err = stage_error(capsys, extract.main, ["--arch", "convnext_atto", "--data", data, "--work", work,
+                                             "--workers", "0"])
+    line = one_error_line(err)
+    assert re.search(f"test-image.hdf5: none of the {len(test_ids)} images of convnext_atto fold . test can be decoded",
+                     line)
+    assert f"the first: isic_id {test_ids[0]}: the image cannot be decoded" in line
 
 
 # ---------------------------------------------------------------- gbdt.py
@@ -620,7 +1007,7 @@ def test_gbdt_with_image_scores_and_embeddings(trained, tmp_path):
     gbdt.main(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--embeddings", "convnext_atto",
                "--rounds", "20", "--bags", "1"])
     names = common.read_csv(os.path.join(work, "models", "tab_cnx", "importance.csv"), ["feature"])["feature"]
-    assert {"img_convnext_atto", "img_convnext_atto_over_patient_mean", "img_convnext_atto_pn_z",
+    assert {"img_convnext_atto", "img_convnext_atto_pn_dev", "img_convnext_atto_pn_z",
             "emb_convnext_atto_319"} <= set(names)
 
 
@@ -642,6 +1029,54 @@ def test_sigkill_never_leaves_a_half_written_file(demo, demo_work, tmp_path):
                 assert gbdt.lgb.Booster(model_file=os.path.join(work, "models", "tabular", name)).num_trees() >= 20
 
 
+@slow
+def test_the_models_folder_is_one_consistent_unit(demo, demo_work, tmp_path, capsys):
+    work = copy_work(demo_work, tmp_path / "work")
+    model_dir = os.path.join(work, "models", "tabular")
+
+    def predict_only():
+        os.remove(os.path.join(work, "preds", "tabular_test.csv"))
+        gbdt.main(["--work", work, "--predict-only"])
+        return common.read_preds(work, "tabular", "test", common.read_lesions(work, "test")["isic_id"])
+    gbdt.main(["--work", work, "--rounds", "20", "--bags", "3"])
+    gbdt.main(["--work", work, "--rounds", "20", "--bags", "1"])  # fewer boosters than the run before
+    trained = common.read_preds(work, "tabular", "test", common.read_lesions(work, "test")["isic_id"])
+    assert sorted(f for f in os.listdir(model_dir) if f.endswith(".txt")) == [f"fold{k}_bag0.txt" for k in range(5)]
+    np.testing.assert_array_equal(predict_only(), trained)
+    # a rerun killed after its first boosters leaves the committed folder as it was
+    proc = subprocess.Popen([sys.executable, "gbdt.py", "--work", work, "--rounds", "300", "--bags", "3", "--seed", "9"],
+                            cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(model_dir + ".partial", "fold0_bag1.txt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    np.testing.assert_array_equal(predict_only(), trained)
+    # two runs writing the same model at once: the second stops
+    with common.output_lock(work, "gbdt-tabular"):
+        assert "another run is writing gbdt-tabular" in one_error_line(
+            stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "20", "--bags", "1"]))
+    # an interrupted first run: no model folder; a model asked to predict other features than it knows
+    assert "models/never: not a complete trained model (no manifest.json): run gbdt.py --name never" in \
+        one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--predict-only", "--name", "never"]))
+    features.main(["--data", demo, "--work", work, "--no-patient-norm"])
+    assert "trained on other features than these" in one_error_line(
+        stage_error(capsys, gbdt.main, ["--work", work, "--predict-only"]))
+    # a booster of another run copied in
+    other = copy_work(demo_work, tmp_path / "other")
+    gbdt.main(["--work", other, "--rounds", "20", "--bags", "1", "--seed", "5"])
+    shutil.copy(os.path.join(model_dir, "fold2_bag0.txt"), os.path.join(other, "models", "tabular"))
+    assert "fold2_bag0.txt is missing or is not the file this model was trained with" in one_error_line(
+        stage_error(capsys, gbdt.main, ["--work", other, "--predict-only"]))
+
+
+@slow
+@pytest.mark.parametrize("option", ["--rounds", "--bags", "--neg-rate"])
+def test_gbdt_options_of_zero_are_refused(demo_work, capsys, option):
+    assert f"argument {option}: must be above 0, not 0" in stage_error(capsys, gbdt.main,
+                                                                         ["--work", demo_work, option, "0"])
+
+
 # ---------------------------------------------------------------- ensemble.py
 
 def test_rank_average_matches_loop():
@@ -652,6 +1087,61 @@ def test_rank_average_matches_loop():
         for i in range(30):
             want[i] += (sum(q < p[i] for q in p) + (sum(q == p[i] for q in p) + 1) / 2) / 30 / len(preds)
     np.testing.assert_allclose(ensemble.rank_average(preds), want, atol=1e-12)
+
+
+@slow
+def test_the_submission_is_written_only_after_every_input_is_checked(demo_work, tmp_path, capsys):
+    work = copy_work(demo_work, tmp_path / "work")
+    gbdt.main(["--work", work, "--name", "a", "--rounds", "10", "--bags", "1"])
+    gbdt.main(["--work", work, "--name", "b", "--rounds", "10", "--bags", "1", "--seed", "3"])
+    ensemble.main(["--work", work, "--names", "a,b"])
+    with open(os.path.join(work, "submission.csv"), "rb") as f:
+        before = f.read()
+    os.remove(os.path.join(work, "preds", "b_oof.csv"))
+    gbdt.main(["--work", work, "--name", "a", "--rounds", "10", "--bags", "1", "--seed", "4"])  # new test preds
+    assert "b_oof.csv: file not found" in one_error_line(stage_error(capsys, ensemble.main,
+                                                                     ["--work", work, "--names", "a,b"]))
+    with open(os.path.join(work, "submission.csv"), "rb") as f:
+        assert f.read() == before
+
+
+def test_weights_give_a_noise_member_nothing_and_never_lose_to_the_best_member():
+    rng = np.random.default_rng(5)
+    y = (rng.random(3000) < 0.05).astype(int)
+    folds = rng.integers(0, 5, 3000)
+    strong, weaker, noise = y + rng.normal(0, 0.7, 3000), y + rng.normal(0, 1.2, 3000), rng.normal(size=3000)
+    ranks = np.array([ensemble.rank01(p) for p in (strong, weaker, noise)])
+    w = ensemble.choose_weights(ranks, y, np.ones(3000, bool))
+    assert w.sum() == pytest.approx(1) and w[2] <= 0.1
+    assert common.pauc(y, w @ ranks) >= max(common.pauc(y, r) for r in ranks)
+    chosen, honest = ensemble.nested_choice(ranks, y, folds)
+    assert all(c[2] <= 0.1 for c in chosen.values()) and common.pauc(y, honest) > common.pauc(y, weaker)
+
+
+def test_weights_for_a_fold_never_see_its_labels():
+    rng = np.random.default_rng(6)
+    y = (rng.random(2000) < 0.1).astype(int)
+    folds = np.repeat(np.arange(5), 400)
+    decent = y + rng.normal(0, 1.0, 2000)
+    lucky = np.where(folds == 2, y + rng.normal(0, 0.01, 2000), rng.normal(size=2000))  # perfect on fold 2 only
+    ranks = np.array([ensemble.rank01(decent), ensemble.rank01(lucky)])
+    in_sample = ensemble.choose_weights(ranks, y, folds == 2)
+    assert in_sample[1] >= 0.5  # chosen with fold 2's labels, the lucky member would lead on fold 2
+    chosen, honest = ensemble.nested_choice(ranks, y, folds)
+    assert chosen[2][1] <= 0.1  # chosen on the other folds, where it is noise, it gets next to nothing
+    fold2 = folds == 2
+    assert common.pauc(y[fold2], honest[fold2]) < common.pauc(y[fold2], in_sample @ ranks[:, fold2]) - 0.02
+
+
+@pytest.mark.parametrize("text, want", [("equal", [0.5, 0.5]), ("1,3", [0.25, 0.75]), ("0,2", [0.0, 1.0])])
+def test_weights_by_hand(text, want):
+    np.testing.assert_allclose(ensemble.parse_weights(text, ["a", "b"]), want)
+
+
+@pytest.mark.parametrize("text", ["1", "1,-1", "0,0", "a,b"])
+def test_bad_weights_say_what_is_expected(text):
+    with pytest.raises(common.DataError, match="'oof', 'equal', or 2 non-negative numbers"):
+        ensemble.parse_weights(text, ["a", "b"])
 
 
 class ReportParser(HTMLParser):
@@ -713,7 +1203,8 @@ def test_report_html_shows_every_model(trained, tmp_path):
     # the pAUC table holds report.md's table, cell for cell
     md = [line.strip().strip("|").split("|") for line in open(os.path.join(work, "report.md")) if line.startswith("| ")]
     assert report.rows == [[c.strip() for c in row] for row in md]
-    assert [row[0] for row in report.rows[1:]] == ["tab", "tab_cnx", "img_convnext_atto", "ensemble"]
+    assert [row[0] for row in report.rows[1:5]] == ["tab", "tab_cnx", "img_convnext_atto", "ensemble"]
+    assert [row[0] for row in report.rows[6:9]] == ["tab", "tab_cnx", "tab + tab_cnx"]  # every combination
     # each GBDT's most important feature labels a bar
     for name in ("tab", "tab_cnx"):
         top = common.read_csv(os.path.join(work, "models", name, "importance.csv"), ["feature"])["feature"][0]
@@ -800,10 +1291,11 @@ def test_broken_images_skipped_in_training_and_scored_without_image(demo, traine
     r = run_script("train_backbone.py", ["--arch", "convnext_atto", "--fold", str(fold), "--data", data,
                                          "--work", work] + tiny_train(1))
     assert r.returncode == 0, r.stderr
-    assert f"skipped 1 training image(s) that cannot be decoded: {bad_train}" in r.stdout
+    assert r.stdout.count("warning: 1 training image(s) cannot be decoded (skipped): " + bad_train) == 1
     r = run_script("extract.py", ["--arch", "convnext_atto", "--data", data, "--work", work, "--workers", "0"])
     assert r.returncode == 0, r.stderr
-    assert bad_train in r.stdout and bad_test in r.stdout
+    warnings = [line for line in (r.stdout + r.stderr).splitlines() if "warning" in line]
+    assert len(warnings) == 2 and bad_train in warnings[0] and bad_test in warnings[1], warnings
     emb = common.load_array(os.path.join(work, "emb", "convnext_atto_test.npy"), test["isic_id"])
     assert np.isnan(emb[3]).all() and not np.isnan(emb[[0, 1, 2, 4]]).any()
     gbdt.main(["--work", work, "--name", "t", "--image", "convnext_atto", "--rounds", "10", "--bags", "1"])
@@ -884,7 +1376,7 @@ def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trai
     features.main(common_args + ["--data", demo])
     extract.main(common_args + ["--data", demo, "--arch", "convnext_atto", "--workers", "0", "--batch-size", "64"])
     gbdt.main(common_args + ["--name", "tab_cnx", "--image", "convnext_atto"])
-    ensemble.main(["--work", fresh, "--predict-only"])
+    ensemble.main(["--work", fresh, "--predict-only", "--models", models])
     assert not os.path.exists(os.path.join(fresh, "features", "train.npy"))
     assert not os.path.exists(os.path.join(fresh, "folds.csv"))
     with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:

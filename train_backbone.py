@@ -7,8 +7,9 @@ GPUs without bf16). Validation pAUC on the fold's held-out patients picks the be
 Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel, rank 0 writing.
 
 Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
-Writes: WORK/models/ARCH/fold{k}/best.pt (weights of the best epoch), last.pt (everything needed
-        to resume), log.csv (one row per epoch), args.json
+Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (everything needed to
+        resume), log.csv (one row per epoch), args.json, manifest.json. A fold trains in fold{k}.partial/,
+        which --resume continues, and which replaces fold{k}/ whole once its last epoch is done
 
     python train_backbone.py --arch eva02_tiny --fold 0 --data demo_data --no-pretrained \\
         --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 5e-4 --workers 0             # tiny, CPU
@@ -16,16 +17,20 @@ Writes: WORK/models/ARCH/fold{k}/best.pt (weights of the best epoch), last.pt (e
     torchrun --nproc_per_node=2 train_backbone.py --arch convnext --fold 0 --weights convnext.safetensors
 """
 import argparse
+import contextlib
 import math
 import os
+import re
+import shutil
 import time
 
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, FocalLoss, H5Images, amp_dtype, atomic_write, autocast, build_model,
-                    check_image_ids, data_path, default_data_dir, image_loader, log, normalization, pauc, predict,
-                    prepare_batch, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
+from common import (MODEL_CONFIGS, DataError, FocalLoss, H5Images, amp_settings, atomic_write, autocast, broken_tiles,
+                    build_model, check_image_ids, commit_folder, data_path, default_data_dir, image_loader,
+                    largest_micro_batch, lesions_digest, log, normalization, output_lock, pauc, positive, predict,
+                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -66,17 +71,76 @@ def check_ranks_in_sync(model):
     return (hi - lo).abs().max().item()
 
 
-def train_fold(args, fold, train, folds, images, device, rank, world):
-    arch_cfg = MODEL_CONFIGS[args.arch]
-    out_dir = os.path.join(args.work, "models", args.arch, f"fold{fold}")
+def memory_plan(args, model, device):
+    """(micro-batch, gradient checkpointing) for training: the flags, where given; on a GPU, the
+    largest micro-batch that its memory holds by the arch's saved activations per image
+    (MODEL_CONFIGS, measured by bench.py --gpu-estimate), with checkpointing only where not even
+    one image fits without; on the CPU, the whole batch."""
+    if args.micro_batch or device.type != "cuda":
+        return min(args.micro_batch or args.batch_size, args.batch_size), args.grad_checkpointing
+    memory = torch.cuda.get_device_properties(device).total_memory
+    n_params = sum(p.numel() for p in model.parameters())
+    for checkpointing in (True,) if args.grad_checkpointing else (False, True):
+        per_image = MODEL_CONFIGS[args.arch]["act_mib_ckpt" if checkpointing else "act_mib"] * 2 ** 20
+        micro = largest_micro_batch(memory, n_params, per_image)
+        if micro:
+            return min(micro, args.batch_size), checkpointing
+    raise DataError(f"{torch.cuda.get_device_name(device)}: too little memory to train {args.arch} on even one image")
+
+
+def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype):
+    """One optimizer step on the batch (x, y), in micro-batches whose gradients add up to the
+    whole batch's (each loss weighted by its share); DDP synchronizes on the last one only.
+    Returns the batch's loss."""
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(0, len(y), micro):
+        last = i + micro >= len(y)
+        with contextlib.nullcontext() if last or ddp is model else ddp.no_sync():
+            with autocast(device, dtype):
+                logit = ddp(x[i:i + micro]).squeeze(1)
+                loss = loss_fn(logit.float(), y[i:i + micro]) * (len(logit) / len(y))
+            scaler.scale(loss).backward()
+        total += loss.item()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt)
+    scaler.update()
+    return total
+
+
+def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args):
+    """Validation loss and pAUC of the fold's held-out rows (undecodable tiles left out)."""
+    _, logits = predict(model, image_loader(images, val, 2 * micro, args.workers),
+                        MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype)
+    ok = ~np.isnan(logits)
+    yv = y[val][ok]
+    loss = loss_fn(torch.from_numpy(logits[ok]), torch.from_numpy(yv.astype(np.float32))).item()
+    return loss, pauc(yv, logits[ok]) if 0 < yv.sum() < len(yv) else float("nan")
+
+
+def train_fold(args, fold, train, images, device, rank, world):
+    """Trains fold `fold` in MODEL_DIR/fold{k}.partial (resumable), which replaces MODEL_DIR/fold{k}
+    whole, with its manifest, once the last epoch is done. Returns the best validation pAUC."""
+    size = MODEL_CONFIGS[args.arch]["img_size"]
+    final = os.path.join(args.work, "models", args.arch, f"fold{fold}")
+    out_dir = final + ".partial"
+    last_path = os.path.join(out_dir, "last.pt")
+    if args.resume and not os.path.exists(last_path) and os.path.exists(os.path.join(final, "manifest.json")):
+        log(f"{args.arch} fold {fold}: already trained ({final}); nothing to resume")
+        return None
+    if rank == 0 and not args.resume:
+        shutil.rmtree(out_dir, ignore_errors=True)  # what a killed run left
+    if rank == 0:
+        write_args(os.path.join(out_dir, "args.json"), args)
     y = train["target"]
-    ids = np.asarray(train["isic_id"], dtype=str)
-    trn, val = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
+    trn, val = np.flatnonzero(train["fold"] != fold), np.flatnonzero(train["fold"] == fold)
     if args.val_neg_per_pos:  # a subsample of validation negatives keeps validation fast
-        val = val[epoch_rows(y[val], args.val_neg_per_pos, [args.seed, fold, 0])]
-        val.sort()
+        val = np.sort(val[epoch_rows(y[val], args.val_neg_per_pos, [args.seed, fold, 0])])
     torch.manual_seed(args.seed + fold)  # the head (and everything, without weights) starts the same
     model = build_model(args.arch, args.weights, not args.no_pretrained, args.drop_path).to(device)
+    micro, checkpointing = memory_plan(args, model, device)
+    model.set_grad_checkpointing(checkpointing)
     mean, std = normalization(model)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -85,61 +149,48 @@ def train_fold(args, fold, train, folds, images, device, rank, world):
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    dtype = amp_dtype(device, args.cpu_amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype, scale_loss = amp_settings(device, args.cpu_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     loss_fn = FocalLoss(0.25, 2.0)
     steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) / world / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    start, best, step = 0, -1.0, 0
-    last_path = os.path.join(out_dir, "last.pt")
+    start, best, step, score = 0, -1.0, 0, float("nan")
     if args.resume and os.path.exists(last_path):
         ck = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
-        start, best, step = ck["epoch"] + 1, ck["best"], ck["step"]
+        start, best, step, score = ck["epoch"] + 1, ck["best"], ck["step"], ck["val_pauc"]
         log(f"{args.arch} fold {fold}: resuming after epoch {ck['epoch']} (best pAUC {best:.4f})")
     log(f"{args.arch} fold {fold}: {len(trn)} training rows ({y[trn].sum()} positives), {len(val)} validation "
-        f"rows, {steps_per_epoch} steps/epoch, device {device}, precision {dtype or 'float32'}")
+        f"rows, {steps_per_epoch} steps/epoch of {args.batch_size} images in micro-batches of {micro}"
+        f"{' with gradient checkpointing' if checkpointing else ''}, device {device}")
     for epoch in range(start, args.epochs):
         t0 = time.time()
         torch.manual_seed(args.seed * 1000 + epoch)  # drop path: the same draws after a resume
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + rank)
         rows = trn[epoch_rows(y[trn], args.neg_per_pos, [args.seed, fold, epoch + 1])]
         rows = rows[:len(rows) // world * world][rank::world]  # equal shards: DDP ranks step together
-        loader = image_loader(images, rows, args.batch_size, args.workers)
         ddp.train()
         losses, skipped = [], []
-        for canvas, sizes, target, index in loader:
+        for canvas, sizes, target, index in image_loader(images, rows, args.batch_size, args.workers):
             (canvas, sizes, target), broken = split_broken(canvas, sizes, target)
-            skipped += ids[index[broken].numpy()].tolist()
+            skipped += index[broken].tolist()
             if len(target) == 0:
                 continue
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, args.lr)
-            x = prepare_batch(canvas, sizes, arch_cfg["img_size"], mean, std, device, augment=True, generator=gen)
-            with autocast(device, dtype):
-                logit = ddp(x).squeeze(1)
-                loss = loss_fn(logit.float(), target.to(device))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            scaler.step(opt)
-            scaler.update()
-            losses.append(loss.item())
+            x = prepare_batch(canvas, sizes, size, mean, std, device, augment=True, generator=gen)
+            losses.append(train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype))
             step += 1
         train_s = time.time() - t0
-        if skipped:
-            log(f"warning: skipped {len(skipped)} training image(s) that cannot be decoded: {', '.join(skipped)}")
+        if not losses:
+            raise DataError(f"{images.h5_path}: none of the {len(rows)} training images of fold {fold} can be "
+                            f"decoded; the first: {images.problem(rows[0])}")
+        broken_tiles(images, skipped, "training", "skipped")
         if rank != 0:
             continue
-        val_loader = image_loader(images, val, args.batch_size * 2, args.workers)
-        _, logits = predict(model, val_loader, arch_cfg["img_size"], mean, std, device, dtype)
-        ok = ~np.isnan(logits)  # a tile that cannot be decoded has no score
-        yv = y[val][ok]
-        val_loss = loss_fn(torch.from_numpy(logits[ok]), torch.from_numpy(yv.astype(np.float32))).item()
-        score = pauc(yv, logits[ok]) if 0 < yv.sum() < len(yv) else float("nan")
+        val_loss, score = validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args)
         if score > best or best < 0:
             best = score
             save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
@@ -154,7 +205,46 @@ def train_fold(args, fold, train, folds, images, device, rank, world):
             f"{val_loss:.4f}, val pAUC {score:.4f} (best {best:.4f}), {row[6]:.0f} train images/s, {row[5]:.0f}s")
     if world > 1:
         log(f"rank {rank}: weights differ between ranks by at most {check_ranks_in_sync(model):.3g}")
+    if rank == 0:
+        commit_folder(out_dir, final, {"stage": "train_backbone.py", "arch": args.arch, "fold": fold,
+                                       "epochs": args.epochs, "val_pauc": {"best": best, "last": score},
+                                       "lesions": lesions_digest(args.work)})
     return best
+
+
+def save_weights(arch, out_dir, pretrained=True):
+    """OUT/ARCH.safetensors: the pretrained weights of ARCH's timm model, as --weights and run.sh's
+    WEIGHTS_DIR take them. Needs timm's download (internet, HF_HUB_OFFLINE=0) or its cache."""
+    from safetensors.torch import save
+    model = build_model(arch, pretrained=pretrained, drop_path=0.0, one_logit=False)
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    path = os.path.join(out_dir, f"{arch}.safetensors")
+    atomic_write(path, lambda f: f.write(data))
+    log(f"wrote {path}: {MODEL_CONFIGS[arch]['model_name']}, {len(data) / 2 ** 20:.0f} MiB")
+
+
+def train(args):
+    """The stage's work: the folds asked for, in turn."""
+    device, rank, world = process_device()
+    train = read_lesions(args.work, "train")
+    h5_path = data_path(args.data, "train-image.hdf5")
+    check_image_ids(h5_path, list(train["isic_id"]))
+    images = H5Images(h5_path, train["isic_id"], train["target"])
+    known = sorted(set(train["fold"].tolist()))
+    if args.fold != "all" and (not re.fullmatch(r"\d+", args.fold) or int(args.fold) not in known):
+        raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}, "
+                        "or 'all'")
+    for fold in known if args.fold == "all" else [int(args.fold)]:
+        with output_lock(args.work, f"train-{args.arch}-fold{fold}") if rank == 0 else contextlib.nullcontext():
+            try:
+                best = train_fold(args, fold, train, images, device, rank, world)
+            except torch.cuda.OutOfMemoryError:
+                raise DataError(f"{device}: out of GPU memory training {args.arch}: pass a smaller --micro-batch, "
+                                "or --grad-checkpointing") from None
+        if rank == 0 and best is not None:
+            log(f"{args.arch} fold {fold}: best validation pAUC {best:.4f}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 def main(argv=None):
@@ -165,13 +255,17 @@ def main(argv=None):
     parser.add_argument("--work", default="work")
     parser.add_argument("--weights", help="pretrained weights file (.safetensors or .pth)")
     parser.add_argument("--no-pretrained", action="store_true", help="random initialization")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--neg-per-pos", type=int, default=20, help="negatives per positive in each epoch")
+    parser.add_argument("--epochs", type=positive(int), default=12)
+    parser.add_argument("--neg-per-pos", type=positive(int), default=20, help="negatives per positive in each epoch")
     parser.add_argument("--val-neg-per-pos", type=int, default=50,
                         help="validation negatives per positive, drawn once (0: all; all of a real fold is "
                              "about 80,000 tiles, half an hour an epoch for eva02_base on a P100)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--batch-size", type=positive(int), default=64, help="images per optimizer step")
+    parser.add_argument("--micro-batch", type=positive(int),
+                        help="images per forward pass (default: as many as the GPU's memory holds, by powers of 2)")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, about 30%% more compute")
+    parser.add_argument("--lr", type=positive(float), default=5e-5)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--drop-path", type=float, default=0.1)
@@ -179,30 +273,14 @@ def main(argv=None):
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     parser.add_argument("--resume", action="store_true", help="continue from last.pt")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--save-weights", metavar="DIR",
+                        help="only write DIR/ARCH.safetensors, timm's pretrained weights (run with internet and "
+                             "HF_HUB_OFFLINE=0), for --weights and run.sh's WEIGHTS_DIR")
     args = parser.parse_args(argv)
-
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
-              else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    train = read_lesions(args.work, "train")
-    h5_path = data_path(args.data, "train-image.hdf5")
-    check_image_ids(h5_path, list(train["isic_id"]))
-    images = H5Images(h5_path, train["isic_id"], train["target"])
-    folds = train["fold"]
-    todo = sorted(set(folds.tolist())) if args.fold == "all" else [int(args.fold)]
-    for fold in todo:
-        if rank == 0:
-            write_args(os.path.join(args.work, "models", args.arch, f"fold{fold}", "args.json"), args)
-        best = train_fold(args, fold, train, folds, images, device, rank, world)
-        if rank == 0:
-            log(f"{args.arch} fold {fold}: best validation pAUC {best:.4f}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
+    if args.save_weights:
+        save_weights(args.arch, args.save_weights, not args.no_pretrained)
+        return
+    train(args)
 
 
 if __name__ == "__main__":
