@@ -35,6 +35,7 @@ import common  # noqa: E402
 import ensemble  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
+import train_backbone  # noqa: E402
 from demo import demo_lesions, make_demo, write_metadata  # noqa: E402
 
 FULL_ROWS, FULL_PATIENTS = 400_000, 1_040
@@ -342,7 +343,7 @@ def saved_activation_bytes(arch, checkpointing):
 
 def memory_figures(archs):
     """Table rows: per architecture at its training size, what training holds in GPU memory, and the
-    largest micro-batch (train_backbone.py's rule, common.largest_micro_batch) on 16 and 80 GB."""
+    largest micro-batch (train_backbone.largest_micro_batch) on 16 and 80 GB."""
     table = []
     for arch in archs:
         cfg = common.MODEL_CONFIGS[arch]
@@ -356,7 +357,7 @@ def memory_figures(archs):
                   (f"{arch}: the same with gradient checkpointing, MiB", "", "", act[True] / 2 ** 20,
                    f"MODEL_CONFIGS act_mib_ckpt: {cfg['act_mib_ckpt']}")]
         for gb in (16, 80):
-            plain, ckpt = (common.largest_micro_batch(gb * 1e9, n_params, act[c]) for c in (False, True))
+            plain, ckpt = (train_backbone.largest_micro_batch(gb * 1e9, n_params, act[c]) for c in (False, True))
             table.append((f"{arch}: largest micro-batch on {gb} GB", "", "", float(plain),
                           f"{ckpt} with gradient checkpointing"))
     return table

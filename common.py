@@ -449,6 +449,20 @@ def pauc(y_true, y_pred, min_tpr=0.80):
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
 
+def rank01(x):
+    """Ranks 1..n with ties averaged, divided by n."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    run = np.cumsum(new) - 1
+    starts = np.flatnonzero(new)
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = (starts[run] + ends[run] + 1) / 2.0
+    return ranks / len(x)
+
+
 def codes(values, vocabulary=None):
     """Integer codes of a column of strings: the position in vocabulary (-1 where absent), or without
     one, distinct per distinct value. A dict lookup per row: sorting the strings takes longer."""
@@ -631,14 +645,6 @@ def build_model(arch, weights=None, pretrained=True, drop_path=0.1, one_logit=Tr
         raise DataError(f"no local pretrained weights for {cfg['model_name']} ({type(e).__name__}): pass "
                         "--weights PATH (a .safetensors or .pth file), or --no-pretrained; with internet, "
                         "HF_HUB_OFFLINE=0 lets timm download them") from None
-
-
-def largest_micro_batch(memory, n_params, per_image):
-    """The most images (a power of 2) whose saved activations (`per_image` bytes each) fit in 85% of
-    `memory` bytes beside 16 bytes a parameter (fp32 weights and gradients, AdamW's two moments)
-    and 1 GiB for the CUDA context and workspaces; 0 if not even one does."""
-    room = 0.85 * memory - 16 * n_params - 2 ** 30
-    return 2 ** int(np.log2(room / per_image)) if room >= per_image else 0
 
 
 def normalization(model):

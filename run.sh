@@ -44,8 +44,9 @@ done
 stage "gbdt tabular"    python gbdt.py --work "$WORK" --name tabular "${PREDICT[@]}"
 stage "gbdt tab_eva02"  python gbdt.py --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
 stage "gbdt tab_convnext" python gbdt.py --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
-stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext $LABELS "${PREDICT[@]}"
+stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext "${PREDICT[@]}"
+stage report python report.py --work "$WORK" --data "$DATA" $LABELS ${PREDICT:+--predict-only}
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"
 printf '%-24s %6ds\n' total $SECONDS
-echo "submission: $WORK/submission.csv   report: $WORK/report.md"
+echo "submission: $WORK/submission.csv   triage: $WORK/triage.csv   report: $WORK/report.html"

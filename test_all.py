@@ -6,9 +6,11 @@ train_backbone, extract, gbdt, ensemble, then the whole pipeline.
 
 Tests marked slow run stages on the demo set or train tiny models (no GPU needed).
 """
+import base64
 import csv
 import errno
 import io
+import itertools
 import os
 import re
 import shutil
@@ -16,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from html import unescape as html_unescape
 from html.parser import HTMLParser
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,6 +34,7 @@ import ensemble  # noqa: E402
 import extract  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
+import report  # noqa: E402
 import train_backbone  # noqa: E402
 from demo import make_demo  # noqa: E402
 
@@ -1082,11 +1086,12 @@ def test_gbdt_options_of_zero_are_refused(demo_work, capsys, option):
 def test_rank_average_matches_loop():
     rng = np.random.default_rng(1)
     preds = [rng.integers(0, 4, 30).astype(float), rng.normal(size=30), rng.random(30)]
+    weights = [0.2, 0.5, 0.3]
     want = np.zeros(30)
-    for p in preds:
+    for p, w in zip(preds, weights):
         for i in range(30):
-            want[i] += (sum(q < p[i] for q in p) + (sum(q == p[i] for q in p) + 1) / 2) / 30 / len(preds)
-    np.testing.assert_allclose(ensemble.rank_average(preds), want, atol=1e-12)
+            want[i] += w * (sum(q < p[i] for q in p) + (sum(q == p[i] for q in p) + 1) / 2) / 30
+    np.testing.assert_allclose(ensemble.rank_average(preds, weights), want, atol=1e-12)
 
 
 @slow
@@ -1180,41 +1185,157 @@ class ReportParser(HTMLParser):
             self.text[self.svg].append(data)
 
 
-@slow
-def test_report_html_shows_every_model(trained, tmp_path):
-    work = copy_work(trained, tmp_path / "work", ignore=shutil.ignore_patterns("*.pt"))  # the logs, not the weights
+def retrieval_brute_force(y, score, patients, k):
+    """Top-k retrieval sensitivity by enumeration: every order of each patient's lesions that sorts
+    their scores from high to low (all orders of the ties) counts equally."""
+    found, per_patient = 0.0, []
+    for p in np.unique(patients):
+        rows = np.flatnonzero(patients == p)
+        orders = [o for o in itertools.permutations(rows) if all(score[a] >= score[b] for a, b in zip(o, o[1:]))]
+        hits = np.mean([y[list(o[:k])].sum() for o in orders])
+        found += hits
+        if y[rows].sum():
+            per_patient.append(hits / y[rows].sum())
+    return found / y.sum(), np.mean(per_patient)
+
+
+def test_retrieval_sensitivity_matches_brute_force_ties_included():
+    rng = np.random.default_rng(9)
+    for trial in range(30):
+        patients = np.array([f"P{i}" for i in rng.integers(0, 5, 24)])
+        y = (rng.random(24) < 0.3).astype(int)
+        y[0] = 1
+        score = rng.integers(0, 4, 24) / 3.0 if trial % 2 else rng.normal(size=24)  # many ties, or none
+        patients[np.bincount(np.unique(patients, return_inverse=True)[1]).argmax() == 0] = "P0"
+        for k in (1, 2, 3):
+            if max(np.unique(patients, return_counts=True)[1]) > 8:
+                continue
+            got = report.retrieval_sensitivity(y, score, patients, k)
+            assert got == pytest.approx(retrieval_brute_force(y, score, patients, k), abs=1e-12)
+    # a hand-worked tie at the cut: two malignant of three tied lesions, two places left: 2 x 2/3 found
+    y, score = np.array([1, 1, 0, 0]), np.array([0.5, 0.5, 0.5, 0.9])
+    assert report.retrieval_sensitivity(y, score, np.zeros(4), 3) == pytest.approx((2 / 3, 2 / 3))
+
+
+def test_rank_in_patient_is_one_for_the_lesion_to_look_at_first():
+    patients = np.array(["b", "a", "b", "a", "b", "a"])
+    score = np.array([0.2, 0.9, 0.7, 0.9, 0.2, 0.1])
+    assert report.rank_in_patient(score, patients).tolist() == [2, 1, 1, 2, 3, 3]  # ties in the given order
+
+
+@pytest.fixture(scope="session")
+def reported(demo, trained, tmp_path_factory):
+    """The report of two GBDTs (tabular; tabular + convnext_atto scores) and their ensemble on the demo set."""
+    work = copy_work(trained, tmp_path_factory.mktemp("reported") / "work", ignore=shutil.ignore_patterns("*.pt"))
     gbdt.main(["--work", work, "--name", "tab", "--rounds", "10", "--bags", "1"])
     gbdt.main(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10", "--bags", "1"])
     ensemble.main(["--work", work, "--names", "tab,tab_cnx"])
+    report.main(["--work", work, "--data", demo, "--test-labels", os.path.join(demo, "demo_test_labels.csv")])
+    return work
+
+
+@slow
+def test_report_html_shows_every_model_and_the_lesions(demo, reported):
+    work = reported
     page = open(os.path.join(work, "report.html"), encoding="utf-8").read()
-    assert not any(s in page for s in ("<script", "<link", "src=", "href=")), "self-contained: nothing fetched"
-    report = ReportParser()
-    report.feed(page)
+    assert not any(s in page for s in ("<script", "<link", "href=")), "self-contained: nothing fetched"
+    assert not re.findall(r"https?://(?!www\.w3\.org/2000/svg)|url\((?!#)", page)  # but the SVG namespace
+    assert re.findall(r'src="([^"]{0,15})', page) and all(s == "data:image/jpeg" for s in re.findall(r'src="([^";]*)',
+                                                                                                       page))
+    report_page = ReportParser()
+    report_page.feed(page)
     # a whole ROC curve per model, from (0, 0), the frame's bottom left, to (1, 1), its top right
-    frame = next(r for r in report.rects["roc"] if r.get("class") == "frame")
+    frame = next(r for r in report_page.rects["roc"] if r.get("class") == "frame")
     x, y, w, h = (float(frame[k]) for k in ("x", "y", "width", "height"))
     for name in ("tab", "tab_cnx", "ensemble"):
-        points = report.lines["roc"][name]
+        points = report_page.lines["roc"][name]
         assert points[0] == pytest.approx((x, y + h), abs=0.06) and points[-1] == pytest.approx((x + w, y), abs=0.06)
-        assert len(points) >= 3 and name in report.lines["roc-zoom"]
+        assert len(points) >= 3 and name in report_page.lines["roc-zoom"]
     # the shaded region is TPR 0.8 to 1: the top fifth of the frame
-    band = next(r for r in report.rects["roc"] if r.get("class") == "band")
+    band = next(r for r in report_page.rects["roc"] if r.get("class") == "band")
     assert float(band["y"]) == pytest.approx(y, abs=0.06) and float(band["height"]) == pytest.approx(h / 5, abs=0.1)
-    # the pAUC table holds report.md's table, cell for cell
+    # the tables hold report.md's, cell for cell: per model and fold, every combination, triage
     md = [line.strip().strip("|").split("|") for line in open(os.path.join(work, "report.md")) if line.startswith("| ")]
-    assert report.rows == [[c.strip() for c in row] for row in md]
-    assert [row[0] for row in report.rows[1:5]] == ["tab", "tab_cnx", "img_convnext_atto", "ensemble"]
-    assert [row[0] for row in report.rows[6:9]] == ["tab", "tab_cnx", "tab + tab_cnx"]  # every combination
+    assert report_page.rows == [[c.strip() for c in row] for row in md]
+    assert [row[0] for row in report_page.rows[1:5]] == ["tab", "tab_cnx", "img_convnext_atto", "ensemble"]
+    assert [row[0] for row in report_page.rows[6:9]] == ["tab", "tab_cnx", "tab + tab_cnx"]  # every combination
     # each GBDT's most important feature labels a bar
     for name in ("tab", "tab_cnx"):
         top = common.read_csv(os.path.join(work, "models", name, "importance.csv"), ["feature"])["feature"][0]
-        assert top in report.text[f"importance-{name}"]
+        assert top in report_page.text[f"importance-{name}"]
     # the image model's validation pAUC, a line per fold, a point per logged epoch
-    curves = report.lines["curve-convnext_atto-val_pauc"]
+    curves = report_page.lines["curve-convnext_atto-val_pauc"]
     assert sorted(curves) == [f"fold {k}" for k in range(5)]
     for k in range(5):
         assert len(curves[f"fold {k}"]) == len(read_log(os.path.join(work, "models", "convnext_atto", f"fold{k}",
                                                                       "log.csv")))
+    # the misses are the malignant lesions the ensemble ranked lowest, shown as their stored JPEG bytes
+    train = common.read_lesions(work, "train")
+    oof = common.read_preds(work, "ensemble", "train", train["isic_id"])
+    malignant = np.flatnonzero(train["target"] == 1)
+    lowest = train["isic_id"][malignant[np.argsort(oof[malignant], kind="stable")[:12]]]
+    shown = re.search(r"Misses:.*?</div>", page, re.S).group(0)
+    assert re.findall(r'alt="([^"]+)"', shown) == list(lowest)
+    with h5py.File(os.path.join(demo, "train-image.hdf5"), "r") as h5:
+        raw = h5[lowest[0]][()]
+    assert base64.b64encode(raw).decode() in shown
+    assert "False alarms" in page and len(re.findall("<img ", page)) <= report.MAX_TILES
+
+
+@slow
+def test_triage_csv_ranks_each_patients_test_lesions(reported):
+    test = common.read_lesions(reported, "test")
+    triage = common.read_csv(os.path.join(reported, "triage.csv"), ["isic_id", "patient_id", "score", "rank_in_patient"],
+                             ["score", "rank_in_patient"])
+    assert triage["isic_id"].tolist() == test["isic_id"].tolist()
+    assert triage["patient_id"].tolist() == test["patient_id"].tolist()
+    np.testing.assert_array_equal(triage["score"], common.read_preds(reported, "ensemble", "test", test["isic_id"]))
+    for p in np.unique(test["patient_id"]):
+        rows = np.flatnonzero(test["patient_id"] == p)
+        order = sorted(rows, key=lambda i: (-triage["score"][i], i))
+        assert [int(triage["rank_in_patient"][i]) for i in order] == list(range(1, len(rows) + 1))
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def run_chromium(page, profile, *args):
+    """Headless Chromium on a local page, the network off (every request goes to a closed proxy)."""
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+           "--proxy-server=127.0.0.1:9", f"--user-data-dir={profile}", "--window-size=1300,4000",
+           "--virtual-time-budget=10000", *args, f"file://{page}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@slow
+def test_report_in_a_real_browser(reported, tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium): the browser check did not run")
+    page = open(os.path.join(reported, "report.html"), encoding="utf-8").read()
+    probe = """<script>addEventListener("load", () => {
+      const r = document.getElementById("roc").getBoundingClientRect(), images = [...document.images];
+      const out = document.createElement("pre"); out.id = "probe";
+      out.textContent = JSON.stringify({images: images.length, roc: [r.left, r.top, r.width, r.height],
+        broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt)});
+      document.body.appendChild(out); });</script></body>"""
+    probed = tmp_path / "probed.html"  # a copy that reports what the browser shows; the report has no scripts
+    probed.write_text(page.replace("</body>", probe), encoding="utf-8")
+    r = run_chromium(probed, tmp_path / "profile", "--dump-dom")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', r.stdout, re.S)
+    assert found, r.stderr[-2000:]
+    import json
+    seen = json.loads(html_unescape(found.group(1)))
+    assert seen["images"] == len(re.findall("<img ", page)) > 0 and seen["broken"] == []
+    shot = tmp_path / "report.png"
+    r = run_chromium(os.path.join(reported, "report.html"), tmp_path / "profile2", f"--screenshot={shot}")
+    assert shot.exists(), r.stderr[-2000:]
+    left, top, width, height = (int(v) for v in seen["roc"])
+    chart = np.asarray(Image.open(shot).convert("RGB"))[top:top + height, left:left + width]
+    assert chart.shape[0] > 100 and chart.shape[1] > 100
+    inked = (chart < 200).any(axis=2).mean()       # lines, text, the frame: not a blank area
+    colours = len(np.unique(chart.reshape(-1, 3) // 32, axis=0))
+    assert inked > 0.02 and colours >= 6, (inked, colours)
 
 
 # ---------------------------------------------------------------- the whole pipeline
@@ -1225,12 +1346,13 @@ def test_tabular_chain_end_to_end(demo, tmp_path):
     features.main(["--data", demo, "--work", work])
     gbdt.main(["--work", work, "--name", "tabular", "--rounds", "40", "--bags", "2"])
     labels = os.path.join(demo, "demo_test_labels.csv")
-    ensemble.main(["--work", work, "--test-labels", labels])
+    ensemble.main(["--work", work])
+    report.main(["--work", work, "--test-labels", labels])
     test_ids = common.read_test(demo)["isic_id"].tolist()
     answers = common.read_csv(labels, ["isic_id", "target"], ["target"])
     test_pred = common.read_preds(work, "tabular", "test", test_ids)
-    report = open(os.path.join(work, "report.md")).read()
-    assert f"tabular {common.pauc(answers['target'], test_pred):.4f}" in report.split("Test pAUC")[1]
+    tabular_row = next(line for line in open(os.path.join(work, "report.md")) if line.startswith("| tabular |"))
+    assert tabular_row.strip().endswith(f"| {common.pauc(answers['target'], test_pred):.4f} |")
     with open(os.path.join(work, "submission.csv")) as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["isic_id", "target"]

@@ -29,7 +29,7 @@ import torch
 
 from common import (MODEL_CONFIGS, DataError, FocalLoss, H5Images, amp_settings, atomic_write, autocast, broken_tiles,
                     build_model, check_image_ids, commit_folder, data_path, default_data_dir, image_loader,
-                    largest_micro_batch, lesions_digest, log, normalization, output_lock, pauc, positive, predict,
+                    lesions_digest, log, normalization, output_lock, pauc, positive, predict,
                     prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
 
 
@@ -69,6 +69,14 @@ def check_ranks_in_sync(model):
     torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)
     torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
     return (hi - lo).abs().max().item()
+
+
+def largest_micro_batch(memory, n_params, per_image):
+    """The most images (a power of 2) whose saved activations (`per_image` bytes each) fit in 85% of
+    `memory` bytes beside 16 bytes a parameter (fp32 weights and gradients, AdamW's two moments)
+    and 1 GiB for the CUDA context and workspaces; 0 if not even one does."""
+    room = 0.85 * memory - 16 * n_params - 2 ** 30
+    return 2 ** int(np.log2(room / per_image)) if room >= per_image else 0
 
 
 def memory_plan(args, model, device):
