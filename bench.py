@@ -385,7 +385,7 @@ def submission_figures(test_lesions, archs, cache):
                              gbdt.lgb.Dataset(x[:20_000], y), 250)
     t_booster = timed(booster.predict, x)[0] * test_lesions / n
     t_gbdt = 3 * 5 * 3 * t_booster  # three GBDTs of 5 folds x 3 bags
-    t_ensemble = timed(ensemble.rank_average, [rng.random(test_lesions) for _ in range(3)])[0]
+    t_ensemble = timed(ensemble.rank_average, [rng.random(test_lesions) for _ in range(3)], [0.2, 0.3, 0.5])[0]
     table = [("features.py --predict-only", test_lesions, "", t_features / 60, "minutes, measured on 40,000 rows"),
              ("gbdt.py --predict-only, three models of 15 boosters", test_lesions, "", t_gbdt / 60, "minutes"),
              ("ensemble.py --predict-only", test_lesions, "", t_ensemble / 60, "minutes")]
@@ -461,7 +461,7 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
         sync()
         return batch * steps / (time.perf_counter() - t0), warm
 
-    def rates(model, size, compiled):
+    def rates(arch, model, size, compiled):
         train_fn = torch.compile(model) if compiled else model
         infer_fn = torch.compile(common.forward_features_and_logit) if compiled else common.forward_features_and_logit
         opt, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-5), common.FocalLoss()
@@ -482,7 +482,16 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
             model.eval()
             with common.autocast(device, dtype):
                 infer_fn(model, xi)
-        return images_per_s(train_step, 64), images_per_s(infer_step, 256)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        train_rate = images_per_s(train_step, 64)
+        if device.type == "cuda":  # the memory a training step of 64 images took, beside memory_figures' estimate
+            n_params = sum(p.numel() for p in model.parameters())
+            estimate = 16 * n_params + 64 * common.MODEL_CONFIGS[arch]["act_mib"] * 2 ** 20
+            add(f"{arch} training step of 64 images, {'compiled' if compiled else 'eager'}: peak GPU memory, GiB", "",
+                "", torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                f"estimated {estimate / 2 ** 30:.1f} GiB: 16 bytes a parameter + 64 x act_mib")
+        return train_rate, images_per_s(infer_step, 256)
 
     total = 0.0
     for arch in archs:
@@ -510,7 +519,7 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
         for compiled in compile_modes:
             mode = "torch.compile" if compiled else "eager"
             try:
-                measured = rates(model, size, compiled)
+                measured = rates(arch, model, size, compiled)
             except Exception as e:  # a compiler failure is a finding, not the end of the run
                 add(f"{arch} {mode} failed", "", "", float("nan"), f"{type(e).__name__}: {str(e)[:150]}")
                 continue

@@ -11,6 +11,7 @@ import contextlib
 import csv
 import errno
 import fcntl
+import gc
 import glob
 import hashlib
 import io
@@ -224,18 +225,17 @@ def read_manifest(folder, rerun):
 def parse_floats(values, path, column, lines):
     """Strings to float64: '45', '45.0', '8.05E-13', ' 3.2 ' parse; '', 'NA', 'nan' are missing; 'inf'
     or 1e39 (beyond float32) is an error. lines: each value's line in the file, for the message."""
-    text = np.char.lower(np.char.strip(np.asarray(values, dtype=str)))
-    missing = np.isin(text, list(MISSING))
-    out = np.full(len(text), np.nan)
     try:
-        out[~missing] = text[~missing].astype(np.float64)
-    except ValueError:
-        for i in np.flatnonzero(~missing):
-            try:
-                float(text[i])
-            except ValueError:
-                raise DataError(f"{path}: line {lines[i]}, column {column}: {values[i]!r} is not a number") from None
-    unmeasurable = np.flatnonzero(~missing & ~(np.abs(out) <= np.finfo(np.float32).max))
+        out = np.array(values, dtype=np.float64)  # every field a number (or 'nan'): NumPy parses them at once
+    except ValueError:  # missing values, or text
+        out = np.full(len(values), np.nan)
+        for i, v in enumerate(values):
+            if v.strip().lower() not in MISSING:
+                try:
+                    out[i] = float(v)
+                except ValueError:
+                    raise DataError(f"{path}: line {lines[i]}, column {column}: {v!r} is not a number") from None
+    unmeasurable = np.flatnonzero(~np.isnan(out) & ~(np.abs(out) <= np.finfo(np.float32).max))
     if len(unmeasurable):  # inf, or a number the float32 feature matrix cannot hold
         i = unmeasurable[0]
         raise DataError(f"{path}: line {lines[i]}, column {column}: {values[i]!r} is not a finite number")
@@ -251,10 +251,11 @@ def csv_problem(error):
     return str(error)
 
 
-def read_csv(path, required=(), numbers=(), keys=()):
-    """A CSV file as {column: array}, in file order: the columns named in `numbers` as float64 (NaN =
-    missing), the others as object arrays of str; every field stripped of surrounding spaces. Each
-    field of the `keys` columns (ids) must be non-empty, with no space inside.
+def read_csv(path, required=(), numbers=(), keys=(), only_required=False):
+    """A CSV file as {column: array}, in file order (only_required: the required columns alone, the
+    others left unconverted): the columns named in `numbers` as float64 (NaN = missing), the others
+    as object arrays of str; every field stripped of surrounding spaces. Each field of the `keys`
+    columns (ids) must be non-empty, with no space inside.
 
     Python's csv module reads it, strict, so that a broken quote is an error. Quoted fields may hold
     commas, quotes and line breaks; CRLF or CR line ends, a UTF-8 BOM and blank lines are fine.
@@ -267,6 +268,25 @@ def read_csv(path, required=(), numbers=(), keys=()):
         text, undecodable = raw.decode("utf-8-sig"), False
     except UnicodeDecodeError:  # kept as surrogates, so that the message below can name the field
         text, undecodable = raw.decode("utf-8-sig", errors="surrogateescape"), True
+    with gc_paused():
+        return csv_columns(path, text, undecodable, required, numbers, keys, only_required)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cycle collector paused while millions of fields become lists and tuples: it would
+    rescan the growing heap again and again, which doubles the time to read a large CSV."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def csv_columns(path, text, undecodable, required, numbers, keys, only_required):
+    """read_csv's work on the decoded text (undecodable: it holds bytes that were not UTF-8)."""
     reader = csv.reader(io.StringIO(text, newline=""), strict=True, skipinitialspace=True)
     rows, lines, line = [], [], 0  # line: the last line of the record before
     try:
@@ -300,21 +320,22 @@ def read_csv(path, required=(), numbers=(), keys=()):
     if missing:
         raise DataError(f"{path}: missing required column(s) {', '.join(missing)}")
     columns = zip(*rows) if rows else [()] * len(header)
+    # text is interned: a category's 400,000 fields become one string, hashed once (features.codes)
     table = {name: parse_floats(values, path, name, lines) if name in numbers
-             else np.array([v.strip() for v in values], dtype=object) for name, values in zip(header, columns)}
+             else np.array([sys.intern(v.strip()) for v in values], dtype=object)
+             for name, values in zip(header, columns) if name in required or not only_required}
     for name in keys:
-        text = table[name].astype(str)
-        bad = np.flatnonzero((text == "") | (np.char.find(text, " ") >= 0))
-        if len(bad):
-            value = str(text[bad[0]])
-            raise DataError(f"{path}: line {lines[bad[0]]}, column {name}: "
+        bad = next((i for i, v in enumerate(table[name]) if not v or " " in v), None)
+        if bad is not None:
+            value = table[name][bad]
+            raise DataError(f"{path}: line {lines[bad]}, column {name}: "
                             + (f"{value!r} has a space inside" if value else "empty"))
     return table
 
 
-def read_metadata(path, required, numbers=METADATA_NUMBERS):
+def read_metadata(path, required, numbers=METADATA_NUMBERS, only_required=False):
     """A Kaggle metadata CSV as {column: array}: numeric columns float64 (NaN = missing), others str."""
-    table = read_csv(path, required, numbers, keys=[c for c in ("isic_id", "patient_id") if c in required])
+    table = read_csv(path, required, numbers, [c for c in ("isic_id", "patient_id") if c in required], only_required)
     ids = table["isic_id"]
     if len(set(ids)) < len(ids):
         uniq, counts = np.unique(ids.astype(str), return_counts=True)
@@ -361,18 +382,19 @@ def check_folds(path, target, folds):
 
 
 def read_train(data_dir):
+    """The train metadata's columns that the pipeline uses."""
     path = data_path(data_dir, "train-metadata.csv")
-    table = read_metadata(path, ["isic_id", "patient_id", "target"] + NUMERIC + CATEGORICAL)
+    table = read_metadata(path, ["isic_id", "patient_id", "target"] + NUMERIC + CATEGORICAL, only_required=True)
     check_labels(path, table["isic_id"], table["target"])
     check_classes(path, table["target"])
     return table
 
 
 def read_test(data_dir):
-    """The test metadata. Train-only columns that a test file may carry are left out, unparsed."""
-    table = read_metadata(data_path(data_dir, "test-metadata.csv"), ["isic_id", "patient_id"] + NUMERIC + CATEGORICAL,
-                          [c for c in METADATA_NUMBERS if c not in TRAIN_ONLY])
-    return {c: v for c, v in table.items() if c not in TRAIN_ONLY}
+    """The test metadata's columns that the pipeline uses (train-only ones a test file may carry are
+    left unread)."""
+    return read_metadata(data_path(data_dir, "test-metadata.csv"), ["isic_id", "patient_id"] + NUMERIC + CATEGORICAL,
+                         only_required=True)
 
 
 def read_lesions(work, split):

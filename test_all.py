@@ -1477,6 +1477,8 @@ def test_every_script_runs_pasted_into_a_kernel(demo, tmp_path, monkeypatch):
     pasted_main("gbdt.py")(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10",
                             "--bags", "1"])
     pasted_main("ensemble.py")(["--work", work])
+    pasted_main("report.py")(["--work", work, "--data", demo])
+    assert os.path.exists(os.path.join(work, "report.html")) and os.path.exists(os.path.join(work, "triage.csv"))
     sub = common.read_csv(os.path.join(work, "submission.csv"), ["isic_id", "target"], ["target"])
     assert sub["isic_id"].tolist() == common.read_test(demo)["isic_id"].tolist()
     assert np.isfinite(sub["target"]).all()
@@ -1499,7 +1501,11 @@ def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trai
     extract.main(common_args + ["--data", demo, "--arch", "convnext_atto", "--workers", "0", "--batch-size", "64"])
     gbdt.main(common_args + ["--name", "tab_cnx", "--image", "convnext_atto"])
     ensemble.main(["--work", fresh, "--predict-only", "--models", models])
+    report.main(["--work", fresh, "--data", demo, "--predict-only"])
     assert not os.path.exists(os.path.join(fresh, "features", "train.npy"))
     assert not os.path.exists(os.path.join(fresh, "folds.csv"))
+    triage = common.read_csv(os.path.join(fresh, "triage.csv"), ["isic_id", "rank_in_patient"], ["rank_in_patient"])
+    assert triage["isic_id"].tolist() == common.read_lesions(fresh, "test")["isic_id"].tolist()
+    assert "<img " in open(os.path.join(fresh, "report.html"), encoding="utf-8").read()
     with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
         assert a.read() == b.read()

@@ -29,8 +29,8 @@ import torch
 
 from common import (MODEL_CONFIGS, DataError, FocalLoss, H5Images, amp_settings, atomic_write, autocast, broken_tiles,
                     build_model, check_image_ids, commit_folder, data_path, default_data_dir, image_loader,
-                    lesions_digest, log, normalization, output_lock, pauc, positive, predict,
-                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
+                    lesions_digest, log, normalization, output_lock, pauc, positive, predict, prepare_batch,
+                    process_device, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -109,12 +109,12 @@ def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype):
                 logit = ddp(x[i:i + micro]).squeeze(1)
                 loss = loss_fn(logit.float(), y[i:i + micro]) * (len(logit) / len(y))
             scaler.scale(loss).backward()
-        total += loss.item()
+        total = total + loss.detach()  # read once, after the step: .item() would wait for the GPU each time
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     scaler.step(opt)
     scaler.update()
-    return total
+    return total.item()
 
 
 def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args):
