@@ -755,17 +755,22 @@ def image_loader(images, rows=None, batch_size=64, workers=2):
                                        pin_memory=torch.cuda.is_available())
 
 
-def prepare_batch(canvas, sizes, out_size, mean, std, device, augment=False, generator=None):
+AUGMENT_DRAWS = 9  # uniform numbers per tile that prepare_batch's augmentation uses
+
+
+def prepare_batch(canvas, sizes, out_size, mean, std, device, draws=None):
     """uint8 canvases to normalized model input on the device: one grid_sample resizes each tile to
-    out_size and, when augmenting, flips, rotates, zooms and shifts it; then colour jitter.
-    Coordinates outside a tile are clamped to its border, so rotations add no black corners."""
+    out_size and, given draws (n, AUGMENT_DRAWS) uniform numbers, flips, rotates, zooms and shifts
+    it, then jitters its colour. The draws come from the caller, so that a batch split across
+    processes is augmented as it would be whole. Coordinates outside a tile are clamped to its
+    border, so rotations add no black corners."""
     x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     n = x.shape[0]
     h, w = sizes[:, 0].to(device).float(), sizes[:, 1].to(device).float()
     theta = torch.eye(2, device=device).repeat(n, 1, 1)
     shift = torch.zeros(n, 2, device=device)
-    if augment:
-        r = torch.rand(n, 6, generator=generator).to(device)
+    if draws is not None:
+        r = draws.to(device)
         angle = r[:, 0] * 2 * np.pi
         zoom = 0.75 + 0.25 * r[:, 1]                 # show 75-100% of the tile
         flip = torch.where(r[:, 2] < 0.5, -1.0, 1.0)
@@ -783,8 +788,8 @@ def prepare_batch(canvas, sizes, out_size, mean, std, device, augment=False, gen
     grid = -1 + half * (1 + grid.clamp(-1 + edge, 1 - edge))
     x = torch.nn.functional.grid_sample(x, grid.reshape(n, out_size, out_size, 2), mode="bilinear",
                                         padding_mode="border", align_corners=False)
-    if augment:
-        j = torch.rand(n, 3, generator=generator).to(device)[:, :, None, None, None]
+    if draws is not None:
+        j = r[:, 6:9, None, None, None]
         gray = x.mean(1, keepdim=True)
         x = gray + (x - gray) * (0.8 + 0.4 * j[:, 0])                                   # saturation
         x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.8 + 0.4 * j[:, 1])
@@ -795,16 +800,39 @@ def prepare_batch(canvas, sizes, out_size, mean, std, device, augment=False, gen
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
+def check_gpu_kernels(device):
+    """Stops where the installed torch has no kernels for the GPU: there torch.cuda.is_available()
+    still says yes, and the first kernel dies with "no kernel image is available" (a P100, compute
+    capability 6.0, under a torch built for 7.5 and up, as Kaggle's is). A kernel built for sm_XY
+    runs on capability X.Z for Z >= Y; PTX (compute_XY) is compiled by the driver for any capability
+    from X.Y up."""
+    major, minor = torch.cuda.get_device_capability(device)
+    archs = torch.cuda.get_arch_list()
+    for arch in archs:
+        kind, number = re.fullmatch(r"(sm|compute)_(\d+)[a-z]?", arch).groups()
+        a_major, a_minor = int(number[:-1]), int(number[-1])
+        if (kind == "sm" and a_major == major and a_minor <= minor
+                or kind == "compute" and (a_major, a_minor) <= (major, minor)):
+            return
+    raise DataError(f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): this torch "
+                    f"{torch.__version__} has GPU kernels for {', '.join(archs) or 'no GPU'} only: on Kaggle choose "
+                    f"the accelerator GPU T4 x2; elsewhere install a torch built for compute capability {major}.{minor}")
+
+
 def process_device():
     """(device, rank, world size) of this process. Under torchrun (WORLD_SIZE above 1) the process
-    group is started (NCCL on GPUs, gloo on the CPU) and each process takes its LOCAL_RANK's GPU."""
+    group is started (NCCL on GPUs, gloo on the CPU) and each process takes its LOCAL_RANK's GPU,
+    after checking that this torch has kernels for it."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if not torch.cuda.is_available():
+        if world > 1:
+            torch.distributed.init_process_group("gloo")
         return torch.device("cpu"), rank, world
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    check_gpu_kernels(device)
     torch.cuda.set_device(device)
+    if world > 1:
+        torch.distributed.init_process_group("nccl", device_id=device)
     return device, rank, world
 
 

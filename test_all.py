@@ -483,6 +483,33 @@ def test_precision_is_native_bf16_or_fp16_with_a_scaler(monkeypatch, capability,
     assert common.amp_settings(torch.device("cpu"), cpu_amp=True) == (torch.bfloat16, False)
 
 
+KAGGLE_TORCH_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+@pytest.mark.parametrize("name, capability, archs, runs", [
+    ("Tesla P100-PCIE-16GB", (6, 0), KAGGLE_TORCH_ARCHS, False),   # Kaggle's torch: no sm_60
+    ("Tesla T4", (7, 5), KAGGLE_TORCH_ARCHS, True),
+    ("NVIDIA A10G", (8, 6), ["sm_80"], True),                     # sm_80 code runs on 8.x
+    ("NVIDIA H100", (9, 0), ["sm_80", "compute_80"], True),        # PTX is compiled for newer GPUs
+    ("NVIDIA H100", (9, 0), ["sm_80", "sm_86"], False),            # but sm_8x code never runs on 9.0
+    ("Tesla T4", (7, 5), ["sm_80", "sm_90a"], False),
+])
+def test_a_gpu_that_this_torch_has_no_kernels_for_is_one_error_line(demo, demo_work, capsys, monkeypatch, name,
+                                                                    capability, archs, runs):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: archs)
+    if runs:
+        assert common.check_gpu_kernels(torch.device("cuda", 0)) is None
+        return
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "0",
+                                                                   "--data", demo, "--work", demo_work]))
+    assert (f"{name} (compute capability {capability[0]}.{capability[1]}): this torch {torch.__version__} has GPU "
+            f"kernels for {', '.join(archs)} only: on Kaggle choose the accelerator GPU T4 x2; elsewhere install a "
+            f"torch built for compute capability {capability[0]}.{capability[1]}") in err
+
+
 def test_micro_batches_follow_the_gpu_memory(monkeypatch):
     class Props:
         total_memory, name = 16 * 10 ** 9, "a GPU"
@@ -794,18 +821,43 @@ def test_no_fold_model_is_saved_from_data_it_cannot_learn(demo, demo_work, tmp_p
     assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
 
 
+def torchrun(script, args, nproc=2, **env):
+    """`torchrun --standalone --nproc_per_node=N SCRIPT ARGS` on the CPU (gloo), one thread a process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           script] + args, cwd=HERE, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+
+
 @slow
-def test_ddp_two_cpu_processes_stay_in_sync(demo, demo_work, tmp_path):
-    work = copy_work(demo_work, tmp_path / "work")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train_backbone.py", "--arch", "convnext_atto", "--fold", "0", "--data", demo,
-           "--work", work] + tiny_train(1)
-    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+def test_two_processes_train_what_one_does(demo, demo_work, tmp_path):
+    """--batch-size is the optimizer step across processes: two gloo processes take the same steps,
+    learning rates and augmentation as one, and end with its weights (no drop path: its draws are
+    each process's own)."""
+    args = ["--arch", "convnext_atto", "--fold", "0", "--data", demo, "--drop-path", "0"] + tiny_train(2)
+    one, two = copy_work(demo_work, tmp_path / "one"), copy_work(demo_work, tmp_path / "two")
+    r = run_script("train_backbone.py", args + ["--work", one])
+    assert r.returncode == 0, r.stderr
+    r = torchrun("train_backbone.py", args + ["--work", two])
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [line for line in r.stdout.splitlines() if "weights differ between ranks by at most" in line]
     assert len(lines) == 2 and all(line.endswith("at most 0") for line in lines)
-    assert os.path.exists(os.path.join(work, "models", "convnext_atto", "fold0", "last.pt"))
+    assert "(2 processes of 8)" in r.stdout
+    fold = os.path.join("models", "convnext_atto", "fold0")
+    logs = [read_log(os.path.join(w, fold, "log.csv")) for w in (one, two)]
+    assert [len(rows) for rows in logs] == [2, 2]
+    for a, b in zip(*logs):
+        for c in ("lr", "train_loss", "val_loss", "val_pauc"):
+            assert float(a[c]) == pytest.approx(float(b[c]), rel=1e-4, abs=1e-6), c
+    a, b = (torch.load(os.path.join(w, fold, "last.pt"), weights_only=False)["model"] for w in (one, two))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(demo, demo_work, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train_backbone, "process_device", lambda: (torch.device("cpu"), 0, 3))
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "0", "--data",
+                                                                   demo, "--work", demo_work] + tiny_train(1)))
+    assert "--batch-size 16 does not split evenly over 3 processes" in err
 
 
 # ---------------------------------------------------------------- extract.py

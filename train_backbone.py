@@ -27,10 +27,11 @@ import time
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, DataError, FocalLoss, H5Images, amp_settings, atomic_write, autocast, broken_tiles,
-                    build_model, check_image_ids, commit_folder, data_path, default_data_dir, image_loader,
-                    lesions_digest, log, normalization, output_lock, pauc, positive, predict, prepare_batch,
-                    process_device, read_csv, read_lesions, run_main, split_broken, write_args, write_csv)
+from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, FocalLoss, H5Images, amp_settings, atomic_write,
+                    autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, default_data_dir,
+                    image_loader, lesions_digest, log, normalization, output_lock, pauc, positive, predict,
+                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args,
+                    write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -79,20 +80,22 @@ def largest_micro_batch(memory, n_params, per_image):
     return 2 ** int(np.log2(room / per_image)) if room >= per_image else 0
 
 
-def memory_plan(args, model, device):
-    """(micro-batch, gradient checkpointing) for training: the flags, where given; on a GPU, the
+def memory_plan(args, model, device, world=1):
+    """(micro-batch, gradient checkpointing) for training, within this process's share of the
+    batch (batch_size / world): the flags, where given; on a GPU, the
     largest micro-batch that its memory holds by the arch's saved activations per image
     (MODEL_CONFIGS, measured by bench.py --gpu-estimate), with checkpointing only where not even
     one image fits without; on the CPU, the whole batch."""
+    share = args.batch_size // world
     if args.micro_batch or device.type != "cuda":
-        return min(args.micro_batch or args.batch_size, args.batch_size), args.grad_checkpointing
+        return min(args.micro_batch or share, share), args.grad_checkpointing
     memory = torch.cuda.get_device_properties(device).total_memory
     n_params = sum(p.numel() for p in model.parameters())
     for checkpointing in (True,) if args.grad_checkpointing else (False, True):
         per_image = MODEL_CONFIGS[args.arch]["act_mib_ckpt" if checkpointing else "act_mib"] * 2 ** 20
         micro = largest_micro_batch(memory, n_params, per_image)
         if micro:
-            return min(micro, args.batch_size), checkpointing
+            return min(micro, share), checkpointing
     raise DataError(f"{torch.cuda.get_device_name(device)}: too little memory to train {args.arch} on even one image")
 
 
@@ -117,10 +120,17 @@ def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype):
     return total.item()
 
 
-def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args):
-    """Validation loss and pAUC of the fold's held-out rows (undecodable tiles left out)."""
-    _, logits = predict(model, image_loader(images, val, 2 * micro, args.workers),
+def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank, world):
+    """Validation loss and pAUC of the fold's held-out rows (undecodable tiles left out). Under
+    torchrun each process scores its share and every process gets all the logits: no process
+    waits in a collective while another validates alone (NCCL times out after 10 minutes)."""
+    share = np.array_split(val, world)[rank]
+    _, logits = predict(model, image_loader(images, share, 2 * micro, args.workers),
                         MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype)
+    if world > 1:
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, logits)
+        logits = np.concatenate(shares)
     ok = ~np.isnan(logits)
     yv = y[val][ok]
     loss = loss_fn(torch.from_numpy(logits[ok]), torch.from_numpy(yv.astype(np.float32))).item()
@@ -147,7 +157,7 @@ def train_fold(args, fold, train, images, device, rank, world):
         val = np.sort(val[epoch_rows(y[val], args.val_neg_per_pos, [args.seed, fold, 0])])
     torch.manual_seed(args.seed + fold)  # the head (and everything, without weights) starts the same
     model = build_model(args.arch, args.weights, not args.no_pretrained, args.drop_path).to(device)
-    micro, checkpointing = memory_plan(args, model, device)
+    micro, checkpointing = memory_plan(args, model, device, world)
     model.set_grad_checkpointing(checkpointing)
     mean, std = normalization(model)
     if device.type == "cuda":
@@ -160,7 +170,9 @@ def train_fold(args, fold, train, images, device, rank, world):
     dtype, scale_loss = amp_settings(device, args.cpu_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     loss_fn = FocalLoss(0.25, 2.0)
-    steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) / world / args.batch_size)
+    # --batch-size images per optimizer step whatever the number of processes, each taking an equal
+    # share: one GPU and two train the same recipe (steps, learning rates, augmentation)
+    steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) // world * world / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     start, best, step, score = 0, -1.0, 0, float("nan")
     if args.resume and os.path.exists(last_path):
@@ -171,24 +183,28 @@ def train_fold(args, fold, train, images, device, rank, world):
         start, best, step, score = ck["epoch"] + 1, ck["best"], ck["step"], ck["val_pauc"]
         log(f"{args.arch} fold {fold}: resuming after epoch {ck['epoch']} (best pAUC {best:.4f})")
     log(f"{args.arch} fold {fold}: {len(trn)} training rows ({y[trn].sum()} positives), {len(val)} validation "
-        f"rows, {steps_per_epoch} steps/epoch of {args.batch_size} images in micro-batches of {micro}"
+        f"rows, {steps_per_epoch} steps/epoch of {args.batch_size} images"
+        f"{f' ({world} processes of {args.batch_size // world})' if world > 1 else ''} in micro-batches of {micro}"
         f"{' with gradient checkpointing' if checkpointing else ''}, device {device}")
     for epoch in range(start, args.epochs):
         t0 = time.time()
         torch.manual_seed(args.seed * 1000 + epoch)  # drop path: the same draws after a resume
-        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch + rank)
+        gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
         rows = trn[epoch_rows(y[trn], args.neg_per_pos, [args.seed, fold, epoch + 1])]
-        rows = rows[:len(rows) // world * world][rank::world]  # equal shards: DDP ranks step together
+        # process r takes rows r, r + world, ... of the epoch, in batches of batch_size / world: its
+        # batch i is its share of the one-process batch i, and so are its augmentation draws
+        rows = rows[:len(rows) // world * world][rank::world]
         ddp.train()
         losses, skipped = [], []
-        for canvas, sizes, target, index in image_loader(images, rows, args.batch_size, args.workers):
-            (canvas, sizes, target), broken = split_broken(canvas, sizes, target)
+        for canvas, sizes, target, index in image_loader(images, rows, args.batch_size // world, args.workers):
+            draws = torch.rand(len(target) * world, AUGMENT_DRAWS, generator=gen)[rank::world]
+            (canvas, sizes, target, draws), broken = split_broken(canvas, sizes, target, draws)
             skipped += index[broken].tolist()
             if len(target) == 0:
                 continue
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, args.lr)
-            x = prepare_batch(canvas, sizes, size, mean, std, device, augment=True, generator=gen)
+            x = prepare_batch(canvas, sizes, size, mean, std, device, draws)
             losses.append(train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype))
             step += 1
         train_s = time.time() - t0
@@ -196,9 +212,15 @@ def train_fold(args, fold, train, images, device, rank, world):
             raise DataError(f"{images.h5_path}: none of the {len(rows)} training images of fold {fold} can be "
                             f"decoded; the first: {images.problem(rows[0])}")
         broken_tiles(images, skipped, "training", "skipped")
+        train_loss = np.mean(losses)
+        if world > 1:  # the mean over every process's batches, as one process would log it
+            train_loss = torch.tensor(train_loss / world, device=device)
+            torch.distributed.all_reduce(train_loss)
+            train_loss = train_loss.item()
+        val_loss, score = validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
+                                   world)
         if rank != 0:
             continue
-        val_loss, score = validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args)
         if score > best or best < 0:
             best = score
             save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
@@ -206,7 +228,7 @@ def train_fold(args, fold, train, images, device, rank, world):
         save_checkpoint(last_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scaler": scaler.state_dict(), "best": best, "step": step})
-        row = [epoch, np.mean(losses), val_loss, score, opt.param_groups[0]["lr"], round(time.time() - t0, 1),
+        row = [epoch, train_loss, val_loss, score, opt.param_groups[0]["lr"], round(time.time() - t0, 1),
                round(len(rows) / train_s, 1)]
         write_epoch_log(os.path.join(out_dir, "log.csv"), row)
         log(f"{args.arch} fold {fold} epoch {epoch + 1}/{args.epochs}: train loss {row[1]:.4f}, val loss "
@@ -238,6 +260,9 @@ def train(args):
     h5_path = data_path(args.data, "train-image.hdf5")
     check_image_ids(h5_path, list(train["isic_id"]))
     images = H5Images(h5_path, train["isic_id"], train["target"])
+    if args.batch_size % world:
+        raise DataError(f"--batch-size {args.batch_size} does not split evenly over {world} processes: pass a "
+                        f"multiple of {world}")
     known = sorted(set(train["fold"].tolist()))
     if args.fold != "all" and (not re.fullmatch(r"\d+", args.fold) or int(args.fold) not in known):
         raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}, "
@@ -268,7 +293,9 @@ def main(argv=None):
     parser.add_argument("--val-neg-per-pos", type=int, default=50,
                         help="validation negatives per positive, drawn once (0: all; all of a real fold is "
                              "about 80,000 tiles, half an hour an epoch for eva02_base on a P100)")
-    parser.add_argument("--batch-size", type=positive(int), default=64, help="images per optimizer step")
+    parser.add_argument("--batch-size", type=positive(int), default=64,
+                        help="images per optimizer step, all processes together under torchrun (a multiple of "
+                             "their number)")
     parser.add_argument("--micro-batch", type=positive(int),
                         help="images per forward pass (default: as many as the GPU's memory holds, by powers of 2)")
     parser.add_argument("--grad-checkpointing", action="store_true",
