@@ -3,8 +3,7 @@ atomic writes and id-checked arrays, the lesions and folds that features.py reco
 directory, the competition metric, patient normalization, the image-model table, focal loss, the
 image loader with device-side resizing and augmentation, and the mixed-precision predict loop.
 
-A Kaggle notebook pastes this file into one cell, then one script (without its `from common
-import` line) into the next, and calls that script's main([...]).
+notebooks.py carries this file and the scripts into Kaggle notebooks as files.
 """
 import argparse
 import contextlib

@@ -2,28 +2,48 @@
 # The whole pipeline, every stage in order; stops at the first failing stage.
 #   bash run.sh                                # makes the demo set (demo_data/), tiny settings, CPU
 #   bash run.sh DATA_DIR                       # real data (the Kaggle folder), production settings
-#   bash run.sh --predict-only MODELS DATA_DIR # a submission from trained models, no training
-# Environment: WORK (default work); WEIGHTS_DIR, a folder with eva02_base.safetensors and
-# convnext.safetensors (real data; without it the weights must be in timm's local cache).
+#   bash run.sh --predict-only MODELS [DATA_DIR]  # a submission from trained models, no training
+# Environment (all optional):
+#   WORK         the work folder (default work)
+#   WEIGHTS_DIR  a folder with ARCH.safetensors for each image model (real data; without it the
+#                pretrained weights must be in timm's local cache)
+#   ARCHS        the image models (default eva02_base convnext; the demo: eva02_tiny convnext_atto)
+#   TRAIN        what to train, "ARCH:FOLDS ..." (FOLDS: all, or a comma list; default every fold
+#                of every model in ARCHS; "" trains nothing: fold models already in WORK/models)
+#   FINISH       0: stop after training (a training run in parts); default 1: extraction, GBDTs,
+#                ensemble, report
+#   NGPU         processes per image stage (default: the GPUs visible); above 1 they run under torchrun
+#   DEMO_ARGS, TRAIN_ARGS, EXTRACT_ARGS, GBDT_ARGS: extra options for demo.py and those stages
+#   PYTHON       the interpreter (default python)
 set -euo pipefail
-cd "$(dirname "$0")"
-WORK=${WORK:-work}
+here=$(cd "$(dirname "$0")" && pwd)
+# paths are taken from where run.sh is called, then the scripts run from their own folder
+WORK=$(realpath -m "${WORK:-work}")
+[ -n "${WEIGHTS_DIR:-}" ] && WEIGHTS_DIR=$(realpath -m "$WEIGHTS_DIR")
 PREDICT=()
 if [ "${1:-}" = "--predict-only" ]; then
-    PREDICT=(--predict-only --models "$2"); shift 2
+    PREDICT=(--predict-only --models "$(realpath -m "$2")"); shift 2
 fi
 if [ $# -eq 0 ]; then
-    DATA=demo_data
-    [ -f $DATA/train-metadata.csv ] || python demo.py $DATA
-    EVA=eva02_tiny; CNX=convnext_atto
-    TRAIN="--no-pretrained --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 3e-4 --workers 0"
-    EXTRACT="--workers 0"
-    LABELS="--test-labels $DATA/demo_test_labels.csv"  # the demo's hidden answers
+    DATA=$(realpath -m demo_data)
+    ARCHS=${ARCHS:-eva02_tiny convnext_atto}
+    DEFAULT_TRAIN="--no-pretrained --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 3e-4 --workers 0"
+    DEFAULT_EXTRACT="--workers 0"
+    LABELS=(--test-labels "$DATA/demo_test_labels.csv")  # the demo's hidden answers
 else
-    DATA=$1
-    EVA=eva02_base; CNX=convnext
-    TRAIN=""; EXTRACT=""; LABELS=""
+    DATA=$(realpath -m "$1")
+    ARCHS=${ARCHS:-eva02_base convnext}
+    DEFAULT_TRAIN=""; DEFAULT_EXTRACT=""; LABELS=()
 fi
+cd "$here"
+PY=${PYTHON:-python}
+if [ $# -eq 0 ] && [ ! -f "$DATA/train-metadata.csv" ]; then
+    "$PY" demo.py "$DATA" ${DEMO_ARGS:-}
+fi
+TRAIN=${TRAIN-$(for a in $ARCHS; do printf '%s:all ' "$a"; done)}
+NGPU=${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}
+LAUNCH=("$PY")
+[ "$NGPU" -gt 1 ] && LAUNCH=("$PY" -m torch.distributed.run --standalone "--nproc_per_node=$NGPU")
 TIMES=()
 stage() {  # stage NAME COMMAND...: runs it, records its time
     local name=$1; shift
@@ -32,21 +52,38 @@ stage() {  # stage NAME COMMAND...: runs it, records its time
     "$@"
     TIMES+=("$(printf '%-24s %6ds' "$name" $((SECONDS - t0)))")
 }
-stage features          python features.py --data "$DATA" --work "$WORK" "${PREDICT[@]}"
-for ARCH in $EVA $CNX; do
-    if [ ${#PREDICT[@]} -eq 0 ]; then
-        W=""  # pretrained weights: WEIGHTS_DIR/ARCH.safetensors when given, else timm's local cache
-        [ -n "${WEIGHTS_DIR:-}" ] && W="--weights $WEIGHTS_DIR/$ARCH.safetensors"
-        stage "train $ARCH" python train_backbone.py --arch $ARCH --fold all --data "$DATA" --work "$WORK" $TRAIN $W
-    fi
-    stage "extract $ARCH" python extract.py --arch $ARCH --data "$DATA" --work "$WORK" $EXTRACT "${PREDICT[@]}"
-done
-stage "gbdt tabular"    python gbdt.py --work "$WORK" --name tabular "${PREDICT[@]}"
-stage "gbdt tab_eva02"  python gbdt.py --work "$WORK" --name tab_eva02 --image $EVA "${PREDICT[@]}"
-stage "gbdt tab_convnext" python gbdt.py --work "$WORK" --name tab_convnext --image $CNX "${PREDICT[@]}"
-stage ensemble python ensemble.py --work "$WORK" --names tabular,tab_eva02,tab_convnext "${PREDICT[@]}"
-stage report python report.py --work "$WORK" --data "$DATA" $LABELS ${PREDICT:+--predict-only}
+stage features "$PY" features.py --data "$DATA" --work "$WORK" "${PREDICT[@]}"
+if [ ${#PREDICT[@]} -eq 0 ]; then
+    for spec in $TRAIN; do
+        ARCH=${spec%%:*}
+        W=()  # pretrained weights: WEIGHTS_DIR/ARCH.safetensors when given, else timm's local cache
+        [ -n "${WEIGHTS_DIR:-}" ] && W=(--weights "$WEIGHTS_DIR/$ARCH.safetensors")
+        FOLDS=${spec#*:}
+        for FOLD in ${FOLDS//,/ }; do
+            stage "train $ARCH $FOLD" "${LAUNCH[@]}" train_backbone.py --arch "$ARCH" --fold "$FOLD" --data "$DATA" \
+                --work "$WORK" ${TRAIN_ARGS:-$DEFAULT_TRAIN} "${W[@]}"
+        done
+    done
+fi
+if [ "${FINISH:-1}" = 1 ]; then
+    NAMES=tabular
+    stage "gbdt tabular" "$PY" gbdt.py --work "$WORK" --name tabular ${GBDT_ARGS:-} "${PREDICT[@]}"
+    for ARCH in $ARCHS; do
+        stage "extract $ARCH" "${LAUNCH[@]}" extract.py --arch "$ARCH" --data "$DATA" --work "$WORK" \
+            ${EXTRACT_ARGS:-$DEFAULT_EXTRACT} "${PREDICT[@]}"
+        NAME=tab_${ARCH%%_*}  # tab_eva02, tab_convnext
+        stage "gbdt $NAME" "$PY" gbdt.py --work "$WORK" --name "$NAME" --image "$ARCH" ${GBDT_ARGS:-} "${PREDICT[@]}"
+        NAMES=$NAMES,$NAME
+    done
+    stage ensemble "$PY" ensemble.py --work "$WORK" --names "$NAMES" "${PREDICT[@]}"
+    stage report "$PY" report.py --work "$WORK" --data "$DATA" "${LABELS[@]}" ${PREDICT:+--predict-only}
+fi
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"
 printf '%-24s %6ds\n' total $SECONDS
-echo "submission: $WORK/submission.csv   triage: $WORK/triage.csv   report: $WORK/report.html"
+if [ "${FINISH:-1}" = 1 ]; then
+    echo "submission: $WORK/submission.csv   triage: $WORK/triage.csv   report: $WORK/report.html"
+fi
+if [ ${#PREDICT[@]} -eq 0 ]; then
+    echo "models: $WORK/models"
+fi

@@ -11,6 +11,7 @@ import csv
 import errno
 import io
 import itertools
+import json
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from html.parser import HTMLParser
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import h5py  # noqa: E402
+import nbclient  # noqa: E402
+import nbformat  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -34,6 +37,7 @@ import ensemble  # noqa: E402
 import extract  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
+import notebooks  # noqa: E402
 import report  # noqa: E402
 import train_backbone  # noqa: E402
 from demo import make_demo  # noqa: E402
@@ -1509,34 +1513,47 @@ def test_same_seed_gives_byte_identical_outputs(demo, tmp_path):
     assert outs[0] == outs[1]
 
 
-def pasted_main(script):
-    """common.py then the script, in one namespace, as a kernel's cells hold them."""
-    ns = {"__name__": "__kernel__"}
-    exec(compile(open(os.path.join(HERE, "common.py")).read(), "cell-common", "exec"), ns)
-    src = re.sub(r"^from common import (\([^)]*\)|[^\n]*)\n", "", open(os.path.join(HERE, script)).read(), flags=re.M)
-    assert "from common" not in src and "import features" not in src
-    exec(compile(src, f"cell-{script}", "exec"), ns)
-    return ns["main"]
+def run_notebook(path, cwd, **overrides):
+    """Executes a generated notebook top to bottom in a real IPython kernel, as Kaggle's "Save & Run
+    All" does, with `overrides` set after its parameters cell (as papermill injects them)."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    assert at == 1  # the settings are the first code cell
+    nb.cells[at].source += "".join(f"\n{k} = {v!r}" for k, v in overrides.items())
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}})
+    try:
+        client.execute()
+    finally:  # what the cells printed, for the message of a failing test
+        text = "".join(o.get("text", "") + "".join(o.get("traceback", [])) for c in nb.cells if c.cell_type == "code"
+                       for o in c.outputs)
+    return text
 
 
 @slow
-def test_every_script_runs_pasted_into_a_kernel(demo, tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["/usr/local/lib/python3.10/dist-packages/ipykernel_launcher.py", "-f",
-                                      "/root/.local/share/jupyter/runtime/kernel-1.json"])
-    work = str(tmp_path / "work")
-    pasted_main("features.py")(["--data", demo, "--work", work])
-    pasted_main("train_backbone.py")(["--data", demo, "--work", work, "--arch", "convnext_atto", "--fold", "all"]
-                                     + tiny_train(1))
-    pasted_main("extract.py")(["--data", demo, "--work", work, "--arch", "convnext_atto", "--workers", "0"])
-    pasted_main("gbdt.py")(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--rounds", "10",
-                            "--bags", "1"])
-    pasted_main("ensemble.py")(["--work", work])
-    pasted_main("report.py")(["--work", work, "--data", demo])
-    assert os.path.exists(os.path.join(work, "report.html")) and os.path.exists(os.path.join(work, "triage.csv"))
-    sub = common.read_csv(os.path.join(work, "submission.csv"), ["isic_id", "target"], ["target"])
-    assert sub["isic_id"].tolist() == common.read_test(demo)["isic_id"].tolist()
-    assert np.isfinite(sub["target"]).all()
-    assert os.path.exists(os.path.join(work, "models", "convnext_atto", "fold4", "last.pt"))
+def test_kaggle_notebooks_run_as_kernels_and_the_submission_notebook_reproduces_the_training_run(tmp_path):
+    """Both demo notebooks in one folder, the training one on two processes (torchrun, gloo) as on two
+    T4s: the submission notebook reads the training notebook's models and writes its submission
+    byte for byte."""
+    notebooks.main([str(tmp_path / "nb"), "--demo"])
+    kernel = str(tmp_path / "kaggle_working")
+    os.makedirs(kernel)
+    out = run_notebook(str(tmp_path / "nb" / "train" / "isic-2024-train.ipynb"), kernel, NGPU=2)
+    assert "torch.distributed.run --standalone --nproc_per_node=2 train_backbone.py" in out
+    assert "(2 processes of 8)" in out and "run 1 of 1 done" in out
+    out = run_notebook(str(tmp_path / "nb" / "submit" / "isic-2024-submit.ipynb"), kernel, NGPU=2)
+    assert "wrote submission.csv" in out
+    with open(os.path.join(kernel, "work", "submission.csv"), "rb") as a:
+        with open(os.path.join(kernel, "submission.csv"), "rb") as b:
+            assert a.read() == b.read()
+    meta = json.load(open(tmp_path / "nb" / "submit" / "kernel-metadata.json"))
+    assert meta["machine_shape"] == "NvidiaTeslaT4" and meta["enable_internet"] is False
+    assert meta["code_file"] == "isic-2024-submit.ipynb" and meta["competition_sources"] == ["isic-2024-challenge"]
+    # a stage that fails stops the notebook with its error, and no stale submission is left behind
+    with pytest.raises(nbclient.exceptions.CellExecutionError) as e:
+        run_notebook(str(tmp_path / "nb" / "submit" / "isic-2024-submit.ipynb"), kernel, MODELS="no_such_models")
+    assert "failed (exit status 2)" in str(e.value)
+    assert not os.path.exists(os.path.join(kernel, "submission.csv"))
 
 
 @slow
