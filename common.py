@@ -655,17 +655,28 @@ def build_model(arch, weights=None, pretrained=True, drop_path=0.1, one_logit=Tr
     kwargs = dict(drop_path_rate=drop_path, **({"num_classes": 1} if one_logit else {}))
     if cfg["model_name"].startswith("eva02"):
         kwargs["img_size"] = cfg["img_size"]
-    if weights:
-        if not os.path.exists(weights):
-            raise DataError(f"{weights}: weights file not found")
-        return timm.create_model(cfg["model_name"], pretrained=True, pretrained_cfg_overlay=dict(file=weights),
-                                 **kwargs)
+    if weights and not os.path.exists(weights):
+        raise DataError(f"{weights}: weights file not found")
     try:
-        return timm.create_model(cfg["model_name"], pretrained=pretrained, **kwargs)
+        model = timm.create_model(cfg["model_name"], pretrained=pretrained or bool(weights),
+                                  **(dict(pretrained_cfg_overlay=dict(file=weights)) if weights else {}), **kwargs)
     except (FileNotFoundError, ConnectionError) as e:  # not in the local cache, and the hub offline or unreachable
         raise DataError(f"no local pretrained weights for {cfg['model_name']} ({type(e).__name__}): pass "
                         "--weights PATH (a .safetensors or .pth file), or --no-pretrained; with internet, "
                         "HF_HUB_OFFLINE=0 lets timm download them") from None
+    if one_logit:
+        assert type(model.get_classifier()) is torch.nn.Linear, type(model.get_classifier())
+        model.get_classifier().__class__ = Float32Linear  # same parameters, same state_dict keys
+    return model
+
+
+class Float32Linear(torch.nn.Linear):
+    """A linear layer that computes in float32 under autocast too. The one-logit head: an fp16 or bf16
+    logit has 11 or 8 significant bits, so a patient's lesions would tie in score."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 def normalization(model):
@@ -869,6 +880,19 @@ def split_broken(canvas, sizes, *rest):
     return [t[~broken] for t in (canvas, sizes) + rest], broken
 
 
+def check_finite_outputs(embs, logits, ids, dtype, what):
+    """A tile that decodes must get a finite embedding and logit: NaN means "no image" downstream."""
+    bad = ~(np.isfinite(logits) & np.isfinite(embs).all(1))
+    if bad.any():
+        first = np.flatnonzero(bad)[0]
+        fp16 = (": retrain with a lower --lr, or score on a GPU with bf16 (compute capability 8.0 and up)"
+                if dtype == torch.float16 else "")
+        raise DataError(f"{what or 'prediction'}: the model's output for {ids[first]} (a tile that decodes) is not "
+                        f"finite (logit {logits[first]}; {bad.sum()} of the {len(ids)} tiles of its batch) under "
+                        f"{str(dtype or torch.float32)[6:]}: the weights hold NaN or inf, or the forward pass "
+                        f"overflows{fp16}")
+
+
 @torch.no_grad()
 def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
     """Embeddings (N, D) and logits (N,) of every image of the loader, in its order; NaN for a tile
@@ -877,8 +901,8 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
     n = len(loader.sampler)
     embs, logits = np.full((n, model.num_features), np.nan, np.float32), np.full(n, np.nan, np.float32)
     seen, t0 = 0, time.time()
-    for batch, (canvas, sizes, _, _) in enumerate(loader):
-        (canvas, sizes), broken = split_broken(canvas, sizes)
+    for batch, (canvas, sizes, _, index) in enumerate(loader):
+        (canvas, sizes, index), broken = split_broken(canvas, sizes, index)
         rows = np.arange(seen, seen + len(broken))[~broken.numpy()]
         seen += len(broken)
         if len(rows):
@@ -886,6 +910,7 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
             with autocast(device, dtype):
                 f, z = forward_features_and_logit(model, x)
             embs[rows], logits[rows] = f.float().cpu().numpy(), z.float().cpu().numpy()
+            check_finite_outputs(embs[rows], logits[rows], [loader.dataset.ids[i] for i in index], dtype, progress)
         if progress and ((batch + 1) % 50 == 0 or seen == n):
             log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")
     if n and np.isnan(logits).all():

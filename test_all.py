@@ -780,12 +780,63 @@ def test_micro_batches_give_the_whole_batch_gradient():
         model = common.build_model("convnext_atto", pretrained=False, drop_path=0.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss = train_backbone.train_step(model, model, opt, scaler, common.FocalLoss(), x, y, micro,
-                                         torch.device("cpu"), None)
+        loss, skipped = train_backbone.train_step(model, model, opt, scaler, common.FocalLoss(), x, y, micro,
+                                                  torch.device("cpu"), None)
+        assert not skipped
         after.append((loss, torch.cat([p.detach().flatten() for p in model.parameters()])))
     for loss, weights in after[1:]:
         assert loss == pytest.approx(after[0][0], rel=1e-5)
         torch.testing.assert_close(weights, after[0][1], rtol=0, atol=1e-6)
+
+
+@slow
+@pytest.mark.parametrize("fault, match", [
+    ("nan weight", r"convnext_atto fold 0, epoch 1, step 1: the training loss is nan: try a lower --lr"),
+    ("inf gradients", r"convnext_atto fold 0, epoch \d, step 20: the fp16 gradient scaler skipped the last 20 steps"),
+])
+def test_training_that_stops_learning_stops_with_an_error(demo, demo_work, tmp_path, capsys, monkeypatch, fault,
+                                                         match):
+    """fp16 with a gradient scaler (faked on the CPU: float32 with the scaler on): a forward pass
+    that gives NaN, or gradients that overflow at every step, end training with the fold and step,
+    and no fold model is saved."""
+    monkeypatch.setattr(train_backbone, "amp_settings", lambda device, cpu_amp: (None, True))
+    build = train_backbone.build_model
+
+    def broken_model(*args, **kwargs):
+        model = build(*args, **kwargs)
+        weight = model.get_classifier().weight
+        if fault == "nan weight":
+            with torch.no_grad():
+                weight[0, 0] = float("nan")
+        else:
+            weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+        return model
+    monkeypatch.setattr(train_backbone, "build_model", broken_model)
+    work = copy_work(demo_work, tmp_path / "work")
+    args = ["--arch", "convnext_atto", "--fold", "0", "--data", demo, "--work", work] + tiny_train(3)
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--batch-size", "4"]))
+    assert re.search(match, err), err
+    assert not os.path.exists(os.path.join(work, "models", "convnext_atto", "fold0"))
+
+
+def test_the_head_computes_in_float32_under_autocast():
+    """Logits under bf16 autocast equal the float32 head applied to the features (a bf16 logit has
+    8 significant bits: a patient's lesions would tie), and the weights keep timm's names."""
+    import timm
+    torch.manual_seed(0)
+    for arch in ("eva02_tiny", "convnext_atto"):
+        model = common.build_model(arch, pretrained=False, drop_path=0.0).eval()
+        size = common.MODEL_CONFIGS[arch]["img_size"]
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            feats, logit = common.forward_features_and_logit(model, torch.randn(32, 3, size, size))
+            whole = model(torch.randn(2, 3, size, size))
+        head = model.get_classifier()
+        assert logit.dtype == whole.dtype == torch.float32
+        expected = feats.double() @ head.weight.double().T + head.bias.double()
+        torch.testing.assert_close(logit.double(), expected[:, 0], rtol=0, atol=1e-5)
+        plain = timm.create_model(common.MODEL_CONFIGS[arch]["model_name"], pretrained=False, num_classes=1,
+                                  **({"img_size": size} if arch.startswith("eva02") else {}))
+        assert list(model.state_dict()) == list(plain.state_dict())
 
 
 @slow
@@ -1042,6 +1093,21 @@ def test_a_damaged_hdf5_file_is_one_error_line(demo, demo_work, tmp_path, capsys
     err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "0",
                                                                    "--data", data, "--work", demo_work] + tiny_train(1)))
     assert "train-image.hdf5: cannot be read as an HDF5 file" in err
+
+
+def test_a_model_that_outputs_nan_is_an_error_not_undecodable_tiles(demo):
+    model = common.build_model("convnext_atto", pretrained=False, drop_path=0.0)
+    with torch.no_grad():
+        model.get_classifier().bias.fill_(float("nan"))
+    h5_path = os.path.join(demo, "train-image.hdf5")
+    with h5py.File(h5_path, "r") as h5:
+        ids = sorted(h5.keys())[:6]
+    loader = common.image_loader(common.H5Images(h5_path, ids), batch_size=4, workers=0)
+    mean, std = common.normalization(model)
+    with pytest.raises(common.DataError) as e:
+        common.predict(model, loader, 64, mean, std, torch.device("cpu"), None, "scoring test")
+    assert str(e.value).startswith(f"scoring test: the model's output for {ids[0]} (a tile that decodes) is not "
+                                   "finite (logit nan; 4 of the 4 tiles of its batch) under float32"), e.value
 
 
 @slow

@@ -99,10 +99,11 @@ def memory_plan(args, model, device, world=1):
     raise DataError(f"{torch.cuda.get_device_name(device)}: too little memory to train {args.arch} on even one image")
 
 
-def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype):
+def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype, world=1):
     """One optimizer step on the batch (x, y), in micro-batches whose gradients add up to the
     whole batch's (each loss weighted by its share); DDP synchronizes on the last one only.
-    Returns the batch's loss."""
+    Returns the loss of the whole step (every process's batch), and whether the gradient scaler
+    skipped the step (inf or NaN gradients; the same in every process, as the gradients are)."""
     opt.zero_grad(set_to_none=True)
     total = 0.0
     for i in range(0, len(y), micro):
@@ -115,9 +116,28 @@ def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype):
         total = total + loss.detach()  # read once, after the step: .item() would wait for the GPU each time
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scale = scaler.get_scale()
     scaler.step(opt)
     scaler.update()
-    return total.item()
+    if world > 1:  # every process sees the same loss, so every process stops on the same step
+        torch.distributed.all_reduce(total)
+        total = total / world
+    return total.item(), scaler.get_scale() < scale
+
+
+MAX_SKIPPED_STEPS = 20  # the scale halves at each skip: 20 in a row take it from 2^16 to 2^-4
+
+
+def check_step(loss, skipped_in_row, where, dtype):
+    """Stops training that no longer learns, instead of letting it run on and save its weights."""
+    if not math.isfinite(loss):
+        raise DataError(f"{where}: the training loss is {loss}: try a lower --lr, or pretrained weights (--weights)"
+                        + ("; fp16 may overflow in the forward pass, which bf16 (a GPU of compute capability 8.0 "
+                           "and up) does not" if dtype == torch.float16 else ""))
+    if skipped_in_row >= MAX_SKIPPED_STEPS:
+        raise DataError(f"{where}: the fp16 gradient scaler skipped the last {skipped_in_row} steps (inf or NaN "
+                        "gradients), so none of them changed the weights: try a lower --lr, or train on a GPU with "
+                        "bf16 (compute capability 8.0 and up)")
 
 
 def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank, world):
@@ -174,7 +194,7 @@ def train_fold(args, fold, train, images, device, rank, world):
     # share: one GPU and two train the same recipe (steps, learning rates, augmentation)
     steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) // world * world / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
-    start, best, step, score = 0, -1.0, 0, float("nan")
+    start, best, step, score, skipped_in_row = 0, -1.0, 0, float("nan"), 0
     if args.resume and os.path.exists(last_path):
         ck = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
@@ -205,18 +225,18 @@ def train_fold(args, fold, train, images, device, rank, world):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, args.lr)
             x = prepare_batch(canvas, sizes, size, mean, std, device, draws)
-            losses.append(train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype))
+            loss, scaler_skipped = train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype,
+                                       world)
             step += 1
+            skipped_in_row = skipped_in_row + 1 if scaler_skipped else 0
+            check_step(loss, skipped_in_row, f"{args.arch} fold {fold}, epoch {epoch + 1}, step {step}", dtype)
+            losses.append(loss)
         train_s = time.time() - t0
         if not losses:
             raise DataError(f"{images.h5_path}: none of the {len(rows)} training images of fold {fold} can be "
                             f"decoded; the first: {images.problem(rows[0])}")
         broken_tiles(images, skipped, "training", "skipped")
         train_loss = np.mean(losses)
-        if world > 1:  # the mean over every process's batches, as one process would log it
-            train_loss = torch.tensor(train_loss / world, device=device)
-            torch.distributed.all_reduce(train_loss)
-            train_loss = train_loss.item()
         val_loss, score = validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
                                    world)
         if rank != 0:
