@@ -203,15 +203,18 @@ def commit_folder(partial, final, manifest):
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_manifest(folder, rerun):
+def read_manifest(folder, rerun, files=None):
     """A committed folder's manifest, with its digest ("digest": what a consumer records), after
-    checking every file it lists; `rerun` is the command that makes the folder, for the message."""
+    checking every file it lists (or the listed `files` only: a consumer reads and hashes only what
+    it uses); `rerun` is the command that makes the folder, for the message."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.exists(path):
         raise DataError(f"{folder}: not a complete trained model (no manifest.json): run {rerun}")
     with open(path) as f:
         manifest = json.load(f)
     for name, digest in manifest["files"].items():
+        if files is not None and name not in files:
+            continue
         p = os.path.join(folder, name)
         if not os.path.exists(p) or file_digest(p) != digest:
             raise DataError(f"{folder}: {name} is missing or is not the file this model was trained with (an "

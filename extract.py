@@ -10,7 +10,7 @@ fold model. `--frozen` embeds every lesion with the pretrained backbone instead 
 Under `torchrun --nproc_per_node=N` the lesions are split across the GPUs; process 0 writes.
 
 Reads:  WORK/folds.csv and WORK/test_lesions.csv (from features.py), DATA/{train,test}-image.hdf5,
-        WORK/models/ARCH/fold{k}/ (last.pt or best.pt, checked against its manifest)
+        WORK/models/ARCH/fold{k}/ (last.pt or best.pt of the folds it scores, checked against their manifests)
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
         WORK/models/ARCH/scores.json (the fold models' digests and logit statistics, which --predict-only
@@ -40,7 +40,7 @@ from common import (MODEL_CONFIGS, DataError, H5Images, amp_settings, atomic_wri
 def fold_manifests(args, models_dir, lesions):
     """The committed fold models of ARCH, {fold: manifest}: every fold of folds.csv when training
     rows are scored (each trained on exactly those folds), else every fold model in the folder
-    (all from one training run's folds)."""
+    (all from one training run's folds). Their files are checked where they are loaded."""
     arch_dir = os.path.join(models_dir, args.arch)
     if "train" in lesions:
         folds = sorted(set(lesions["train"]["fold"].tolist()))
@@ -50,7 +50,7 @@ def fold_manifests(args, models_dir, lesions):
     if not folds:
         raise DataError(f"{arch_dir}: no fold models (fold*/); train them first, or use --frozen")
     manifests = {k: read_manifest(os.path.join(arch_dir, f"fold{k}"), f"train_backbone.py --arch {args.arch} "
-                                  f"--fold {k}") for k in folds}
+                                  f"--fold {k}", files=()) for k in folds}
     trained_on = {m["lesions"] for m in manifests.values()}
     if "train" in lesions and trained_on != {lesions_digest(args.work)}:
         stale = [k for k, m in manifests.items() if m["lesions"] != lesions_digest(args.work)]
@@ -161,7 +161,11 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
     dim = MODEL_CONFIGS[args.arch]["feature_dim"]
     emb = {s: np.zeros((len(t["isic_id"]), dim), np.float32) for s, t in lesions.items()}
     train_logits, test_logits = {}, {}
-    for k in folds:
+    scored = folds if "train" in lesions else test_folds  # predict-only reads no other fold model
+    for k in scored:  # before any work: a damaged copy fails now, not after hours of scoring
+        read_manifest(os.path.join(models_dir, args.arch, f"fold{k}"), f"train_backbone.py --arch {args.arch} "
+                      f"--fold {k}", files=[f"{args.checkpoint}.pt"])
+    for k in scored:
         rows = {"test": np.arange(len(lesions["test"]["isic_id"]) if k in test_folds else 0)}
         if "train" in lesions:
             rows["train"] = np.flatnonzero(lesions["train"]["fold"] == k)

@@ -1066,9 +1066,9 @@ def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, tr
 def test_fold_models_of_other_folds_or_incomplete_are_refused(demo, trained, tmp_path, capsys):
     work = copy_work(trained, tmp_path / "work")
     args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0"]
-    os.remove(os.path.join(work, "models", "convnext_atto", "fold3", "best.pt"))  # an incomplete copy
+    os.remove(os.path.join(work, "models", "convnext_atto", "fold3", "last.pt"))  # an incomplete copy
     err = one_error_line(stage_error(capsys, extract.main, args))
-    assert "fold3: best.pt is missing or is not the file this model was trained with" in err
+    assert "fold3: last.pt is missing or is not the file this model was trained with" in err
     assert "run train_backbone.py --arch convnext_atto --fold 3" in err
     shutil.rmtree(work)
     work = copy_work(trained, tmp_path / "work")
@@ -1629,6 +1629,18 @@ def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trai
     ensemble.main(["--work", work])
     models = str(tmp_path / "input" / "models")          # as a Kaggle dataset: read-only
     shutil.copytree(os.path.join(work, "models"), models)
+    arch_dir = os.path.join(models, "convnext_atto")
+    for k in range(5):  # what is uploaded: weights, no optimizer state
+        assert sorted(os.listdir(os.path.join(arch_dir, f"fold{k}"))) == \
+            ["args.json", "best.pt", "last.pt", "log.csv", "manifest.json"]
+        assert set(torch.load(os.path.join(arch_dir, f"fold{k}", "last.pt"), weights_only=False)) == \
+            {"arch", "fold", "epoch", "val_pauc", "model"}
+    val_pauc = [json.load(open(os.path.join(arch_dir, f"fold{k}", "manifest.json")))["val_pauc"]["last"]
+                for k in range(5)]
+    for k in set(range(5)) - {int(np.argmax(val_pauc))}:  # predict-only reads no fold model it does not score
+        for name in ("best.pt", "last.pt"):
+            with open(os.path.join(arch_dir, f"fold{k}", name), "wb") as f:
+                f.write(b"not read")
     for root, dirs, files in os.walk(models):
         for name in files + dirs:
             os.chmod(os.path.join(root, name), 0o555 if name in dirs else 0o444)

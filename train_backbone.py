@@ -7,9 +7,11 @@ GPUs without bf16). Validation pAUC on the fold's held-out patients picks the be
 Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel, rank 0 writing.
 
 Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
-Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (everything needed to
-        resume), log.csv (one row per epoch), args.json, manifest.json. A fold trains in fold{k}.partial/,
-        which --resume continues, and which replaces fold{k}/ whole once its last epoch is done
+Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (weights of the last),
+        log.csv (one row per epoch), args.json, manifest.json: what a user uploads. A fold trains in
+        fold{k}.partial/, whose resume.pt (weights, optimizer and scaler state, saved every epoch)
+        --resume continues from, and which replaces fold{k}/ whole, without resume.pt, once its last
+        epoch is done
 
     python train_backbone.py --arch eva02_tiny --fold 0 --data demo_data --no-pretrained \\
         --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 5e-4 --workers 0             # tiny, CPU
@@ -163,8 +165,8 @@ def train_fold(args, fold, train, images, device, rank, world):
     size = MODEL_CONFIGS[args.arch]["img_size"]
     final = os.path.join(args.work, "models", args.arch, f"fold{fold}")
     out_dir = final + ".partial"
-    last_path = os.path.join(out_dir, "last.pt")
-    if args.resume and not os.path.exists(last_path) and os.path.exists(os.path.join(final, "manifest.json")):
+    resume_path = os.path.join(out_dir, "resume.pt")
+    if args.resume and not os.path.exists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
         log(f"{args.arch} fold {fold}: already trained ({final}); nothing to resume")
         return None
     if rank == 0 and not args.resume:
@@ -195,8 +197,8 @@ def train_fold(args, fold, train, images, device, rank, world):
     steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) // world * world / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     start, best, step, score, skipped_in_row = 0, -1.0, 0, float("nan"), 0
-    if args.resume and os.path.exists(last_path):
-        ck = torch.load(last_path, map_location=device, weights_only=False)
+    if args.resume and os.path.exists(resume_path):
+        ck = torch.load(resume_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
@@ -245,7 +247,7 @@ def train_fold(args, fold, train, images, device, rank, world):
             best = score
             save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
                                                                "val_pauc": score, "model": model.state_dict()})
-        save_checkpoint(last_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
+        save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scaler": scaler.state_dict(), "best": best, "step": step})
         row = [epoch, train_loss, val_loss, score, opt.param_groups[0]["lr"], round(time.time() - t0, 1),
@@ -255,7 +257,10 @@ def train_fold(args, fold, train, images, device, rank, world):
             f"{val_loss:.4f}, val pAUC {score:.4f} (best {best:.4f}), {row[6]:.0f} train images/s, {row[5]:.0f}s")
     if world > 1:
         log(f"rank {rank}: weights differ between ranks by at most {check_ranks_in_sync(model):.3g}")
-    if rank == 0:
+    if rank == 0:  # the uploaded folder holds weights alone: the optimizer state would double its size
+        save_checkpoint(os.path.join(out_dir, "last.pt"), {"arch": args.arch, "fold": fold, "epoch": args.epochs - 1,
+                                                           "val_pauc": score, "model": model.state_dict()})
+        os.remove(resume_path)
         commit_folder(out_dir, final, {"stage": "train_backbone.py", "arch": args.arch, "fold": fold,
                                        "epochs": args.epochs, "val_pauc": {"best": best, "last": score},
                                        "lesions": lesions_digest(args.work)})
@@ -326,7 +331,7 @@ def main(argv=None):
     parser.add_argument("--drop-path", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
-    parser.add_argument("--resume", action="store_true", help="continue from last.pt")
+    parser.add_argument("--resume", action="store_true", help="continue from the resume.pt of fold{k}.partial/")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--save-weights", metavar="DIR",
                         help="only write DIR/ARCH.safetensors, timm's pretrained weights (run with internet and "
