@@ -9,7 +9,7 @@ reruns skip making it (about 2 min at full size). Not part of the test suite.
     python bench.py                 # full size: about 12 min on 2 idle cores; data made once (2 min)
     python bench.py --no-gbdt       # targets 1 to 3 only, about 1 min
     python bench.py --rows 40000    # a quick run
-    python bench.py --gpu-estimate  # the GPU cost projected from counted FLOPs (no GPU needed)
+    python bench.py --gpu-estimate  # GPU T4 x2 time and memory projected from counted FLOPs (no GPU needed)
 
 Target 1: CSV to saved feature matrix, ours (common.read_train, features.build_features with
 patient normalization, common.save_array) against the peer, and common.patient_normalize alone.
@@ -292,7 +292,7 @@ def image_figures(cache, n=2000, batch=64):
 
 # dense bf16 (fp16 where the GPU has no bf16) tensor-core peaks, TFLOP/s, by a part of the device name
 PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
-               "V100": 125.0, "T4": 65.0, "P100": 18.7}
+               "V100": 125.0, "T4": 65.0}
 REAL_POSITIVES, REAL_TILES = 393, 401_059
 
 
@@ -307,67 +307,49 @@ def projected_hours(train_rate, fwd_rate, folds=5, epochs=12, neg_per_pos=20, va
     return folds * fold_s / 3600, REAL_TILES / fwd_rate / 3600
 
 
-def forward_flops(model, size):
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(1, 3, size, size, device=next(model.parameters()).device))
-    return counter.get_total_flops()
-
-
-# Kaggle's GPUs: dense fp16 peak TFLOP/s of one, how many a notebook has, and the share of the peak
-# assumed for these models (the P100 has no tensor cores and reaches a larger share of a smaller peak)
-KAGGLE_GPUS = {"P100": (18.7, 1, 0.4), "2 x T4": (65.0, 2, 0.25)}
-KAGGLE_CORES, DECODES_PER_CORE = 4, 7100  # a Kaggle notebook's CPU cores; JPEG decodes a second on one core
-
-
-def saved_activation_bytes(arch, checkpointing):
-    """Bytes that autograd saves per image in one training forward of ARCH at its training size
-    (bf16 autocast on the CPU, random weights), counted with saved_tensors_hooks: the difference
-    between batches of 2 and 1, so that what does not grow with the batch (the weights' 16-bit
-    copies) is left out."""
-    model = common.build_model(arch, pretrained=False).train()
-    model.set_grad_checkpointing(checkpointing)
+def counted(arch):
+    """(forward FLOPs, saved activation bytes, the same with gradient checkpointing, parameters) of
+    one image of ARCH at its training size, as a CUDA GPU's fp16 autocast runs it."""
+    model = common.build_model(arch, pretrained=False)
     size = common.MODEL_CONFIGS[arch]["img_size"]
-
-    def saved(batch):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-            model(torch.randn(batch, 3, size, size))
-        return sum(storages.values())
-    return saved(2) - saved(1)
+    flops, act = common.counted_training_forward(model, size)
+    model.set_grad_checkpointing(True)
+    return flops, act, common.counted_training_forward(model, size)[1], sum(p.numel() for p in model.parameters())
 
 
-def memory_figures(archs):
+# Kaggle's GPU T4 x2: the dense fp16 tensor peak of one T4, TFLOP/s, and the range of shares of it
+# that the projections assume until bench.py --gpu measures one (eager PyTorch on a throttling
+# 70 W card; training at three times the forward's FLOPs)
+T4_PEAK, T4_COUNT, SHARES = 65.0, 2, (0.10, 0.25)
+KAGGLE_CORES, DECODES_PER_CORE = 4, 7100  # a Kaggle notebook's CPU cores; JPEG decodes a second on one core
+GBDT_TRAIN_S = 272  # gbdt.py at 400,000 rows (5 folds x 3 bags), measured by `python bench.py` on 2 cores
+
+
+def memory_figures(archs, costs):
     """Table rows: per architecture at its training size, what training holds in GPU memory, and the
-    largest micro-batch (train_backbone.largest_micro_batch) on 16 and 80 GB."""
+    largest micro-batch (train_backbone.largest_micro_batch) on a 16 GB T4 and on 80 GB."""
     table = []
     for arch in archs:
+        _, act, act_ckpt, n_params = costs[arch]
         cfg = common.MODEL_CONFIGS[arch]
-        n_params = sum(p.numel() for p in common.build_model(arch, pretrained=False).parameters())
-        act = {c: saved_activation_bytes(arch, c) for c in (False, True)}
         table += [(f"{arch} ({cfg['img_size']} px): parameters, millions", "", "", n_params / 1e6, ""),
                   (f"{arch}: weights + gradients + AdamW state, GiB", "", "", 16 * n_params / 2 ** 30,
                    "fp32, 16 bytes a parameter"),
-                  (f"{arch}: saved activations per image, MiB", "", "", act[False] / 2 ** 20,
-                   f"MODEL_CONFIGS act_mib: {cfg['act_mib']}"),
-                  (f"{arch}: the same with gradient checkpointing, MiB", "", "", act[True] / 2 ** 20,
+                  (f"{arch}: saved activations per image, MiB", "", "", act / 2 ** 20,
+                   f"counted (fp16 autocast on fake CUDA tensors); MODEL_CONFIGS act_mib: {cfg['act_mib']}"),
+                  (f"{arch}: the same with gradient checkpointing, MiB", "", "", act_ckpt / 2 ** 20,
                    f"MODEL_CONFIGS act_mib_ckpt: {cfg['act_mib_ckpt']}")]
         for gb in (16, 80):
-            plain, ckpt = (train_backbone.largest_micro_batch(gb * 1e9, n_params, act[c]) for c in (False, True))
+            plain, ckpt = (train_backbone.largest_micro_batch(gb * 1e9, n_params, a) for a in (act, act_ckpt))
             table.append((f"{arch}: largest micro-batch on {gb} GB", "", "", float(plain),
                           f"{ckpt} with gradient checkpointing"))
     return table
 
 
-def submission_figures(test_lesions, archs, cache):
-    """Table rows: the submission notebook's time on each of KAGGLE_GPUS for `test_lesions` lesions,
-    stage by stage: features and GBDT prediction measured here (on fewer rows, scaled) and
-    extraction projected from counted FLOPs; `run.sh --predict-only` runs one fold model per
-    architecture (extract.py --test-models best), the mean of five would be five times the GPU time."""
+def cpu_minutes(test_lesions, cache):
+    """Minutes of the submission notebook's CPU stages for test_lesions lesions, measured here on
+    40,000 rows and scaled: features.py --predict-only, the prediction of three GBDTs of 5 folds x
+    3 bags, ensemble.py."""
     n = 40_000
     data = os.path.join(cache, f"submission{n}")
     if not os.path.exists(os.path.join(data, "test-metadata.csv")):
@@ -383,58 +365,62 @@ def submission_figures(test_lesions, archs, cache):
     y = (rng.random(20_000) < 0.02).astype(int)
     booster = gbdt.lgb.train({"objective": "binary", "num_leaves": 31, "max_depth": 6, "verbose": -1},
                              gbdt.lgb.Dataset(x[:20_000], y), 250)
-    t_booster = timed(booster.predict, x)[0] * test_lesions / n
-    t_gbdt = 3 * 5 * 3 * t_booster  # three GBDTs of 5 folds x 3 bags
+    t_gbdt = 3 * 5 * 3 * timed(booster.predict, x)[0] * test_lesions / n
     t_ensemble = timed(ensemble.rank_average, [rng.random(test_lesions) for _ in range(3)], [0.2, 0.3, 0.5])[0]
-    table = [("features.py --predict-only", test_lesions, "", t_features / 60, "minutes, measured on 40,000 rows"),
-             ("gbdt.py --predict-only, three models of 15 boosters", test_lesions, "", t_gbdt / 60, "minutes"),
-             ("ensemble.py --predict-only", test_lesions, "", t_ensemble / 60, "minutes")]
-    decode = test_lesions / (KAGGLE_CORES * DECODES_PER_CORE) / 60
-    flops = {a: forward_flops(common.build_model(a, pretrained=False).eval(), common.MODEL_CONFIGS[a]["img_size"])
-             for a in archs}
-    for gpu, (peak, count, share) in KAGGLE_GPUS.items():
-        rate = peak * 1e12 * count * share
-        total = (t_features + t_gbdt + t_ensemble) / 60
-        for arch in archs:
-            minutes = max(test_lesions * flops[arch] / rate / 60, decode)
-            total += minutes
-            table += [(f"{gpu}: extract.py {arch}, one fold model (--test-models best)", test_lesions, "", minutes,
-                       f"minutes, projected: {flops[arch] / 1e9:.1f} GFLOP an image at {share:.0%} of the peak"),
-                      (f"{gpu}: extract.py {arch}, mean of 5 fold models", test_lesions, "", 5 * minutes, "minutes")]
-        table.append((f"**{gpu}: run.sh --predict-only, hours**", test_lesions, "", total / 60,
-                      "projected; Kaggle's limit is 12 h"))
-    return table
+    return (t_features + t_gbdt + t_ensemble) / 60
 
 
 def gpu_estimate(archs, test_lesions, cache):
-    """Table rows of the GPU cost projected from counted FLOPs (training at three times the forward)
-    on Kaggle's GPUs, the training memory, and the submission notebook's time: estimates, not
-    measurements."""
-    table = []
-    for arch in archs:
-        size = common.MODEL_CONFIGS[arch]["img_size"]
-        fwd = forward_flops(common.build_model(arch, pretrained=False).eval(), size)
-        table.append((f"{arch} forward GFLOP per image, {size} px", "", "", fwd / 1e9, "counted"))
-        for gpu, (peak, count, share) in KAGGLE_GPUS.items():
-            rate = peak * 1e12 * count * share
-            train_h, extract_h = projected_hours(rate / (3 * fwd), rate / fwd)
-            table += [(f"{gpu}: {arch} training, hours per fold (12 epochs)", "", "", train_h / 5,
-                       f"projected at {share:.0%} of the peak"),
-                      (f"{gpu}: {arch} extraction of every train tile, hours", REAL_TILES, "", extract_h, "")]
-    return table + memory_figures(archs) + submission_figures(test_lesions, archs, cache)
+    """Table rows of the GPU cost on Kaggle's GPU T4 x2, projected from counted FLOPs at each share
+    of SHARES: per architecture, training and extraction; the training memory; each run of
+    notebooks.PLAN and the submission notebook for test_lesions lesions. Estimates, not measurements."""
+    import notebooks
+    costs = {arch: counted(arch) for arch in archs}
+    rates = {share: T4_PEAK * 1e12 * T4_COUNT * share for share in SHARES}
+    hours = {}  # (share, arch): (training hours per fold, extraction hours of every train tile)
+    table = [(f"{arch} forward GFLOP per image, {common.MODEL_CONFIGS[arch]['img_size']} px", "", "",
+              costs[arch][0] / 1e9, "counted, attention included") for arch in archs]
+    for share, rate in rates.items():
+        for arch in archs:
+            train_h, extract_h = projected_hours(rate / (3 * costs[arch][0]), rate / costs[arch][0])
+            hours[share, arch] = train_h / 5, extract_h
+            table += [(f"T4 x2 at {share:.0%}: {arch} training, hours per fold (12 epochs)", "", "", train_h / 5,
+                       "projected"),
+                      (f"T4 x2 at {share:.0%}: {arch} extraction of every train tile, hours", REAL_TILES, "",
+                       extract_h, "projected")]
+    table += memory_figures(archs, costs)
+    cpu = cpu_minutes(test_lesions, cache) / 60
+    decode_h = test_lesions / (KAGGLE_CORES * DECODES_PER_CORE) / 3600
+    for run, part in notebooks.PLAN.items():
+        specs = [spec.split(":") for spec in part["TRAIN"].split()]
+        for share in SHARES:
+            h = sum(hours[share, arch][0] * (5 if folds == "all" else len(folds.split(","))) for arch, folds in specs)
+            if part["FINISH"]:
+                h += sum(hours[share, arch][1] for arch in archs) + 3 * GBDT_TRAIN_S / 3600
+            table.append((f"**training notebook run {run} ({part['TRAIN'] or 'no training'}"
+                          f"{', then every later stage' if part['FINISH'] else ''}), T4 x2 at {share:.0%}, hours**",
+                          "", "", h, "projected; Kaggle's limit 12 h, the plan's 8 h"))
+    for share, rate in rates.items():
+        gpu_h = sum(max(test_lesions * costs[arch][0] / rate / 3600, decode_h) for arch in archs)
+        table.append((f"**submission notebook ({test_lesions:,} lesions, one fold model an architecture), T4 x2 at "
+                      f"{share:.0%}, hours**", test_lesions, "", gpu_h + cpu,
+                      f"projected; the CPU stages {cpu * 60:.1f} min measured here and scaled"))
+    return table
 
 
 def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, True), steps=10, n_tiles=2048):
-    """Table rows of item 6 and target 3, measured on this machine's GPU (the CPU without one): per
-    architecture, the predict loop (real loader, demo tiles, device-side resize) against the bare
-    forward on the same batches; training and extraction images/s with bf16 autocast and
-    channels_last, eager and torch.compile'd, on inputs already on the device, and their share of the
-    device's peak; the full five-fold run projected from the faster rates. Each row is also printed
-    as it is measured, and a failed compile is a row, so a run cut short still reports."""
+    """Table rows measured on this machine's GPU (the CPU without one): per architecture, the predict
+    loop (real loader, demo tiles, device-side resize) against the bare forward on the same batches;
+    training images/s of train_backbone.train_step on batches of 64 in the micro-batches that
+    train_backbone.memory_plan picks for this GPU, with its peak memory against the projection;
+    extraction images/s, eager and torch.compile'd; each rate's share of the device's peak, and the
+    full five-fold run projected from them. Each row is also printed as it is measured, and a
+    failed compile is a row, so a run cut short still reports."""
+    from argparse import Namespace
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     peak = next((t * 1e12 for k, t in PEAK_TFLOPS.items() if k in name), None)
-    dtype, _ = common.amp_settings(device)
+    dtype, scale_loss = common.amp_settings(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     data = os.path.join(cache, "demo_images")
@@ -461,44 +447,45 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
         sync()
         return batch * steps / (time.perf_counter() - t0), warm
 
-    def rates(arch, model, size, compiled):
-        train_fn = torch.compile(model) if compiled else model
-        infer_fn = torch.compile(common.forward_features_and_logit) if compiled else common.forward_features_and_logit
+    def training_rate(arch, model, size, act):
+        """train_backbone's step, in its memory plan's micro-batches, and the peak memory it took."""
+        micro, checkpointing = train_backbone.memory_plan(
+            Namespace(batch_size=64, micro_batch=None, grad_checkpointing=False, arch=arch), model, device)
+        model.set_grad_checkpointing(checkpointing)
         opt, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-5), common.FocalLoss()
+        scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
         x = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = (torch.rand(64, device=device) < 0.05).float()
-        xi = torch.randn(256, 3, size, size, device=device).contiguous(memory_format=fmt)
+        model.train()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        rate = images_per_s(lambda: train_backbone.train_step(model, model, opt, scaler, loss_fn, x, y, micro,
+                                                              device, dtype), 64)
+        if device.type == "cuda":
+            n_params = sum(p.numel() for p in model.parameters())
+            projected = 16 * n_params + micro * act + 64 * 3 * size * size * 4  # + the batch itself, fp32
+            add(f"{arch} training in micro-batches of {micro}{' with checkpointing' if checkpointing else ''}: peak "
+                "GPU memory, GiB", "", "", torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                f"projected {projected / 2 ** 30:.1f} GiB: 16 bytes a parameter + micro-batch x counted activations")
+        model.set_grad_checkpointing(False)
+        return rate
 
-        def train_step():
-            model.train()
-            with common.autocast(device, dtype):
-                loss = loss_fn(train_fn(x).squeeze(1).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def extraction_rate(model, size, compiled):
+        infer_fn = torch.compile(common.forward_features_and_logit) if compiled else common.forward_features_and_logit
+        xi = torch.randn(256, 3, size, size, device=device).contiguous(memory_format=fmt)
 
         @torch.no_grad()
         def infer_step():
-            model.eval()
             with common.autocast(device, dtype):
                 infer_fn(model, xi)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        train_rate = images_per_s(train_step, 64)
-        if device.type == "cuda":  # the memory a training step of 64 images took, beside memory_figures' estimate
-            n_params = sum(p.numel() for p in model.parameters())
-            estimate = 16 * n_params + 64 * common.MODEL_CONFIGS[arch]["act_mib"] * 2 ** 20
-            add(f"{arch} training step of 64 images, {'compiled' if compiled else 'eager'}: peak GPU memory, GiB", "",
-                "", torch.cuda.max_memory_allocated(device) / 2 ** 30,
-                f"estimated {estimate / 2 ** 30:.1f} GiB: 16 bytes a parameter + 64 x act_mib")
-        return train_rate, images_per_s(infer_step, 256)
+        model.eval()
+        return images_per_s(infer_step, 256)
 
     total = 0.0
     for arch in archs:
         size = common.MODEL_CONFIGS[arch]["img_size"]
-        model = common.build_model(arch, pretrained=False).to(device).eval()
-        fwd = forward_flops(model, size)
-        model = model.to(memory_format=fmt)
+        fwd, act, _, _ = counted(arch)
+        model = common.build_model(arch, pretrained=False).to(device).eval().to(memory_format=fmt)
         mean, std = common.normalization(model)
         loader = common.image_loader(images, None, 256, workers=min(8, os.cpu_count()))
         batches = [common.prepare_batch(c, s, size, mean, std, device) for c, s, _, _ in loader]
@@ -516,18 +503,24 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
         add(f"{arch} predict loop (loader + resize + forward)", n, "", n / t_pred, "images/s")
         add(f"{arch} ratio predict / bare forward", "", "", t_bare / t_pred, "target 0.9 or more")
         best = [0.0, 0.0]
+
+        def report(what, mode, rate, warm, flops):
+            share = f"{rate * flops / peak:.0%} of peak" if peak else "no peak known"
+            add(f"{arch} {size} px {what}, {mode}", "", "", rate, f"images/s; {share}; first 3 steps {warm:.0f} s")
+        try:
+            best[0], warm = training_rate(arch, model, size, act)
+            report("training (train_backbone.train_step)", "eager", best[0], warm, 3 * fwd)
+        except torch.cuda.OutOfMemoryError as e:  # the memory plan is wrong for this GPU: a finding
+            add(f"{arch} training out of memory", "", "", float("nan"), str(e)[:150])
         for compiled in compile_modes:
             mode = "torch.compile" if compiled else "eager"
             try:
-                measured = rates(arch, model, size, compiled)
+                rate, warm = extraction_rate(model, size, compiled)
             except Exception as e:  # a compiler failure is a finding, not the end of the run
                 add(f"{arch} {mode} failed", "", "", float("nan"), f"{type(e).__name__}: {str(e)[:150]}")
                 continue
-            for k, (what, (rate, warm), flops) in enumerate(zip(("training", "extraction"), measured,
-                                                                  (3 * fwd, fwd))):
-                best[k] = max(best[k], rate)
-                share = f"{rate * flops / peak:.0%} of peak" if peak else "no peak known"
-                add(f"{arch} {size} px {what}, {mode}", "", "", rate, f"images/s; {share}; first 3 steps {warm:.0f} s")
+            best[1] = max(best[1], rate)
+            report("extraction", mode, rate, warm, fwd)
         if min(best) > 0:
             train_h, extract_h = projected_hours(*best)
             total += train_h + extract_h

@@ -317,7 +317,7 @@ def main(argv=None):
     parser.add_argument("--neg-per-pos", type=positive(int), default=20, help="negatives per positive in each epoch")
     parser.add_argument("--val-neg-per-pos", type=int, default=50,
                         help="validation negatives per positive, drawn once (0: all; all of a real fold is "
-                             "about 80,000 tiles, half an hour an epoch for eva02_base on a P100)")
+                             "about 80,000 tiles: four times the FLOPs of an eva02_base training epoch)")
     parser.add_argument("--batch-size", type=positive(int), default=64,
                         help="images per optimizer step, all processes together under torchrun (a multiple of "
                              "their number)")
