@@ -452,7 +452,7 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
         micro, checkpointing = train_backbone.memory_plan(
             Namespace(batch_size=64, micro_batch=None, grad_checkpointing=False, arch=arch), model, device)
         model.set_grad_checkpointing(checkpointing)
-        opt, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-5), common.FocalLoss()
+        opt, loss_fn = torch.optim.AdamW(model.parameters(), lr=1e-5), common.focal_loss
         scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
         x = torch.randn(64, 3, size, size, device=device).contiguous(memory_format=fmt)
         y = (torch.rand(64, device=device) < 0.05).float()

@@ -3,7 +3,9 @@ atomic writes and id-checked arrays, the lesions and folds that features.py reco
 directory, the competition metric, patient normalization, the image-model table, focal loss, the
 image loader with device-side resizing and augmentation, and the mixed-precision predict loop.
 
-notebooks.py carries this file and the scripts into Kaggle notebooks as files.
+torch is imported inside the functions that use it, so that the tabular stages (features.py,
+gbdt.py, ensemble.py, report.py) run where it is not installed. notebooks.py carries this file and
+the scripts into Kaggle notebooks as files.
 """
 import argparse
 import contextlib
@@ -23,10 +25,10 @@ import shutil
 import sys
 import tempfile
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
 
@@ -649,15 +651,17 @@ MODEL_CONFIGS = {
 }
 
 
-def counted_training_forward(model, size, dtype=torch.float16):
+def counted_training_forward(model, size, dtype=None):
     """(FLOPs, bytes saved for the backward pass) per image of one training forward of `model` at
     `size` px, as a CUDA GPU runs it under `dtype` autocast, counted without one: on fake CUDA tensors
     (no memory, no compute) under CUDA's autocast rules (layer and vector norms in float32), with
     attention as the memory-efficient SDPA kernel that a T4 runs (it saves no attention matrix;
     FlopCounterMode counts its FLOPs, which it skips in the CPU's SDPA op). Per image: the batch of
     2 minus the batch of 1, so what does not grow with the batch (the weights' casts) drops out."""
+    import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
+    dtype = dtype or torch.float16
 
     def efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         q, k, v = (t.to(dtype) for t in (q, k, v))  # what autocast does to SDPA's inputs
@@ -698,6 +702,7 @@ def build_model(arch, weights=None, pretrained=True, drop_path=0.1, one_logit=Tr
     Weights come from `weights` (a .safetensors or .pth file), else timm's local cache; nothing is
     downloaded unless HF_HUB_OFFLINE=0 is set."""
     import timm
+    import torch
     cfg = MODEL_CONFIGS[arch]
     kwargs = dict(drop_path_rate=drop_path, **({"num_classes": 1} if one_logit else {}))
     if cfg["model_name"].startswith("eva02"):
@@ -713,17 +718,17 @@ def build_model(arch, weights=None, pretrained=True, drop_path=0.1, one_logit=Tr
                         "HF_HUB_OFFLINE=0 lets timm download them") from None
     if one_logit:
         assert type(model.get_classifier()) is torch.nn.Linear, type(model.get_classifier())
-        model.get_classifier().__class__ = Float32Linear  # same parameters, same state_dict keys
+        head = model.get_classifier()
+        head.forward = types.MethodType(float32_linear, head)  # same parameters, same state_dict keys
     return model
 
 
-class Float32Linear(torch.nn.Linear):
-    """A linear layer that computes in float32 under autocast too. The one-logit head: an fp16 or bf16
+def float32_linear(linear, x):
+    """A linear layer's forward in float32 under autocast too. The one-logit head: an fp16 or bf16
     logit has 11 or 8 significant bits, so a patient's lesions would tie in score."""
-
-    def forward(self, x):
-        with torch.autocast(x.device.type, enabled=False):
-            return super().forward(x.float())
+    import torch
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.float(), linear.weight, linear.bias)
 
 
 def normalization(model):
@@ -732,25 +737,20 @@ def normalization(model):
     return cfg["mean"], cfg["std"]
 
 
-class FocalLoss(torch.nn.Module):
+def focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     """Focal loss on logits, mean over the batch: alpha_t (1 - p_t)^gamma BCE, with 1 - p_t computed
     as sigmoid(-logit) for positives and sigmoid(logit) for negatives, exact at logits of +-50."""
-
-    def __init__(self, alpha=0.25, gamma=2.0):
-        super().__init__()
-        self.alpha, self.gamma = alpha, gamma
-
-    def forward(self, logits, targets):
-        targets = targets.to(logits.dtype)
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        one_minus_pt = torch.sigmoid(logits * (1 - 2 * targets))
-        alpha_t = self.alpha * targets + (1 - self.alpha) * (1 - targets)
-        return (alpha_t * one_minus_pt ** self.gamma * bce).mean()
+    import torch
+    targets = targets.to(logits.dtype)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    one_minus_pt = torch.sigmoid(logits * (1 - 2 * targets))
+    alpha_t = alpha * targets + (1 - alpha) * (1 - targets)
+    return (alpha_t * one_minus_pt ** gamma * bce).mean()
 
 
-class H5Images(torch.utils.data.Dataset):
+class H5Images:
     """Tiles of an HDF5 file as uint8 canvases (CANVAS x CANVAS x 3, the tile top-left) with their
-    height and width. The file is opened in the process that reads it, so DataLoader workers
+    height and width: a map-style dataset for torch's DataLoader. The file is opened in the process that reads it, so DataLoader workers
     started by fork or spawn each get their own handle."""
 
     def __init__(self, h5_path, ids, labels=None):
@@ -808,6 +808,7 @@ def broken_tiles(images, positions, what, consequence):
 def image_loader(images, rows=None, batch_size=64, workers=2):
     """Batches of (canvases, sizes, labels, positions in images.ids) of an H5Images, in the order of
     rows (default: all of them)."""
+    import torch
     return torch.utils.data.DataLoader(images, batch_size=batch_size, sampler=rows, num_workers=workers,
                                        pin_memory=torch.cuda.is_available())
 
@@ -821,6 +822,7 @@ def prepare_batch(canvas, sizes, out_size, mean, std, device, draws=None):
     it, then jitters its colour. The draws come from the caller, so that a batch split across
     processes is augmented as it would be whole. Coordinates outside a tile are clamped to its
     border, so rotations add no black corners."""
+    import torch
     x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     n = x.shape[0]
     h, w = sizes[:, 0].to(device).float(), sizes[:, 1].to(device).float()
@@ -863,6 +865,7 @@ def check_gpu_kernels(device):
     capability 6.0, under a torch built for 7.5 and up, as Kaggle's is). A kernel built for sm_XY
     runs on capability X.Z for Z >= Y; PTX (compute_XY) is compiled by the driver for any capability
     from X.Y up."""
+    import torch
     major, minor = torch.cuda.get_device_capability(device)
     archs = torch.cuda.get_arch_list()
     for arch in archs:
@@ -880,6 +883,7 @@ def process_device():
     """(device, rank, world size) of this process. Under torchrun (WORLD_SIZE above 1) the process
     group is started (NCCL on GPUs, gloo on the CPU) and each process takes its LOCAL_RANK's GPU,
     after checking that this torch has kernels for it."""
+    import torch
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if not torch.cuda.is_available():
         if world > 1:
@@ -899,6 +903,7 @@ def amp_settings(device, cpu_amp=False):
     and up: A100, L4, H100); fp16 below (T4 7.5, P100 6.0), where torch.cuda.is_bf16_supported()
     may say yes but bf16 is emulated, slowly, and cuDNN has no bf16 convolutions; float32 on the
     CPU unless cpu_amp. Logs the choice."""
+    import torch
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         dtype = torch.bfloat16 if capability >= (8, 0) else torch.float16
@@ -911,6 +916,7 @@ def amp_settings(device, cpu_amp=False):
 
 
 def autocast(device, dtype):
+    import torch
     return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
@@ -920,7 +926,6 @@ def forward_features_and_logit(model, x):
     return feats, model.get_classifier()(feats).squeeze(1)
 
 
-@torch.no_grad()
 def split_broken(canvas, sizes, *rest):
     """Drops the broken tiles (size 0) of a batch; returns the kept tensors and the broken mask."""
     broken = sizes[:, 0] == 0
@@ -929,6 +934,7 @@ def split_broken(canvas, sizes, *rest):
 
 def check_finite_outputs(embs, logits, ids, dtype, what):
     """A tile that decodes must get a finite embedding and logit: NaN means "no image" downstream."""
+    import torch
     bad = ~(np.isfinite(logits) & np.isfinite(embs).all(1))
     if bad.any():
         first = np.flatnonzero(bad)[0]
@@ -940,10 +946,10 @@ def check_finite_outputs(embs, logits, ids, dtype, what):
                         f"overflows{fp16}")
 
 
-@torch.no_grad()
 def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
     """Embeddings (N, D) and logits (N,) of every image of the loader, in its order; NaN for a tile
     that cannot be decoded."""
+    import torch
     model.eval()
     n = len(loader.sampler)
     embs, logits = np.full((n, model.num_features), np.nan, np.float32), np.full(n, np.nan, np.float32)
@@ -954,7 +960,7 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
         seen += len(broken)
         if len(rows):
             x = prepare_batch(canvas, sizes, out_size, mean, std, device)
-            with autocast(device, dtype):
+            with torch.no_grad(), autocast(device, dtype):
                 f, z = forward_features_and_logit(model, x)
             embs[rows], logits[rows] = f.float().cpu().numpy(), z.float().cpu().numpy()
             check_finite_outputs(embs[rows], logits[rows], [loader.dataset.ids[i] for i in index], dtype, progress)

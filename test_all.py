@@ -457,7 +457,8 @@ def test_h5_loader_works_under_spawn():
 # ---------------------------------------------------------------- common: image models
 
 def test_focal_loss_hand_values():
-    fl = common.FocalLoss(alpha=0.25, gamma=2.0)
+    def fl(logits, targets):
+        return common.focal_loss(logits, targets, alpha=0.25, gamma=2.0)
     # logit 0, positive: p_t = 0.5, BCE = ln 2, loss = 0.25 * 0.5^2 * ln 2
     assert fl(torch.tensor([0.0]), torch.tensor([1.0])).item() == pytest.approx(0.25 * 0.25 * np.log(2))
     # logit 0, negative: alpha_t = 0.75
@@ -815,7 +816,7 @@ def test_micro_batches_give_the_whole_batch_gradient():
         model = common.build_model("convnext_atto", pretrained=False, drop_path=0.0)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss, skipped = train_backbone.train_step(model, model, opt, scaler, common.FocalLoss(), x, y, micro,
+        loss, skipped = train_backbone.train_step(model, model, opt, scaler, common.focal_loss, x, y, micro,
                                                   torch.device("cpu"), None)
         assert not skipped
         after.append((loss, torch.cat([p.detach().flatten() for p in model.parameters()])))
@@ -1500,13 +1501,23 @@ def test_report_in_a_real_browser(reported, tmp_path):
 # ---------------------------------------------------------------- the whole pipeline
 
 @slow
-def test_tabular_chain_end_to_end(demo, tmp_path):
+def test_tabular_chain_end_to_end_where_torch_is_not_installed(demo, tmp_path):
+    """features.py, gbdt.py, ensemble.py and report.py, each run as a script where `import torch`
+    fails: the tabular pipeline needs no torch."""
+    blocker = tmp_path / "no_torch" / "torch"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\", name='torch')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
     work = str(tmp_path / "work")
-    features.main(["--data", demo, "--work", work])
-    gbdt.main(["--work", work, "--name", "tabular", "--rounds", "40", "--bags", "2"])
     labels = os.path.join(demo, "demo_test_labels.csv")
-    ensemble.main(["--work", work])
-    report.main(["--work", work, "--test-labels", labels])
+    for script, args in (("features.py", ["--data", demo]), ("gbdt.py", ["--name", "tabular", "--rounds", "40",
+                                                                          "--bags", "2"]),
+                         ("ensemble.py", []), ("report.py", ["--data", demo, "--test-labels", labels])):
+        r = subprocess.run([sys.executable, script, "--work", work] + args, cwd=HERE, capture_output=True, text=True,
+                           env=env, timeout=600)
+        assert r.returncode == 0, (script, r.stderr[-2000:])
+    r = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True, env=env)
+    assert "No module named 'torch'" in r.stderr  # the blocker blocks
     test_ids = common.read_test(demo)["isic_id"].tolist()
     answers = common.read_csv(labels, ["isic_id", "target"], ["target"])
     test_pred = common.read_preds(work, "tabular", "test", test_ids)

@@ -29,9 +29,9 @@ import time
 import numpy as np
 import torch
 
-from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, FocalLoss, H5Images, amp_settings, atomic_write,
+from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, amp_settings, atomic_write,
                     autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, default_data_dir,
-                    image_loader, lesions_digest, log, normalization, output_lock, pauc, positive, predict,
+                    focal_loss, image_loader, lesions_digest, log, normalization, output_lock, pauc, positive, predict,
                     prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args,
                     write_csv)
 
@@ -191,7 +191,7 @@ def train_fold(args, fold, train, images, device, rank, world):
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     dtype, scale_loss = amp_settings(device, args.cpu_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
-    loss_fn = FocalLoss(0.25, 2.0)
+    loss_fn = focal_loss  # alpha 0.25, gamma 2
     # --batch-size images per optimizer step whatever the number of processes, each taking an equal
     # share: one GPU and two train the same recipe (steps, learning rates, augmentation)
     steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) // world * world / args.batch_size)
