@@ -442,7 +442,10 @@ def write_preds(work, name, split, lesions, pred):
         write_csv(os.path.join(work, "preds", f"{name}_test.csv"), ["isic_id", "pred"], [lesions["isic_id"], pred])
 
 
-# ---------------------------------------------------------------- the metric and patient normalization
+# ---------------------------------------------------------------- the metrics
+
+MIN_TPR = 0.80  # the competition's score is the ROC area above this true positive rate
+
 
 def roc_points(y_true, y_score):
     """FPR and TPR at each distinct threshold, (0, 0) first; tied scores form one point."""
@@ -454,7 +457,7 @@ def roc_points(y_true, y_score):
     return np.r_[0, fps] / fps[-1], np.r_[0, tps] / tps[-1]
 
 
-def pauc(y_true, y_pred, min_tpr=0.80):
+def pauc(y_true, y_pred, min_tpr=MIN_TPR):
     """Kaggle's ISIC 2024 score: the ROC area above TPR = min_tpr (0..0.2 for 0.8).
 
     Flip the labels, negate the predictions, cut the ROC curve at FPR = 1 - min_tpr with one
@@ -475,6 +478,54 @@ def pauc(y_true, y_pred, min_tpr=0.80):
     tpr = np.r_[tpr[:stop], y_cut]
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
+
+def pauc_or_nan(y_true, y_pred):
+    """pAUC, or NaN where the rows hold one class (a fold or validation set without positives)."""
+    y_true = np.asarray(y_true)
+    return pauc(y_true, y_pred) if 0 < y_true.sum() < len(y_true) else float("nan")
+
+
+def within_patient(score, patients):
+    """For each lesion: how many of its patient's lesions score higher, and how many score the same
+    (itself included)."""
+    n = len(score)
+    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
+    order = np.lexsort((-score, codes))
+    c, s = codes[order], score[order]
+    new_patient = np.r_[True, c[1:] != c[:-1]]
+    new_value = new_patient | np.r_[True, s[1:] != s[:-1]]
+    patient_start = np.maximum.accumulate(np.where(new_patient, np.arange(n), 0))
+    value_start = np.maximum.accumulate(np.where(new_value, np.arange(n), 0))
+    group = np.cumsum(new_value) - 1
+    above, tied = np.empty(n), np.empty(n)
+    above[order], tied[order] = value_start - patient_start, np.bincount(group)[group]
+    return above, tied
+
+
+def retrieval_sensitivity(y, score, patients, k):
+    """Top-k retrieval sensitivity: (the share of all malignant lesions that are among their
+    patient's k highest-scored, the mean over patients with a malignant lesion of the share of
+    theirs that are). A lesion tied at the cut counts as (places left) / (lesions tied)."""
+    above, tied = within_patient(score, patients)
+    found = np.clip((k - above) / tied, 0, 1) * y
+    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
+    per_patient = np.bincount(codes, found) / np.maximum(np.bincount(codes, y), 1)
+    return found.sum() / y.sum(), per_patient[np.bincount(codes, y) > 0].mean()
+
+
+def rank_in_patient(score, patients):
+    """1 for each patient's highest-scored lesion, 2 for the next, ...; ties in the given order."""
+    n = len(score)
+    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
+    order = np.lexsort((np.arange(n), -score, codes))
+    first = np.r_[True, codes[order][1:] != codes[order][:-1]]
+    rank = np.empty(n, int)
+    rank[order] = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0)) + 1
+    return rank
+
+
+
+# ---------------------------------------------------------------- patient normalization
 
 def rank01(x):
     """Ranks 1..n with ties averaged, divided by n."""

@@ -9,7 +9,9 @@ weights chosen on the other folds, so that its OOF pAUC is an honest score of th
 
 Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/NAME_{oof,test}.csv for each model,
         WORK/models/NAME/manifest.json
-Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/preds/ensemble_{oof,test}.csv,
+Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/triage.csv (isic_id,patient_id,
+        score,rank_in_patient: rank 1 = the patient's lesion to look at first; ties in metadata order),
+        WORK/preds/ensemble_{oof,test}.csv,
         WORK/models/ensemble.json (the models, their digests, the weights; what --predict-only reads
         back from --models, to rebuild the same submission), WORK/ensemble_args.json
 
@@ -25,7 +27,7 @@ import os
 
 import numpy as np
 
-from common import (DataError, log, output_lock, pauc, rank01, read_lesions, read_manifest, read_preds, run_main,
+from common import (DataError, log, output_lock, pauc, rank01, rank_in_patient, read_lesions, read_manifest, read_preds, run_main,
                     write_args, write_csv, write_json, write_preds)
 
 
@@ -137,7 +139,9 @@ def ensemble(args):
     ens_test = rank_average(tst, weights)
     write_preds(args.work, "ensemble", "test", test, ens_test)
     write_csv(os.path.join(args.work, "submission.csv"), ["isic_id", "target"], [test["isic_id"], ens_test])
-    log(f"wrote {args.work}/submission.csv: {len(ens_test)} rows, the rank average of "
+    write_csv(os.path.join(args.work, "triage.csv"), ["isic_id", "patient_id", "score", "rank_in_patient"],
+              [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])])
+    log(f"wrote {args.work}/submission.csv and triage.csv: {len(ens_test)} rows, the rank average of "
         + ", ".join(f"{n} (weight {w:g})" for n, w in zip(names, weights)))
     if args.predict_only:
         return

@@ -25,7 +25,7 @@ import lightgbm as lgb
 import numpy as np
 
 from common import (DataError, atomic_write, commit_folder, file_digest, lesions_digest, load_array, log,
-                    output_lock, patient_normalize, pauc, positive, read_lesions, read_manifest, read_preds, run_main,
+                    output_lock, patient_normalize, pauc, pauc_or_nan, positive, read_lesions, read_manifest, read_preds, run_main,
                     write_args, write_csv, write_preds)
 
 
@@ -129,7 +129,7 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
             text = booster.model_to_string()
             atomic_write(os.path.join(partial, boosters[-1]), lambda f: f.write(text.encode()))
         oof[val] = fold_pred
-        score = pauc(y[val], fold_pred) if 0 < y[val].sum() < len(val) else float("nan")
+        score = pauc_or_nan(y[val], fold_pred)
         log(f"{args.name} fold {k}: {len(trn)} train rows, {len(val)} validation rows, pAUC {score:.4f}")
     test_pred /= len(boosters)
     log(f"{args.name}: OOF pAUC {pauc(y, oof):.4f}")

@@ -12,8 +12,8 @@ test: the triage list, a few patients' top lesions, and the same figures where l
 Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/*_{oof,test}.csv, WORK/models/ensemble.json,
         WORK/models/NAME/importance.csv, WORK/models/ARCH/fold*/log.csv; with --data, the tiles shown
         from DATA/{train,test}-image.hdf5
-Writes: WORK/triage.csv (isic_id,patient_id,score,rank_in_patient: every test lesion in test-metadata
-        order, rank 1 = the patient's lesion to look at first; ties in metadata order), WORK/report.md,
+        WORK/triage.csv (from ensemble.py: the test lesions' scores)
+Writes: WORK/report.md,
         WORK/report.html (one self-contained page: no scripts, nothing fetched; the tiles are the
         stored JPEG bytes as data: URIs, at most 200 of them and 4 MB in all)
 
@@ -31,16 +31,16 @@ import re
 
 import numpy as np
 
-from common import (DataError, atomic_write, check_ids, check_labels, log, open_h5, output_lock, pauc, rank01,
-                    read_csv, read_image_bytes, read_lesions, read_preds, roc_points, run_main, write_args, write_csv)
+from common import (MIN_TPR, DataError, atomic_write, check_ids, check_labels, log, open_h5, output_lock, pauc,
+                    pauc_or_nan, rank01, rank_in_patient, retrieval_sensitivity,
+                    read_csv, read_image_bytes, read_lesions, read_preds, roc_points, run_main, write_args)
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
 
 
 def fold_scores(y, folds, pred):
-    return [pauc(y[folds == k], pred[folds == k]) if 0 < y[folds == k].sum() < (folds == k).sum()
-            else float("nan") for k in np.unique(folds)]
+    return [pauc_or_nan(y[folds == k], pred[folds == k]) for k in np.unique(folds)]
 
 
 PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f",
@@ -178,15 +178,16 @@ def roc_series(y, scores, paucs, min_tpr=0.0):
 
 
 def roc_html(y, scores, paucs):
-    """The ROC curves of every model (scores: {name: OOF predictions}), whole and above 80% TPR."""
+    """The ROC curves of every model (scores: {name: OOF predictions}), whole and above MIN_TPR."""
     ticks = np.linspace(0, 1, 6)
-    return ('<p class="note">Out of fold; the legend gives each model\'s OOF pAUC, the area of the shaded band '
-            'under its curve (TPR 0.8 to 1).</p><div class="charts"><figure><figcaption>Whole curve</figcaption>'
+    return (f'<p class="note">Out of fold; the legend gives each model\'s OOF pAUC, the area of the shaded band '
+            f'under its curve (TPR {MIN_TPR:g} to 1).</p><div class="charts"><figure><figcaption>Whole curve'
+            '</figcaption>'
             + svg_lines("roc", roc_series(y, scores, paucs), "false positive rate (FPR)", "true positive rate (TPR)",
-                        ticks, ticks, size=(440, 420), band=(0.8, 1.0, "pAUC region: TPR ≥ 0.8"))
-            + '</figure><figure><figcaption>The shaded band, stretched: TPR 0.8 to 1</figcaption>'
-            + svg_lines("roc-zoom", roc_series(y, scores, paucs, 0.8), "false positive rate (FPR)",
-                        "true positive rate (TPR)", ticks, np.linspace(0.8, 1, 5), size=(440, 420), legend=False)
+                        ticks, ticks, size=(440, 420), band=(MIN_TPR, 1.0, f"pAUC region: TPR ≥ {MIN_TPR:g}"))
+            + f'</figure><figure><figcaption>The shaded band, stretched: TPR {MIN_TPR:g} to 1</figcaption>'
+            + svg_lines("roc-zoom", roc_series(y, scores, paucs, MIN_TPR), "false positive rate (FPR)",
+                        "true positive rate (TPR)", ticks, np.linspace(MIN_TPR, 1, 5), size=(440, 420), legend=False)
             + '</figure></div>')
 
 
@@ -260,45 +261,6 @@ def combination_rows(names, oof_ranks, y, weights, honest, test_ranks, test_y):
     if honest is not None:
         rows.append(row("the weights chosen on the other folds, fold by fold (honest)", weights, honest))
     return rows
-
-
-def within_patient(score, patients):
-    """For each lesion: how many of its patient's lesions score higher, and how many score the same
-    (itself included)."""
-    n = len(score)
-    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
-    order = np.lexsort((-score, codes))
-    c, s = codes[order], score[order]
-    new_patient = np.r_[True, c[1:] != c[:-1]]
-    new_value = new_patient | np.r_[True, s[1:] != s[:-1]]
-    patient_start = np.maximum.accumulate(np.where(new_patient, np.arange(n), 0))
-    value_start = np.maximum.accumulate(np.where(new_value, np.arange(n), 0))
-    group = np.cumsum(new_value) - 1
-    above, tied = np.empty(n), np.empty(n)
-    above[order], tied[order] = value_start - patient_start, np.bincount(group)[group]
-    return above, tied
-
-
-def retrieval_sensitivity(y, score, patients, k):
-    """Top-k retrieval sensitivity: (the share of all malignant lesions that are among their
-    patient's k highest-scored, the mean over patients with a malignant lesion of the share of
-    theirs that are). A lesion tied at the cut counts as (places left) / (lesions tied)."""
-    above, tied = within_patient(score, patients)
-    found = np.clip((k - above) / tied, 0, 1) * y
-    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
-    per_patient = np.bincount(codes, found) / np.maximum(np.bincount(codes, y), 1)
-    return found.sum() / y.sum(), per_patient[np.bincount(codes, y) > 0].mean()
-
-
-def rank_in_patient(score, patients):
-    """1 for each patient's highest-scored lesion, 2 for the next, ...; ties in the given order."""
-    n = len(score)
-    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
-    order = np.lexsort((np.arange(n), -score, codes))
-    first = np.r_[True, codes[order][1:] != codes[order][:-1]]
-    rank = np.empty(n, int)
-    rank[order] = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0)) + 1
-    return rank
 
 
 def triage_rows(y, scores, patients):
@@ -426,16 +388,19 @@ def write_report(args, facts, sections, html_parts):
 <style>{CSS}</style></head><body>
 <h1>ISIC 2024 pipeline report</h1>
 <div class="facts">{"".join(f"<div><b>{v:,}</b>{esc(what)}</div>" for v, what in facts)}</div>
-<p class="note">Score: partial AUC above 80% TPR (0 to 0.2; a random ranking scores 0.02).</p>
+<p class="note">Score: partial AUC above {MIN_TPR:.0%} TPR (0 to {1 - MIN_TPR:g}; a random ranking scores {(1 - MIN_TPR) ** 2 / 2:g}).</p>
 {body}</body></html>
 """
     atomic_write(os.path.join(args.work, "report.html"), lambda f: f.write(page.encode()))
 
 
 def report(args):
-    """The stage's work: read and check every input, then write triage.csv and the report."""
+    """The stage's work: read and check every input, then write the report."""
     test = read_lesions(args.work, "test")
-    ens_test = read_preds(args.work, "ensemble", "test", test["isic_id"])
+    triage_path = os.path.join(args.work, "triage.csv")
+    triage = read_csv(triage_path, ["isic_id", "score"], ["score"])
+    check_ids(triage_path, triage["isic_id"], test["isic_id"])
+    ens_test = triage["score"]
     test_y = None
     if args.test_labels:  # held-out answers, such as the demo set's
         labels = read_csv(args.test_labels, ["isic_id", "target"], ["target"])
@@ -469,11 +434,9 @@ def report(args):
                  ("The lesions, out of fold", galleries_html(args.data, "train", train, oof["ensemble"], y, budget)),
                  test_tiles, ("Feature importance", importance_html(args.work, spec["names"])),
                  ("Image model training", training_html(args.work))]
-    write_csv(os.path.join(args.work, "triage.csv"), ["isic_id", "patient_id", "score", "rank_in_patient"],
-              [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])])
     write_report(args, facts, sections, parts)
     write_args(os.path.join(args.work, "report_args.json"), args)
-    log(f"wrote {args.work}/triage.csv, report.md and report.html ({MAX_TILES - budget['tiles']} tiles)")
+    log(f"wrote {args.work}/report.md and report.html ({MAX_TILES - budget['tiles']} tiles)")
     for _, title, _, header, rows in sections:
         log(title + "\n" + "\n".join(md_table(header, rows)))
 
@@ -482,7 +445,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="work")
     parser.add_argument("--data", help="folder of the HDF5 files, for the tiles (without it the page shows none)")
-    parser.add_argument("--predict-only", action="store_true", help="only the test side: triage.csv and its tiles")
+    parser.add_argument("--predict-only", action="store_true", help="only the test side: the test lesions' tiles")
     parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
                         "demo_test_labels.csv): also scores the test predictions")
     args = parser.parse_args(argv)

@@ -31,7 +31,7 @@ import torch
 
 from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, amp_settings, atomic_write,
                     autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, default_data_dir,
-                    focal_loss, image_loader, lesions_digest, log, normalization, output_lock, pauc, positive, predict,
+                    focal_loss, image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan, positive, predict,
                     prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args,
                     write_csv)
 
@@ -156,7 +156,7 @@ def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, ar
     ok = ~np.isnan(logits)
     yv = y[val][ok]
     loss = loss_fn(torch.from_numpy(logits[ok]), torch.from_numpy(yv.astype(np.float32))).item()
-    return loss, pauc(yv, logits[ok]) if 0 < yv.sum() < len(yv) else float("nan")
+    return loss, pauc_or_nan(yv, logits[ok])
 
 
 def train_fold(args, fold, train, images, device, rank, world):
