@@ -1,21 +1,19 @@
-"""Speed benchmark: features.py against a polars peer, the image loader against a bare decode, the
-predict loop against a bare forward, and gbdt.py scaling.
+"""Speed benchmark: reading the metadata and building the features, the image loader against a bare
+decode, the predict loop against a bare forward, gbdt.py against rows and features; the GPU stages
+projected for Kaggle's GPU T4 x2 (--gpu-estimate) or measured on this machine's GPU (--gpu).
 
 Synthetic data at the real train-metadata.csv's size (about 400,000 lesions of about 1,040
 patients, 55 columns in the Kaggle order, from the demo generator), cached under --cache so
-reruns skip making it (about 2 min at full size). Not part of the test suite.
+reruns skip making it. Not part of the test suite; BENCHMARKS.md holds the figures and how long
+each run took.
 
-    pip install polars              # the peer pipeline only; the scripts do not need it
-    python bench.py                 # full size: about 12 min on 2 idle cores; data made once (2 min)
-    python bench.py --no-gbdt       # targets 1 to 3 only, about 1 min
+    python bench.py                 # full size, every CPU figure
+    python bench.py --no-gbdt       # without the gbdt.py scaling runs
     python bench.py --rows 40000    # a quick run
     python bench.py --gpu-estimate  # GPU T4 x2 time and memory projected from counted FLOPs (no GPU needed)
+    python bench.py --gpu           # measured on this machine's GPU
 
-Target 1: CSV to saved feature matrix, ours (common.read_train, features.build_features with
-patient normalization, common.save_array) against the peer, and common.patient_normalize alone.
-Targets 2 and 3: common.H5Images against PIL alone, common.predict against the model alone.
-Target 4: gbdt.py with default settings (5 folds x 3 bags x 250 rounds), its time against rows
-and against feature count (--no-patient-norm). Prints a markdown table of every figure.
+Prints a markdown table of every figure.
 """
 import argparse
 import io
@@ -23,9 +21,9 @@ import os
 import tempfile
 import time
 
-# LightGBM's OpenMP threads spin while they wait: when anything else runs on these 2 cores, a
-# 2-thread booster then takes 10x as long (measured: 50 s against 4.8 s passive). Passive waiting
-# costs next to nothing on idle cores, and keeps the figures meaningful on a shared machine.
+# LightGBM's OpenMP threads spin while they wait: when anything else runs on the same cores a
+# booster slows down several times (BENCHMARKS.md). Passive waiting keeps the figures meaningful
+# on a shared machine.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402 (after the OpenMP setting)
@@ -92,82 +90,13 @@ def timed(fn, *args):
     return time.perf_counter() - t0, out
 
 
-def ours(data, out_dir):
-    """Our path from CSV to saved matrix, step by step: seconds of each step, the train table, the shape."""
+def csv_to_matrix(data, out_dir):
+    """The path from CSV to saved feature matrix, step by step: seconds of each step, the train table, the shape."""
     t = {}
     t["read"], train = timed(common.read_train, data)
     t["build"], (x, _) = timed(features.build_features, train, features.fit_vocabularies(train))
-    t["save"], _ = timed(common.save_array, os.path.join(out_dir, "ours.npy"), x, list(train["isic_id"]))
+    t["save"], _ = timed(common.save_array, os.path.join(out_dir, "train.npy"), x, list(train["isic_id"]))
     return t, train, x.shape
-
-
-def peer(csv_path, out_path):
-    """The public feature set the usual Kaggle-notebook way, in polars: 34 raw numeric columns, the 41
-    engineered features (features.engineered_features' formulas), each numeric feature z-scored
-    within its patient (mean and std over patient_id), lesion counts per patient and per patient and
-    site, one-hot categoricals; saved as float32 .npy. Returns the matrix's shape."""
-    import polars as pl
-    df = pl.read_csv(csv_path, schema_overrides={c: pl.Float64 for c in common.NUMERIC})
-    g = lambda name: pl.col("tbp_lv_" + name)  # noqa: E731
-    size, age, area, perim = pl.col("clin_size_long_diam_mm"), pl.col("age_approx"), g("areaMM2"), g("perimeterMM")
-    dist = (g("x") ** 2 + g("y") ** 2 + g("z") ** 2).sqrt()
-    delta2 = g("deltaA") ** 2 + g("deltaB") ** 2 + g("deltaL") ** 2
-    eng = {
-        "lesion_size_ratio": g("minorAxisMM") / size,
-        "lesion_shape_index": area / perim ** 2,
-        "hue_contrast": (g("H") - g("Hext")).abs(),
-        "luminance_contrast": (g("L") - g("Lext")).abs(),
-        "lesion_color_difference": delta2.sqrt(),
-        "border_complexity": g("norm_border") + g("symm_2axis"),
-        "color_uniformity": g("color_std_mean") / g("radial_color_std_max"),
-        "position_distance_3d": dist,
-        "perimeter_to_area_ratio": perim / area,
-        "area_to_perimeter_ratio": area / perim,
-        "lesion_visibility_score": g("deltaLBnorm") + g("norm_color"),
-        "symmetry_border_consistency": g("symm_2axis") * g("norm_border"),
-        "consistency_symmetry_border": g("symm_2axis") * g("norm_border") / (g("symm_2axis") + g("norm_border")),
-        "color_consistency": g("stdL") / g("Lext"),
-        "consistency_color": g("stdL") * g("Lext") / (g("stdL") + g("Lext")),
-        "size_age_interaction": size * age,
-        "hue_color_std_interaction": g("H") * g("color_std_mean"),
-        "lesion_severity_index": (g("norm_border") + g("norm_color") + g("eccentricity")) / 3,
-        "shape_complexity_index": g("norm_border") + g("symm_2axis") + area / perim ** 2,
-        "shape_color_consistency": g("eccentricity") * g("color_std_mean"),
-        "border_length_ratio": perim / (2 * np.pi * (area / np.pi).sqrt()),
-        "age_size_symmetry_index": age * area * g("symm_2axis"),
-        "age_normalized_nevi_confidence": g("nevi_confidence") / age,
-        "age_normalized_nevi_confidence_2": (size ** 2 + age ** 2).sqrt(),
-        "color_contrast_index": g("deltaA") + g("deltaB") + g("deltaL") + g("deltaLBnorm"),
-        "log_lesion_area": area.log1p(),
-        "normalized_lesion_size": size / age,
-        "mean_hue_difference": (g("H") + g("Hext")) / 2,
-        "std_dev_contrast": (delta2 / 3).sqrt(),
-        "color_shape_composite_index": (g("color_std_mean") + g("area_perim_ratio") + g("symm_2axis")) / 3,
-        "lesion_orientation_3d": pl.arctan2(g("y"), g("x")),
-        "overall_asymmetry_factor": g("symm_2axis") * g("eccentricity"),
-        "volume_approximation_3d": area * dist,
-        "color_range": (g("L") - g("Lext")).abs() + (g("A") - g("Aext")).abs() + (g("B") - g("Bext")).abs(),
-        "border_color_interaction": g("norm_border") * g("norm_color"),
-        "border_color_interaction_2": g("norm_border") * g("norm_color") / (g("norm_border") + g("norm_color")),
-        "size_color_contrast_ratio": size / g("deltaLBnorm"),
-        "age_normalized_nevi_confidence_ratio": g("nevi_confidence") / (1 + age),
-        "color_asymmetry_index": g("radial_color_std_max") * g("symm_2axis"),
-        "color_variation_intensity": g("norm_color") * g("deltaLBnorm"),
-        "color_contrast_ratio": g("deltaLBnorm") / g("Lext"),
-    }
-    numeric = common.NUMERIC + list(eng)
-    df = df.with_columns(**eng)
-    df = df.with_columns(**{f"{c}_norm": (pl.col(c) - pl.col(c).mean().over("patient_id"))
-                            / (pl.col(c).std(ddof=0).over("patient_id") + 1e-5) for c in numeric},
-                         count_per_patient=pl.len().over("patient_id"),
-                         count_per_patient_site=pl.len().over("patient_id", "anatom_site_general"))
-    before = set(df.columns)
-    df = df.to_dummies(common.CATEGORICAL)
-    cols = (numeric + [f"{c}_norm" for c in numeric] + ["count_per_patient", "count_per_patient_site"]
-            + [c for c in df.columns if c not in before])
-    x = df.select(pl.col(cols).cast(pl.Float32)).to_numpy()
-    np.save(out_path, x)
-    return x.shape
 
 
 def bench_patient_normalize(train, repeats=3):
@@ -188,19 +117,14 @@ def features_and_gbdt(data, work, extra=()):
 
 
 def feature_figures(data, tmp):
-    """Table rows (what, rows, features, seconds, note) of target 1, on data/train-metadata.csv."""
-    steps, train, shape = ours(data, tmp)
-    t_ours = sum(steps.values())
-    t_peer, peer_shape = timed(peer, os.path.join(data, "train-metadata.csv"), os.path.join(tmp, "peer.npy"))
-    table = [(f"ours: {what}", *shape, steps[step], "") for step, what in (
+    """Table rows (what, rows, features, seconds, note) of CSV to feature matrix, on data/train-metadata.csv."""
+    steps, train, shape = csv_to_matrix(data, tmp)
+    total = sum(steps.values())
+    table = [(what, *shape, steps[step], "") for step, what in (
         ("read", "common.read_train (csv module, columns converted by NumPy)"),
         ("build", "features.build_features (with patient normalization)"),
         ("save", "common.save_array"))]
-    table += [("**ours: CSV to saved matrix**", *shape, t_ours, ""),
-              ("**peer: polars, CSV to saved matrix**", *peer_shape, t_peer, "z-score only, no test set"),
-              ("ratio ours / peer", "", "", t_ours / t_peer, ""),
-              ("ratio ours / peer without reading the CSV", "", "", (t_ours - steps["read"]) / t_peer,
-               "the peer's time includes its read")]
+    table += [("**CSV to saved matrix**", *shape, total, "")]
     pn_shape, pn_times = bench_patient_normalize(train)
     table += [("common.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"),
               ("common.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), "")]
@@ -208,7 +132,7 @@ def feature_figures(data, tmp):
 
 
 def gbdt_figures(cache, rows, gbdt_rows, tmp):
-    """Table rows of target 4: features.py and gbdt.py at each of gbdt_rows, the largest also with
+    """Table rows of the scaling runs: features.py and gbdt.py at each of gbdt_rows, the largest also with
     --no-patient-norm; gbdt.py at `rows` extrapolated linearly when it is not among them."""
     table, fit = [], []
     for n in gbdt_rows:
@@ -232,7 +156,7 @@ def gbdt_figures(cache, rows, gbdt_rows, tmp):
 
 
 def image_figures(cache, n=2000, batch=64):
-    """Table rows of targets 2 and 3 on demo tiles (61 to 239 px JPEGs in the Kaggle HDF5 layout):
+    """Table rows of image loading and prediction on demo tiles (61 to 239 px JPEGs in the Kaggle HDF5 layout):
     the loader's per-image work against a bare PIL decode of bytes already in memory, and the
     predict loop (loader + device-side resize + model) against the bare model forward on
     pre-loaded tensors, convnext_atto at 64 px, fp32, on the CPU."""
@@ -537,14 +461,14 @@ def main(argv=None):
     parser.add_argument("--gbdt-rows", type=int, nargs="+",
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
-    parser.add_argument("--no-gbdt", action="store_true", help="targets 1 to 3 only (about 2 min)")
+    parser.add_argument("--no-gbdt", action="store_true", help="without the gbdt.py scaling runs")
     parser.add_argument("--gpu-estimate", action="store_true",
                         help="only the projections for Kaggle's GPUs: time from counted FLOPs, training memory, "
-                             "the submission notebook's time (no GPU needed; about 5 min on 2 cores)")
+                             "the submission notebook's time (no GPU needed)")
     parser.add_argument("--test-lesions", type=int, default=500_000, help="with --gpu-estimate: hidden test size")
     parser.add_argument("--gpu", action="store_true",
                         help="only the GPU measurements: training and extraction images/s, the predict loop, "
-                             "the projected full run (about 6 min on one GPU)")
+                             "the projected full run")
     parser.add_argument("--archs", nargs="+", default=["eva02_base", "convnext"], help="with --gpu or --gpu-estimate")
     parser.add_argument("--no-compile", action="store_true", help="with --gpu: eager mode only")
     args = parser.parse_args(argv)
@@ -559,12 +483,12 @@ def main(argv=None):
     for n in gbdt_rows:
         data_dir(args.cache, n)
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
-        common.log("target 1: CSV to feature matrix")
+        common.log("CSV to feature matrix")
         table = feature_figures(full, tmp)
-        common.log("targets 2 and 3: image loading and extraction")
+        common.log("image loading and extraction")
         table += image_figures(args.cache)
         if gbdt_rows:
-            common.log("target 4: gbdt.py against rows and feature count")
+            common.log("gbdt.py against rows and feature count")
             table += gbdt_figures(args.cache, args.rows, gbdt_rows, tmp)
 
     print(f"\n{os.cpu_count()} CPU cores, load average {load} at the start, {os.getloadavg()[0]:.1f} at the end "

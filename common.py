@@ -820,7 +820,7 @@ class H5Images:
         isic_id = self.ids[i]
         raw = read_image_bytes(self.h5, isic_id, self.locations[i])
         # left uninitialized: prepare_batch never samples outside the tile, and zero-filling the
-        # 192 KB canvas took a third of the loader's time per tile
+        # 192 KB canvas was a large share of the loader's time per tile (BENCHMARKS.md)
         canvas = np.empty((CANVAS, CANVAS, 3), np.uint8)
         try:
             image = decode_image(raw, isic_id)
