@@ -352,6 +352,19 @@ def default_data_dir():
     return KAGGLE_DATA if os.path.isdir(KAGGLE_DATA) else None
 
 
+def add_path_flags(parser, models=True):
+    """--data, --work and (models=True) --models: one meaning and one default in every stage."""
+    parser.add_argument("--data", default=default_data_dir(),
+                        help=f"folder with the Kaggle files (default: {KAGGLE_DATA} where it exists)")
+    parser.add_argument("--work", default="work", help="folder of the stages' outputs (default: work)")
+    if models:
+        parser.add_argument("--models", help="folder of trained models (default: WORK/models); may be read-only")
+
+
+def models_folder(args):
+    return args.models or os.path.join(args.work, "models")
+
+
 def data_path(data_dir, name):
     if data_dir is None:
         raise DataError("no --data given: pass --data DIR (a folder holding train-metadata.csv, "

@@ -2,10 +2,10 @@
 
 Each model's predictions become ranks (ties averaged) divided by their count, and the ensemble is
 their weighted mean: only the ranking counts for pAUC, and ranks put models of different scales
-on one. The weights (`--weights oof`, the default) are the grid point (tenths) whose rank average
+on one. The weights (`--blend oof`, the default) are the grid point (tenths) whose rank average
 scores the best out-of-fold pAUC; the ensemble's own out-of-fold scores rank each fold with the
 weights chosen on the other folds, so that its OOF pAUC is an honest score of the choice.
-`--weights equal` gives the plain mean; `--weights 1,2,0` sets them by hand.
+`--blend equal` gives the plain mean; `--blend 1,2,0` sets them by hand.
 
 Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/NAME_{oof,test}.csv for each model,
         WORK/models/NAME/manifest.json
@@ -27,8 +27,8 @@ import os
 
 import numpy as np
 
-from common import (DataError, log, output_lock, pauc, rank01, rank_in_patient, read_lesions, read_manifest, read_preds, run_main,
-                    write_args, write_csv, write_json, write_preds)
+from common import (DataError, add_path_flags, log, models_folder, output_lock, pauc, rank01, rank_in_patient,
+                    read_lesions, read_manifest, read_preds, run_main, write_args, write_csv, write_json, write_preds)
 
 
 def rank_average(preds, weights):
@@ -62,7 +62,7 @@ def nested_choice(ranks, y, folds):
 
 
 def parse_weights(text, names):
-    """--weights: "oof" (None: chosen on the out-of-fold predictions), "equal", or one number a model."""
+    """--blend: "oof" (None: chosen on the out-of-fold predictions), "equal", or one number a model."""
     if text == "oof":
         return None
     if text == "equal":
@@ -72,7 +72,7 @@ def parse_weights(text, names):
     except ValueError:
         w = np.zeros(0)
     if len(w) != len(names) or (w < 0).any() or not w.sum() > 0:
-        raise DataError(f"--weights {text}: 'oof', 'equal', or {len(names)} non-negative numbers, one for each of "
+        raise DataError(f"--blend {text}: 'oof', 'equal', or {len(names)} non-negative numbers, one for each of "
                         f"{', '.join(names)}")
     return w / w.sum()
 
@@ -109,7 +109,7 @@ def read_ensemble_spec(models_dir, names):
 
 def ensemble(args):
     """The stage's work: read and check every input, then write the submission."""
-    models_dir = args.models or os.path.join(args.work, "models")
+    models_dir = models_folder(args)
     test = read_lesions(args.work, "test")
     names = args.names.split(",") if args.names else None
     if args.predict_only:
@@ -125,11 +125,11 @@ def ensemble(args):
         y, folds = train["target"], train["fold"]
         oof = [model_preds(args.work, n, "train", train["isic_id"]) for n in names]
         ranks = np.array([rank01(p) for p in oof])
-        weights, fold_weights = parse_weights(args.weights, names), {}
+        weights, fold_weights = parse_weights(args.blend, names), {}
         if weights is None:
             if len(names) > 6:
-                raise DataError(f"--weights oof searches the weights of at most 6 models, not {len(names)}: pass "
-                                "--names, or --weights")
+                raise DataError(f"--blend oof searches the weights of at most 6 models, not {len(names)}: pass "
+                                "--names, or --blend")
             weights = choose_weights(ranks, y, np.ones(len(y), bool))
             fold_weights, ens_oof = nested_choice(ranks, y, folds)
         else:
@@ -157,13 +157,12 @@ def ensemble(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="work")
+    add_path_flags(parser)
     parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
                         "except the image models (img_*), which the GBDTs already use")
-    parser.add_argument("--weights", default="oof",
+    parser.add_argument("--blend", default="oof",
                         help="oof: chosen on the out-of-fold predictions (a grid of tenths); equal; or one number "
                              "a model, in --names order")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
     parser.add_argument("--predict-only", action="store_true",
                         help="only the submission, with the models and weights of --models/ensemble.json")
     args = parser.parse_args(argv)

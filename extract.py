@@ -31,10 +31,10 @@ import shutil
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, DataError, H5Images, amp_settings, atomic_write, broken_tiles, build_model,
-                    check_ids, check_image_ids, data_path, default_data_dir, image_loader, lesions_digest, log,
-                    normalization, output_lock, positive, predict, process_device, read_lesions, read_manifest,
-                    run_main, save_array, write_args, write_json, write_preds)
+from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
+                    build_model, check_ids, check_image_ids, data_path, image_loader, lesions_digest, log,
+                    models_folder, normalization, output_lock, positive, predict, process_device, read_lesions,
+                    read_manifest, run_main, save_array, write_args, write_json, write_preds)
 
 
 def fold_manifests(args, models_dir, lesions):
@@ -205,7 +205,7 @@ def save_embeddings(args, emb, lesions, images):
 def extract(args, device):
     """The stage's work: every split's embeddings and scores, saved (by the first process alone)."""
     dtype, _ = amp_settings(device, args.cpu_amp)
-    models_dir = args.models or os.path.join(args.work, "models")
+    models_dir = models_folder(args)
     lesions = {s: read_lesions(args.work, s) for s in (["test"] if args.predict_only else ["train", "test"])}
     images = {}
     for split, t in lesions.items():
@@ -227,9 +227,7 @@ def extract(args, device):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    add_path_flags(parser)
     parser.add_argument("--predict-only", action="store_true", help="only the test lesions, from --models")
     parser.add_argument("--test-models", choices=["best", "mean"], default="best",
                         help="test scores from the fold model of best validation pAUC, or the mean over all")

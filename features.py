@@ -23,9 +23,9 @@ import re
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, STATS, DataError, atomic_write, check_folds, check_ids, codes,
-                    default_data_dir, log, output_lock, patient_normalize, read_lesions, read_test, read_train,
-                    run_main, save_array, write_args, write_csv, write_json)
+from common import (CATEGORICAL, NUMERIC, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
+                    log, models_folder, output_lock, patient_normalize, read_lesions, read_test, read_train, run_main,
+                    save_array, write_args, write_csv, write_json)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
@@ -185,7 +185,7 @@ def build_features(table, vocabularies, patient_norm=True):
 
 def make_features(args):
     """The stage's work: read the metadata, record the lesions, build and save the features."""
-    spec_path = os.path.join(args.models or os.path.join(args.work, "models"), "features.json")
+    spec_path = os.path.join(models_folder(args), "features.json")
     test = read_test(args.data)
     if args.predict_only:
         if not os.path.exists(spec_path):
@@ -217,9 +217,7 @@ def make_features(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    add_path_flags(parser)
     parser.add_argument("--predict-only", action="store_true",
                         help="only the test features, with the vocabularies saved in --models at training")
     parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")

@@ -24,9 +24,9 @@ import shutil
 import lightgbm as lgb
 import numpy as np
 
-from common import (DataError, atomic_write, commit_folder, file_digest, lesions_digest, load_array, log,
-                    output_lock, patient_normalize, pauc, pauc_or_nan, positive, read_lesions, read_manifest, read_preds, run_main,
-                    write_args, write_csv, write_preds)
+from common import (DataError, add_path_flags, atomic_write, commit_folder, file_digest, lesions_digest, load_array,
+                    log, models_folder, output_lock, patient_normalize, pauc, pauc_or_nan, positive, read_lesions,
+                    read_manifest, read_preds, run_main, write_args, write_csv, write_preds)
 
 
 def image_score_features(work, arch, split, lesions):
@@ -146,11 +146,10 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="work")
+    add_path_flags(parser)
     parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
-    parser.add_argument("--image", help="add this arch's image scores (preds/img_ARCH_*.csv)")
-    parser.add_argument("--embeddings", help="add this arch's embeddings (emb/ARCH_*.npy)")
-    parser.add_argument("--models", help="folder of trained models (default WORK/models); may be read-only")
+    parser.add_argument("--image", help="an image model's --arch: add its scores (preds/img_ARCH_*.csv)")
+    parser.add_argument("--embeddings", help="an image model's --arch: add its embeddings (emb/ARCH_*.npy)")
     parser.add_argument("--predict-only", action="store_true",
                         help="only test predictions, from the boosters in --models: no training")
     parser.add_argument("--rounds", type=positive(int), default=250)
@@ -165,7 +164,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)
-    models_dir = args.models or os.path.join(args.work, "models")
+    models_dir = models_folder(args)
     model_dir = os.path.join(models_dir, args.name)
     with output_lock(args.work, f"gbdt-{args.name}"):
         test = read_lesions(args.work, "test")

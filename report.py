@@ -9,10 +9,10 @@ curves, feature importance, training curves; and tiles: the malignant lesions th
 lowest (misses), the benign ones it ranked highest (false alarms), a few patients' top 15. On
 test: the triage list, a few patients' top lesions, and the same figures where labels are given.
 
-Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/*_{oof,test}.csv, WORK/models/ensemble.json,
-        WORK/models/NAME/importance.csv, WORK/models/ARCH/fold*/log.csv; with --data, the tiles shown
-        from DATA/{train,test}-image.hdf5
-        WORK/triage.csv (from ensemble.py: the test lesions' scores)
+Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/*_{oof,test}.csv, WORK/triage.csv (from
+        ensemble.py: the test lesions' scores), MODELS/ensemble.json, MODELS/NAME/importance.csv,
+        MODELS/ARCH/fold*/log.csv (MODELS: --models, default WORK/models); with --data, the tiles
+        shown from DATA/{train,test}-image.hdf5
 Writes: WORK/report.md,
         WORK/report.html (one self-contained page: no scripts, nothing fetched; the tiles are the
         stored JPEG bytes as data: URIs, at most 200 of them and 4 MB in all)
@@ -31,9 +31,10 @@ import re
 
 import numpy as np
 
-from common import (MIN_TPR, DataError, atomic_write, check_ids, check_labels, log, open_h5, output_lock, pauc,
-                    pauc_or_nan, rank01, rank_in_patient, retrieval_sensitivity,
-                    read_csv, read_image_bytes, read_lesions, read_preds, roc_points, run_main, write_args)
+from common import (MIN_TPR, DataError, add_path_flags, atomic_write, check_ids, check_labels, log, models_folder,
+                    open_h5,
+                    output_lock, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv, read_image_bytes, read_lesions,
+                    read_preds, retrieval_sensitivity, roc_points, run_main, write_args)
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
@@ -191,11 +192,11 @@ def roc_html(y, scores, paucs):
             + '</figure></div>')
 
 
-def importance_html(work, names):
-    """A bar chart of the top 20 features by gain of each model with WORK/models/NAME/importance.csv."""
+def importance_html(models_dir, names):
+    """A bar chart of the top 20 features by gain of each model with MODELS/NAME/importance.csv."""
     charts, missing = [], []
     for name in names:
-        path = os.path.join(work, "models", name, "importance.csv")
+        path = os.path.join(models_dir, name, "importance.csv")
         table = read_csv(path, ["feature", "gain"], ["gain"]) if os.path.exists(path) else {"gain": []}
         if not len(table["gain"]):
             missing.append(name)
@@ -204,7 +205,7 @@ def importance_html(work, names):
         bars = svg_bars(f"importance-{name}", table["feature"][top], table["gain"][top])
         charts.append(f'<figure><figcaption>{esc(name)}: top {len(top)} of {len(table["gain"])} features by gain'
                       f'</figcaption>{bars}</figure>')
-    note = (f'<p class="note">No feature importance (WORK/models/NAME/importance.csv) for '
+    note = (f'<p class="note">No feature importance (MODELS/NAME/importance.csv) for '
             f'{esc(", ".join(missing))}.</p>' if missing else "")
     return note + (f'<div class="charts">{"".join(charts)}</div>' if charts else "")
 
@@ -216,16 +217,16 @@ def data_ticks(arrays):
     return nice_ticks(v.min(), v.max()) if v.size else nice_ticks(0, 1)
 
 
-def training_html(work):
-    """Validation pAUC and train loss per epoch, one line per fold, of every WORK/models/ARCH/fold*/log.csv."""
+def training_html(models_dir):
+    """Validation pAUC and train loss per epoch, one line per fold, of every MODELS/ARCH/fold*/log.csv."""
     logs = {}  # arch: [(fold, {column: values})]
-    for path in glob.glob(os.path.join(work, "models", "*", "fold*", "log.csv")):
+    for path in glob.glob(os.path.join(models_dir, "*", "fold*", "log.csv")):
         arch, fold = path.split(os.sep)[-3:-1]
         table = read_csv(path, ["epoch", "val_pauc", "train_loss"], ["epoch", "val_pauc", "train_loss"])
         if len(table["epoch"]) and re.fullmatch(r"fold\d+", fold):
             logs.setdefault(arch, []).append((int(fold[4:]), table))
     if not logs:
-        return '<p class="note">No image model training logs (WORK/models/ARCH/fold*/log.csv).</p>'
+        return '<p class="note">No image model training logs (MODELS/ARCH/fold*/log.csv).</p>'
     out = []
     for arch, folds in sorted(logs.items()):
         charts = []
@@ -415,7 +416,7 @@ def report(args):
     if not args.predict_only:
         train = read_lesions(args.work, "train")
         y, folds = train["target"], train["fold"]
-        spec_path = os.path.join(args.work, "models", "ensemble.json")
+        spec_path = os.path.join(models_folder(args), "ensemble.json")
         if not os.path.exists(spec_path):
             raise DataError(f"{spec_path}: not found: run ensemble.py first")
         with open(spec_path) as f:
@@ -432,8 +433,8 @@ def report(args):
                  (len(np.unique(train["patient_id"])), "patients")] + facts
         parts = [("ROC curves, out of fold", roc_html(y, oof, {n: pauc(y, p) for n, p in oof.items()})),
                  ("The lesions, out of fold", galleries_html(args.data, "train", train, oof["ensemble"], y, budget)),
-                 test_tiles, ("Feature importance", importance_html(args.work, spec["names"])),
-                 ("Image model training", training_html(args.work))]
+                 test_tiles, ("Feature importance", importance_html(models_folder(args), spec["names"])),
+                 ("Image model training", training_html(models_folder(args)))]
     write_report(args, facts, sections, parts)
     write_args(os.path.join(args.work, "report_args.json"), args)
     log(f"wrote {args.work}/report.md and report.html ({MAX_TILES - budget['tiles']} tiles)")
@@ -443,8 +444,7 @@ def report(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="work")
-    parser.add_argument("--data", help="folder of the HDF5 files, for the tiles (without it the page shows none)")
+    add_path_flags(parser)  # --data: the HDF5 files of the tiles shown (without it the page shows none)
     parser.add_argument("--predict-only", action="store_true", help="only the test side: the test lesions' tiles")
     parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
                         "demo_test_labels.csv): also scores the test predictions")

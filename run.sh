@@ -71,7 +71,7 @@ if [ "${FINISH:-1}" = 1 ]; then
     for ARCH in $ARCHS; do
         stage "extract $ARCH" "${LAUNCH[@]}" extract.py --arch "$ARCH" --data "$DATA" --work "$WORK" \
             ${EXTRACT_ARGS:-$DEFAULT_EXTRACT} "${PREDICT[@]}"
-        NAME=tab_${ARCH%%_*}  # tab_eva02, tab_convnext
+        NAME=tab_$ARCH  # tab_eva02_base, tab_convnext: image models keep their --arch name everywhere
         stage "gbdt $NAME" "$PY" gbdt.py --work "$WORK" --name "$NAME" --image "$ARCH" ${GBDT_ARGS:-} "${PREDICT[@]}"
         NAMES=$NAMES,$NAME
     done

@@ -29,9 +29,9 @@ import time
 import numpy as np
 import torch
 
-from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, amp_settings, atomic_write,
-                    autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, default_data_dir,
-                    focal_loss, image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan, positive, predict,
+from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write,
+                    autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, focal_loss,
+                    image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan, positive, predict,
                     prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args,
                     write_csv)
 
@@ -309,8 +309,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--fold", default="all", help="a fold number, or 'all' for every fold in turn")
-    parser.add_argument("--data", default=default_data_dir(), help="folder with the Kaggle files")
-    parser.add_argument("--work", default="work")
+    add_path_flags(parser, models=False)
     parser.add_argument("--weights", help="pretrained weights file (.safetensors or .pth)")
     parser.add_argument("--no-pretrained", action="store_true", help="random initialization")
     parser.add_argument("--epochs", type=positive(int), default=12)
