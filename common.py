@@ -567,7 +567,7 @@ def codes(values, vocabulary=None):
 STATS = ("z", "pct", "dev", "is_max", "is_min")
 
 
-def patient_normalize(x, patient_ids, out=None):
+def patient_normalize(x, patient_ids, out=None, stats=STATS):
     """Each feature against the same patient's other lesions.
 
     Returns {"z", "pct", "dev", "is_max", "is_min"}, each (N, F): z-score (population std, 0 where
@@ -575,7 +575,8 @@ def patient_normalize(x, patient_ids, out=None):
     is the patient's max / min. Statistics skip missing values; a missing x gives NaN everywhere.
     Each feature is sorted within each patient (no loop over patients), the features in parallel
     threads (NumPy releases the GIL); the results are feature-major in memory, (F, N) transposed,
-    computed in float64 and written into `out` (5, F, N) when given: rows of a float32 matrix, say."""
+    computed in float64 and written into `out` (len(stats), F, N) when given: rows of a float32
+    matrix, say. `stats`: a subset of STATS, to compute only those."""
     xt = np.ascontiguousarray(np.asarray(x, dtype=np.float64).T)   # a feature's values contiguous
     n_feat, n_rows = xt.shape
     _, patient_codes = np.unique(codes(patient_ids), return_inverse=True)
@@ -593,7 +594,7 @@ def patient_normalize(x, patient_ids, out=None):
     sizes, n_of_size = np.unique(n_in, return_counts=True)
     ends = np.cumsum(sizes * n_of_size)
     pos = np.arange(n_rows)
-    out = dict(zip(STATS, np.empty((len(STATS), n_feat, n_rows)) if out is None else out))
+    out = dict(zip(stats, np.empty((len(stats), n_feat, n_rows)) if out is None else out))
 
     def feature(j):
         xj = xt[j]
@@ -616,15 +617,20 @@ def patient_normalize(x, patient_ids, out=None):
         run_start = np.flatnonzero(new)
         run = np.cumsum(new[:-1]) - 1
         rank = (run_start[run] + run_start[run + 1] - 1) / 2 - patient_start + 1
-        with np.errstate(divide="ignore", invalid="ignore"):  # a patient whose values are all missing
-            out["pct"][j, rows[order]] = np.where(ok, rank / np.repeat(n, n_in), np.nan)
+        if "pct" in out:
+            with np.errstate(divide="ignore", invalid="ignore"):  # a patient whose values are all missing
+                out["pct"][j, rows[order]] = np.where(ok, rank / np.repeat(n, n_in), np.nan)
         # the other statistics in row order, from per-patient tables: no scatter needed;
         # a std of 0 divides as infinity, so z = 0 there (and stays NaN for a missing x)
         missing = np.isnan(xj)
-        out["z"][j] = (xj - mean[patient]) / np.where(std > 0, std, np.inf)[patient]
-        out["dev"][j] = xj - median[patient]
-        out["is_max"][j] = np.where(missing, np.nan, xj == v[start + n1 - 1][patient])
-        out["is_min"][j] = np.where(missing, np.nan, xj == v[start][patient])
+        if "z" in out:
+            out["z"][j] = (xj - mean[patient]) / np.where(std > 0, std, np.inf)[patient]
+        if "dev" in out:
+            out["dev"][j] = xj - median[patient]
+        if "is_max" in out:
+            out["is_max"][j] = np.where(missing, np.nan, xj == v[start + n1 - 1][patient])
+        if "is_min" in out:
+            out["is_min"][j] = np.where(missing, np.nan, xj == v[start][patient])
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(feature, range(n_feat)))

@@ -1,7 +1,9 @@
 """Tabular features: the raw TBP measurements, engineered and clinical ABCDE features, categorical
 one-hots fitted on train, lesion counts, and every numeric feature normalized against the same
 patient's other lesions (the "ugly duckling" sign: z-score, percentile rank, deviation from the
-patient median, is-max and is-min).
+patient median, is-max and is-min), with a summary of those z-scores (how many beyond 2, the
+largest) and a within-patient outlier distance (mean distance to the k nearest of the patient's
+lesions); and the z-score and percentile within patient x body site and patient x location.
 
 This is the one stage that parses the Kaggle CSVs: it records the lesions of each split in the
 work directory, where every later stage reads them.
@@ -147,13 +149,71 @@ def group_counts(*keys):
     return counts[group]
 
 
+# body-site context: real TBP lesions differ by body region (sun exposure, the camera's lighting), so a
+# lesion is also compared with the same patient's lesions on the same site and in the same location
+CONTEXT = {"site": "anatom_site_general", "location": "tbp_lv_location_simple"}
+CONTEXT_STATS = ("z", "pct")
+# the measurements the within-patient outlier distance uses: size, shape, border, colour, contrast
+OUTLIER_COLUMNS = ["clin_size_long_diam_mm", "tbp_lv_areaMM2", "tbp_lv_minorAxisMM", "tbp_lv_eccentricity",
+                   "tbp_lv_area_perim_ratio", "tbp_lv_norm_border", "tbp_lv_symm_2axis", "tbp_lv_norm_color",
+                   "tbp_lv_color_std_mean", "tbp_lv_radial_color_std_max", "tbp_lv_deltaLBnorm", "tbp_lv_L",
+                   "tbp_lv_A", "tbp_lv_B", "tbp_lv_H", "tbp_lv_stdL", "tbp_lv_nevi_confidence"]
+OUTLIER_K = 5
+
+
+def group_normalize(x, patient, group, out):
+    """CONTEXT_STATS of each feature (columns of x) within patient x group, written into out
+    (len(CONTEXT_STATS), F, N); NaN for a lesion whose group is missing (code -1)."""
+    patient_normalize(x, patient * (group.max(initial=0) + 2) + group + 1, out=out, stats=CONTEXT_STATS)
+    out[:, :, group < 0] = np.nan
+
+
+def z_summary(z):
+    """Per lesion, over its features' patient z-scores (N, F): how many are beyond 2 in size, and the
+    largest size; NaN where every z is missing."""
+    size = np.abs(z)
+    with np.errstate(invalid="ignore"):
+        count = (size > 2).sum(1).astype(float)
+    seen = ~np.isnan(size).all(1)
+    largest = np.full(len(z), np.nan)
+    largest[seen] = np.nanmax(size[seen], axis=1)
+    return np.where(seen, count, np.nan), largest
+
+
+def knn_outlier(z, patient, k=OUTLIER_K, chunk=1024):
+    """Each lesion's mean Euclidean distance to its k nearest other lesions of the same patient, on
+    patient z-scores (N, D) with missing values at the patient mean (0); NaN for a patient's only
+    lesion. Distances are computed patient by patient, in blocks of `chunk` rows, so that a patient
+    with 10,000 lesions needs chunk x 10,000 floats at a time."""
+    z = np.nan_to_num(np.asarray(z, np.float64))
+    out = np.full(len(z), np.nan)
+    order = np.argsort(patient, kind="stable")
+    bounds = np.flatnonzero(np.r_[True, np.diff(patient[order]) != 0, True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        rows = order[a:b]
+        kk = min(k, len(rows) - 1)
+        if kk == 0:
+            continue
+        p = z[rows]
+        sq = (p * p).sum(1)
+        for c in range(0, len(rows), chunk):
+            d2 = sq[c:c + chunk, None] + sq[None] - 2 * p[c:c + chunk] @ p.T
+            d2[np.arange(len(d2)), np.arange(c, c + len(d2))] = np.inf  # not itself
+            nearest = np.partition(d2, kk - 1, axis=1)[:, :kk]
+            out[rows[c:c + chunk]] = np.sqrt(np.maximum(nearest, 0)).mean(1)
+    return out
+
+
 def fit_vocabularies(train):
     return {c: sorted(set(train[c]) - {""}) for c in CATEGORICAL if c in train}
 
 
-def build_features(table, vocabularies, patient_norm=True):
+def build_features(table, vocabularies, patient_norm=True, context=True):
     """Feature matrix (float32, N x F) and column names of one metadata table; the vocabularies come
-    from train, so train and test get the same columns.
+    from train, so train and test get the same columns. Every statistic of a lesion comes from its
+    own patient's lesions. patient_norm: the STATS of each numeric feature within the patient, the
+    summary of its patient z-scores and its outlier distance; context: CONTEXT_STATS within patient
+    x site and patient x location.
 
     The matrix is feature-major in memory (Fortran order): every block is copied in whole rows of
     the (F, N) buffer, where a row-major (N, F) matrix would be filled by a transposing copy of each
@@ -169,14 +229,27 @@ def build_features(table, vocabularies, patient_norm=True):
               group_counts(patient, codes(table["tbp_lv_location_simple"]))]
     names = numeric_names + ["n_lesions_patient", "n_lesions_patient_site", "n_lesions_patient_location"]
     one_hots = {c: codes(table[c], vocab) for c, vocab in vocabularies.items()}  # -1: never seen in train
-    n_pn = len(STATS) * len(numeric_names) if patient_norm else 0
-    x = np.empty((len(names) + n_pn + sum(map(len, vocabularies.values())), len(patient)), np.float32)
-    x[:len(numeric_names)] = numeric.T
-    x[len(numeric_names):len(names)] = counts
+    n_num, n = len(numeric_names), len(patient)
+    n_pn = (len(STATS) * n_num + 3) if patient_norm else 0
+    n_context = len(CONTEXT) * len(CONTEXT_STATS) * n_num if context else 0
+    x = np.empty((len(names) + n_pn + n_context + sum(map(len, vocabularies.values())), n), np.float32)
+    x[:n_num] = numeric.T
+    x[n_num:len(names)] = counts
     if patient_norm:  # written straight into its rows of x: no float64 copy of the largest block
-        pn_rows = x[len(names):len(names) + n_pn].reshape(len(STATS), len(numeric_names), len(patient))
+        pn_rows = x[len(names):len(names) + len(STATS) * n_num].reshape(len(STATS), n_num, n)
         patient_normalize(numeric, patient, out=pn_rows)
-        names += [f"{n}_pn_{stat}" for stat in STATS for n in numeric_names]
+        names += [f"{name}_pn_{stat}" for stat in STATS for name in numeric_names]
+        z = pn_rows[STATS.index("z")]
+        x[len(names):len(names) + 2] = z_summary(z.T)
+        x[len(names) + 2] = knn_outlier(z[[numeric_names.index(c) for c in OUTLIER_COLUMNS]].T, patient)
+        names += ["pn_z_count_above_2", "pn_z_max_abs", "pn_knn_distance"]
+    if context:
+        for key, column in CONTEXT.items():
+            rows = x[len(names):len(names) + len(CONTEXT_STATS) * n_num].reshape(len(CONTEXT_STATS), n_num, n)
+            group = codes(table[column])
+            group[np.asarray(table[column]) == ""] = -1  # a missing site: no site context
+            group_normalize(numeric, patient, group, rows)
+            names += [f"{name}_{key}_{stat}" for stat in CONTEXT_STATS for name in numeric_names]
     for c, vocab in vocabularies.items():
         x[len(names):len(names) + len(vocab)] = np.arange(len(vocab))[:, None] == one_hots[c]
         names += [f"{c}__{re.sub('[^0-9A-Za-z]+', '_', v)}" for v in vocab]  # LightGBM-safe names
@@ -196,7 +269,8 @@ def make_features(args):
     else:
         train = read_train(args.data)
         record_folds(args.work, train)
-        spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm}
+        spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm,
+                "context": not args.no_context}
         tables = [("train", train), ("test", test)]
     write_csv(os.path.join(args.work, "test_lesions.csv"), ["isic_id", "patient_id"],
               [test["isic_id"], test["patient_id"]])
@@ -206,7 +280,7 @@ def make_features(args):
             log(f"test {c}: {len(unseen)} value(s) never seen in train, encoded as all-zero: {unseen[:3]}")
     out = os.path.join(args.work, "features")
     for name, table in tables:
-        x, names = build_features(table, spec["vocabularies"], spec["patient_norm"])
+        x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False))
         save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
         log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
     atomic_write(os.path.join(out, "columns.txt"), lambda f: f.write(("\n".join(names) + "\n").encode()))
@@ -221,6 +295,8 @@ def main(argv=None):
     parser.add_argument("--predict-only", action="store_true",
                         help="only the test features, with the vocabularies saved in --models at training")
     parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
+    parser.add_argument("--no-context", action="store_true",
+                        help="leave out the features within patient x site and patient x location")
     args = parser.parse_args(argv)
     with output_lock(args.work, "features"):
         make_features(args)

@@ -677,6 +677,61 @@ def test_make_folds_grouped_balanced_deterministic():
     assert (features.make_folds(patients, y, 5, seed=8) != folds).any()
 
 
+def test_site_context_matches_a_loop_over_groups():
+    """z and percentile within patient x site against the loop oracle run on (patient, site) groups:
+    one-lesion groups, missing sites (no context), ties; shifting one group leaves it unchanged."""
+    rng = np.random.default_rng(5)
+    n = 160
+    patient = rng.integers(0, 6, n)
+    site = rng.integers(-1, 4, n)                     # -1: missing
+    site[0], patient[0] = 3, 99                       # a one-lesion group (and patient)
+    x = rng.integers(0, 4, (n, 3)).astype(float)      # ties
+    x[:, 1] = rng.normal(size=n)
+    x[rng.random(n) < 0.1, 2] = np.nan
+    out = np.empty((2, 3, n))
+    features.group_normalize(x, patient, site, out)
+    want = patient_normalize_loop(x, [f"{p}/{s}" for p, s in zip(patient, site)])
+    for i, stat in enumerate(features.CONTEXT_STATS):
+        expected = np.where((site < 0)[:, None], np.nan, want[stat])
+        np.testing.assert_allclose(out[i].T, expected, atol=1e-12, err_msg=stat)
+    shifted = x.copy()
+    in_group = (patient == patient[5]) & (site == site[5])
+    shifted[in_group] += 1000.0
+    out2 = np.empty_like(out)
+    features.group_normalize(shifted, patient, site, out2)
+    np.testing.assert_allclose(out2, out, atol=1e-9)
+
+
+def test_z_summary_and_outlier_distance_match_brute_force():
+    rng = np.random.default_rng(6)
+    z = rng.normal(0, 1.5, (40, 5))
+    z[3] = np.nan
+    z[rng.random((40, 5)) < 0.1] = np.nan
+    count, largest = features.z_summary(z)
+    for i in range(40):
+        vals = [abs(v) for v in z[i] if not np.isnan(v)]
+        assert (np.isnan(count[i]) and not vals) or count[i] == sum(v > 2 for v in vals)
+        assert (np.isnan(largest[i]) and not vals) or largest[i] == max(vals)
+    patient = np.array([0] * 12 + [1] * 3 + [2] + [3] * 24)
+    got = features.knn_outlier(z, patient, k=5, chunk=7)   # chunks smaller than a patient
+    zz = np.nan_to_num(z)
+    for i in range(40):
+        others = [j for j in range(40) if patient[j] == patient[i] and j != i]
+        d = sorted(float(np.sqrt(sum((zz[i] - zz[j]) ** 2))) for j in others)[:5]
+        assert (np.isnan(got[i]) and not d) or got[i] == pytest.approx(np.mean(d), rel=1e-9, abs=1e-12)
+
+
+def test_a_lesions_features_come_from_its_own_patient_only(demo):
+    """Adding another patient's lesions changes no feature of the lesions already there."""
+    train = common.read_train(demo)
+    vocab = features.fit_vocabularies(train)
+    first = np.isin(train["patient_id"], np.unique(train["patient_id"])[:5])
+    part = {c: v[first] for c, v in train.items()}
+    x_part, _ = features.build_features(part, vocab)
+    x_all, _ = features.build_features(train, vocab)
+    np.testing.assert_array_equal(x_all[first], x_part)
+
+
 def test_features_on_real_rows():
     train = common.read_metadata(os.path.join(TRAIN_SAMPLE, "train-metadata-5rows.csv"), ["isic_id"])
     test = common.read_metadata(os.path.join(PUBLIC_TEST, "test-metadata.csv"), ["isic_id"])
