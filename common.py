@@ -400,9 +400,11 @@ def check_folds(path, target, folds):
 
 
 def read_train(data_dir):
-    """The train metadata's columns that the pipeline uses."""
+    """The train metadata's columns that the pipeline uses (iddx_1, the diagnosis: for training
+    weights only, never a feature)."""
     path = data_path(data_dir, "train-metadata.csv")
-    table = read_metadata(path, ["isic_id", "patient_id", "target"] + NUMERIC + CATEGORICAL, only_required=True)
+    table = read_metadata(path, ["isic_id", "patient_id", "target", "iddx_1"] + NUMERIC + CATEGORICAL,
+                          only_required=True)
     check_labels(path, table["isic_id"], table["target"])
     check_classes(path, table["target"])
     return table
@@ -820,8 +822,8 @@ def focal_loss(logits, targets, alpha=0.25, gamma=2.0):
 
 class H5Images:
     """Tiles of an HDF5 file as uint8 canvases (CANVAS x CANVAS x 3, the tile top-left) with their
-    height and width: a map-style dataset for torch's DataLoader. The file is opened in the process that reads it, so DataLoader workers
-    started by fork or spawn each get their own handle."""
+    height and width: a map-style dataset for torch's DataLoader. The file is opened in the process
+    that reads it, so DataLoader workers started by fork or spawn each get their own handle."""
 
     def __init__(self, h5_path, ids, labels=None):
         self.h5_path, self.ids = h5_path, list(ids)
@@ -946,7 +948,8 @@ def check_gpu_kernels(device):
             return
     raise DataError(f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}): this torch "
                     f"{torch.__version__} has GPU kernels for {', '.join(archs) or 'no GPU'} only: on Kaggle choose "
-                    f"the accelerator GPU T4 x2; elsewhere install a torch built for compute capability {major}.{minor}")
+                    "the accelerator GPU T4 x2; elsewhere install a torch built for compute capability "
+                    f"{major}.{minor}")
 
 
 def process_device():

@@ -2,10 +2,12 @@
 columns, test-metadata.csv with 44, train/test-image.hdf5 holding JPEG tiles, sample_submission.csv),
 plus demo_test_labels.csv, the test set's hidden answers, so that a demo run can be scored.
 
-Patients differ more than their lesions do (skin tone, photo set-up, lesion load), so absolute
-values are confounded by the patient; a malignant lesion stands out from its own patient's lesions.
-90% of malignant tiles (3% of benign ones) carry a visual trait that no tabular column has (a
-blue-white veil with dark dots), which is what the image models can add.
+Patients differ more than their lesions do (skin tone, photo set-up, lesion load), and a patient's
+body sites differ too (lightness, size, colour spread), so absolute values are confounded by the
+patient and the site; a malignant lesion stands out from its own patient's lesions. Each of two
+visual traits that no tabular column has (a blue-white veil with dark dots; dark radial streaks)
+marks 65% of malignant tiles and 3% of benign ones, drawn apart: what the image models can add.
+3% of benign lesions look half malignant and are diagnosed Indeterminate (iddx_1).
 
 Writes: OUT/{train,test}-metadata.csv, OUT/{train,test}-image.hdf5, OUT/sample_submission.csv,
         OUT/demo_test_labels.csv
@@ -59,21 +61,29 @@ def demo_lesions(rng, n_patients, first_patient, first_lesion, malignant_rate):
         skin = rng.normal([60.0, 15.0, 25.0], [9.0, 3.0, 4.0])          # the patient's L, A, B
         size_scale = rng.lognormal(0.0, 0.35)
         style = rng.normal(0, 1, 6)                                     # patient-level offsets
+        # the patient's body sites differ (sun exposure, the camera's lighting): lightness, size and
+        # colour spread shift by site, so a lesion is best compared with its own site's lesions
+        by_site = dict(zip(LOCATIONS, rng.normal(0, 1, (len(LOCATIONS), 3))))
         n_mal = rng.binomial(n, malignant_rate) if rng.random() < 0.5 else 0
         mal = np.zeros(n, bool)
         mal[rng.choice(n, min(n_mal, max(1, n // 4)), replace=False)] = True
+        # a few benign lesions look half malignant: diagnosed Indeterminate (iddx_1), a label detail
+        # that training may weigh down
+        unsure = ~mal & (rng.random(n) < 0.03)
         for j in range(n):
             m = mal[j]
             site = rng.choice(list(LOCATIONS), p=[0.1, 0.22, 0.3, 0.16, 0.22])
             loc = rng.choice(LOCATIONS[site]) if rng.random() > 0.01 else "Unknown"
-            d = rng.normal(0, 1, 8) + m * np.array([1.0, 0.8, 0.9, 0.7, 0.8, 0.6, 0.0, 0.0])
-            diam = size_scale * np.exp(1.0 + 0.25 * d[0]) + 1.0
-            L = skin[0] - 18 - 4 * d[1] + 6 * style[0]
+            shift = 1.0 if m else 0.6 if unsure[j] else 0.0
+            d = rng.normal(0, 1, 8) + shift * np.array([1.0, 0.8, 0.9, 0.7, 0.8, 0.6, 0.0, 0.0])
+            s = by_site[site]
+            diam = size_scale * np.exp(1.0 + 0.25 * d[0] + 0.2 * s[0]) + 1.0
+            L = skin[0] - 18 - 4 * d[1] + 6 * style[0] + 4 * s[1]
             A, B = skin[1] + 3 + 1.5 * d[2] + 2 * style[1], skin[2] + 3 + 2 * rng.normal()
             area = np.pi * diam * diam / 4 * rng.uniform(0.55, 0.8)
             border = np.clip(4.0 + 1.2 * d[3] + 1.5 * style[2], 1, 10)
             perim = 2 * np.sqrt(np.pi * area) * (1 + 0.05 * border)
-            color_std = max(0.0, 0.5 + 0.6 * d[4] + 0.5 * style[3])
+            color_std = max(0.0, 0.5 + 0.6 * d[4] + 0.5 * style[3] + 0.4 * s[2])
             symm = np.clip(0.3 + 0.06 * d[5] + 0.05 * style[4], 0.05, 0.9)
             x, y, z = rng.normal(0, 150), rng.uniform(300, 1700), rng.normal(0, 60)
             Lext, Aext, Bext = skin + rng.normal(0, 1.5, 3)
@@ -100,8 +110,8 @@ def demo_lesions(rng, n_patients, first_patient, first_lesion, malignant_rate):
                    "copyright_license": rng.choice(["CC-BY", "CC-BY-NC", "CC-0"]),
                    "lesion_id": f"IL_{rng.integers(10 ** 7):07d}" if m or rng.random() < 0.1 else "",
                    "iddx_full": "Malignant::Malignant melanocytic proliferations (Melanoma)::Melanoma Invasive"
-                   if m else "Benign",
-                   "iddx_1": "Malignant" if m else "Benign",
+                   if m else "Indeterminate" if unsure[j] else "Benign",
+                   "iddx_1": "Malignant" if m else "Indeterminate" if unsure[j] else "Benign",
                    "iddx_2": "Malignant melanocytic proliferations (Melanoma)" if m else "",
                    "iddx_3": "Melanoma Invasive" if m else "", "iddx_4": "", "iddx_5": "",
                    "mel_mitotic_index": "<1/mm^2" if m and rng.random() < 0.5 else "",
@@ -123,9 +133,10 @@ def lab_to_rgb(L, A, B):
     return tuple(int(v) for v in np.clip(rgb * 255, 0, 255))
 
 
-def demo_tile(rng, row, trait):
+def demo_tile(rng, row, veil, streaks):
     """A lesion tile of 61 to 239 px: a dark blob coloured by the row's L/A/B on its patient's skin.
-    `trait` adds a blue-white veil with dark dots, a malignant sign that no tabular column carries."""
+    Two malignant signs that no tabular column carries: `veil`, a blue-white veil with dark dots (a
+    colour), and `streaks`, dark radial streaks at the border (a shape)."""
     from PIL import Image, ImageDraw, ImageFilter
     size = int(np.clip(rng.normal(131, 30), 61, 239))
     skin = lab_to_rgb(row["tbp_lv_Lext"], row["tbp_lv_Aext"], row["tbp_lv_Bext"])
@@ -138,7 +149,12 @@ def demo_tile(rng, row, trait):
     wobble = 1 + rng.normal(0, 0.02 * row["tbp_lv_norm_border"], 24)
     draw.polygon([(c[0] + r * w * np.cos(a), c[1] + r * w * np.sin(a) * 0.8) for a, w in zip(angles, wobble)],
                  fill=lesion)
-    if trait:
+    if streaks:
+        for a in rng.uniform(0, 2 * np.pi, 7):
+            ray = np.array([np.cos(a), np.sin(a)])
+            draw.line([tuple(c + r * 0.7 * ray), tuple(c + r * 1.35 * ray)], fill=(35, 25, 25),
+                      width=max(2, size // 45))
+    if veil:
         draw.ellipse([c[0] - r * 0.6, c[1] - r * 0.5, c[0] + r * 0.6, c[1] + r * 0.5], fill=(120, 150, 215))
         for _ in range(10):
             q = c + rng.normal(0, r * 0.3, 2)
@@ -169,18 +185,18 @@ def write_images(path, ids, images):
     atomic_write(path, write)
 
 
-def make_demo(out_dir, n_patients=120, n_test_patients=20, malignant_rate=0.05, trait_rate=0.9, seed=0):
+def make_demo(out_dir, n_patients=120, n_test_patients=20, malignant_rate=0.05, trait_rate=0.65, seed=0):
     """The demo set in OUT (see the module docstring); trait_rate: the share of malignant tiles
-    with the visual trait."""
+    with each visual trait (drawn apart: 88% have one or both)."""
     rng = np.random.default_rng(seed)
     train = demo_lesions(rng, n_patients, 1000000, 1000000, malignant_rate)
     test = demo_lesions(rng, n_test_patients, 2000000, 2000000, malignant_rate)
     os.makedirs(out_dir, exist_ok=True)
     for name, rows in (("train", train), ("test", test)):
         ids = [r["isic_id"] for r in rows]
-        trait = [rng.random() < (trait_rate if r["target"] else 0.03) for r in rows]
+        veil, streaks = ([rng.random() < (trait_rate if r["target"] else 0.03) for r in rows] for _ in range(2))
         write_images(os.path.join(out_dir, f"{name}-image.hdf5"), ids,
-                     [demo_tile(rng, r, t) for r, t in zip(rows, trait)])
+                     [demo_tile(rng, r, v, s) for r, v, s in zip(rows, veil, streaks)])
         write_metadata(os.path.join(out_dir, f"{name}-metadata.csv"), rows,
                        TRAIN_COLUMNS if name == "train" else TEST_COLUMNS)
     write_csv(os.path.join(out_dir, "sample_submission.csv"), ["isic_id", "target"],

@@ -12,7 +12,8 @@ Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv
 Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-grouped; checked on reruns),
         WORK/test_lesions.csv (isic_id,patient_id), WORK/features/{train,test}.npy (float32) with
         {train,test}_ids.txt beside them, WORK/features/columns.txt, WORK/features/args.json,
-        WORK/models/features.json (the vocabularies, which --predict-only reads back from --models)
+        WORK/models/features.json (the vocabularies, which --predict-only reads back from --models),
+        WORK/train_diagnosis.csv (isic_id,iddx_1: for gbdt.py's training weights, never a feature)
 
     python features.py --data demo_data --work work                     # tiny: the demo set
     python features.py --data /kaggle/input/isic-2024-challenge --work work
@@ -269,6 +270,9 @@ def make_features(args):
     else:
         train = read_train(args.data)
         record_folds(args.work, train)
+        # the first-level diagnosis, for gbdt.py's training weights only: never a feature
+        write_csv(os.path.join(args.work, "train_diagnosis.csv"), ["isic_id", "iddx_1"],
+                  [train["isic_id"], train["iddx_1"]])
         spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm,
                 "context": not args.no_context}
         tables = [("train", train), ("test", test)]

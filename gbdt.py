@@ -24,18 +24,33 @@ import shutil
 import lightgbm as lgb
 import numpy as np
 
-from common import (DataError, add_path_flags, atomic_write, commit_folder, file_digest, lesions_digest, load_array,
-                    log, models_folder, output_lock, patient_normalize, pauc, pauc_or_nan, positive, read_lesions,
-                    read_manifest, read_preds, run_main, write_args, write_csv, write_preds)
+from common import (DataError, add_path_flags, atomic_write, check_ids, codes, commit_folder, file_digest,
+                    lesions_digest, load_array, log, models_folder, output_lock, patient_normalize, pauc, pauc_or_nan,
+                    positive, read_csv, read_lesions, read_manifest, read_preds, run_main, write_args, write_csv,
+                    write_preds)
+from features import CONTEXT, CONTEXT_STATS, group_normalize
 
 
-def image_score_features(work, arch, split, lesions):
-    """An image model's score (its standardized logit; out of fold for train) as three features: the
-    score, its deviation from the patient's median score, and its z-score within the patient."""
-    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"])
-    pn = patient_normalize(score[:, None], lesions["patient_id"].astype(str))  # a tile without a score: NaN
-    return np.column_stack([score, pn["dev"][:, 0], pn["z"][:, 0]]), [f"img_{arch}", f"img_{arch}_pn_dev",
-                                                                      f"img_{arch}_pn_z"]
+def site_codes(x, names):
+    """Each lesion's anatom_site_general as a code, from its one-hot columns; -1 where none is set
+    (missing, or never seen in train)."""
+    cols = [i for i, n in enumerate(names) if n.startswith(f"{CONTEXT['site']}__")]
+    onehot = x[:, cols]
+    return np.where(onehot.any(1), onehot.argmax(1), -1)
+
+
+def image_score_features(work, arch, split, lesions, site):
+    """An image model's score (its standardized logit; out of fold for train) as five features: the
+    score, its deviation from the patient's median score, its z-score within the patient, and its
+    z-score and percentile within the patient's lesions of the same body site."""
+    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"])  # a tile without a score: NaN
+    patient = codes(lesions["patient_id"])
+    pn = patient_normalize(score[:, None], patient, stats=("dev", "z"))
+    by_site = np.empty((len(CONTEXT_STATS), 1, len(score)))
+    group_normalize(score[:, None], patient, site, by_site)
+    return (np.column_stack([score, pn["dev"][:, 0], pn["z"][:, 0], by_site[0, 0], by_site[1, 0]]),
+            [f"img_{arch}", f"img_{arch}_pn_dev", f"img_{arch}_pn_z"]
+            + [f"img_{arch}_site_{stat}" for stat in CONTEXT_STATS])
 
 
 def load_features(args, split, lesions):
@@ -46,13 +61,14 @@ def load_features(args, split, lesions):
         names = f.read().splitlines()
     if len(names) != blocks[0].shape[1]:
         raise DataError(f"{fdir}: columns.txt names {len(names)} features, {split}.npy has {blocks[0].shape[1]}")
-    if args.image:
-        block, more = image_score_features(args.work, args.image, split, lesions)
+    site = site_codes(blocks[0], names)
+    for arch in args.image:
+        block, more = image_score_features(args.work, arch, split, lesions, site)
         blocks.append(block)
         names += more
-    if args.embeddings:
-        blocks.append(load_array(os.path.join(args.work, "emb", f"{args.embeddings}_{split}.npy"), lesions["isic_id"]))
-        names += [f"emb_{args.embeddings}_{i}" for i in range(blocks[-1].shape[1])]
+    for arch in args.embeddings:
+        blocks.append(load_array(os.path.join(args.work, "emb", f"{arch}_{split}.npy"), lesions["isic_id"]))
+        names += [f"emb_{arch}_{i}" for i in range(blocks[-1].shape[1])]
     return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
 
@@ -60,7 +76,7 @@ def input_digests(args, models_dir):
     """The digests of the models-folder files this model's features come from: features.json and,
     for image features, the scores.json that extract.py wrote for those image models."""
     digests = {"features.json": file_digest(os.path.join(models_dir, "features.json"))}
-    for arch in {args.image, args.embeddings} - {None}:
+    for arch in sorted(set(args.image + args.embeddings)):
         path = os.path.join(models_dir, arch, "scores.json")
         if os.path.exists(path):
             digests[f"{arch}/scores.json"] = file_digest(path)
@@ -81,6 +97,13 @@ def load_boosters(model_dir, names, inputs):
     return [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in manifest["boosters"]]
 
 
+def arch_list(text):
+    archs = [a for a in text.split(",") if a]
+    if len(set(archs)) < len(archs) or not archs:
+        raise argparse.ArgumentTypeError(f"{text!r}: one or more distinct --arch names, comma-separated")
+    return archs
+
+
 def bag_sample(y, rng, pos_rate, neg_rate):
     """Row indices of one bag: positives oversampled (with replacement) to pos_rate x negatives,
     then negatives undersampled to (positives / neg_rate)."""
@@ -93,9 +116,22 @@ def bag_sample(y, rng, pos_rate, neg_rate):
 
 def lgb_params(args, seed):
     return {"objective": "binary", "learning_rate": args.lr, "num_leaves": args.num_leaves,
-            "max_depth": args.max_depth, "min_child_samples": 20, "feature_fraction": 0.5,
-            "bagging_fraction": 0.8, "bagging_freq": 1, "lambda_l1": 0.1, "lambda_l2": 1.0,
+            "max_depth": args.max_depth, "min_child_samples": args.min_leaf, "feature_fraction": 0.5,
+            "feature_fraction_bynode": args.colsample_bynode, "bagging_fraction": 0.8, "bagging_freq": 1,
+            "lambda_l1": 0.1, "lambda_l2": 1.0,
             "seed": seed, "deterministic": True, "num_threads": args.threads, "verbose": -1}
+
+
+def training_weights(args, train):
+    """LightGBM's row weights: --indeterminate-weight for the negatives whose diagnosis (iddx_1 in
+    WORK/train_diagnosis.csv) is Indeterminate, 1 for every other lesion."""
+    if not 0 <= args.indeterminate_weight < np.inf:
+        raise DataError(f"--indeterminate-weight {args.indeterminate_weight}: a weight from 0 (drop) up")
+    path = os.path.join(args.work, "train_diagnosis.csv")
+    diagnosis = read_csv(path, ["isic_id", "iddx_1"])
+    check_ids(path, diagnosis["isic_id"], train["isic_id"])
+    indeterminate = (diagnosis["iddx_1"] == "Indeterminate") & (train["target"] == 0)
+    return np.where(indeterminate, args.indeterminate_weight, 1.0), int(indeterminate.sum())
 
 
 def train_boosters(args, model_dir, names, test, x_test, inputs):
@@ -104,8 +140,10 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
     train = read_lesions(args.work, "train")
     folds, y = train["fold"], train["target"]
     x_train, _ = load_features(args, "train", train)
+    weight, n_indeterminate = training_weights(args, train)
     log(f"{args.name}: {x_train.shape[0]} train x {x_train.shape[1]} features, {y.sum()} positives, "
-        f"{len(np.unique(folds))} folds x {args.bags} bags x {args.rounds} rounds")
+        f"{len(np.unique(folds))} folds x {args.bags} bags x {args.rounds} rounds; {n_indeterminate} Indeterminate "
+        f"negatives weighted {args.indeterminate_weight:g}")
     partial = model_dir + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
     os.makedirs(partial)
@@ -119,8 +157,9 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
         for b in range(args.bags):
             seed = args.seed + 100 * int(k) + b
             rows = trn[bag_sample(y[trn], np.random.default_rng(seed), args.pos_rate, args.neg_rate)]
-            booster = lgb.train(lgb_params(args, seed), lgb.Dataset(x_train[rows], y[rows], feature_name=names,
-                                                                     free_raw_data=True), args.rounds)
+            booster = lgb.train(lgb_params(args, seed), lgb.Dataset(x_train[rows], y[rows], weight=weight[rows],
+                                                                     feature_name=names, free_raw_data=True),
+                                args.rounds)
             fold_pred += booster.predict(x_train[val]) / args.bags
             if len(x_test):
                 test_pred += booster.predict(x_test)
@@ -148,19 +187,26 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_path_flags(parser)
     parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
-    parser.add_argument("--image", help="an image model's --arch: add its scores (preds/img_ARCH_*.csv)")
-    parser.add_argument("--embeddings", help="an image model's --arch: add its embeddings (emb/ARCH_*.npy)")
+    parser.add_argument("--image", type=arch_list, default=[],
+                        help="image models' --arch names, comma-separated: add their scores (preds/img_ARCH_*.csv)")
+    parser.add_argument("--embeddings", type=arch_list, default=[],
+                        help="image models' --arch names, comma-separated: add their embeddings (emb/ARCH_*.npy)")
     parser.add_argument("--predict-only", action="store_true",
                         help="only test predictions, from the boosters in --models: no training")
     parser.add_argument("--rounds", type=positive(int), default=250)
     parser.add_argument("--lr", type=positive(float), default=0.05)
     parser.add_argument("--num-leaves", type=positive(int), default=31)
     parser.add_argument("--max-depth", type=int, default=6, help="-1: no limit")
+    parser.add_argument("--min-leaf", type=positive(int), default=20, help="LightGBM's min_data_in_leaf")
+    parser.add_argument("--colsample-bynode", type=positive(float), default=1.0,
+                        help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
     parser.add_argument("--bags", type=positive(int), default=3)
     parser.add_argument("--pos-rate", type=positive(float), default=0.003,
                         help="positives oversampled to this share of the negatives")
     parser.add_argument("--neg-rate", type=positive(float), default=0.01,
                         help="then negatives undersampled until positives are this share of them")
+    parser.add_argument("--indeterminate-weight", type=float, default=1.0,
+                        help="training weight of negatives diagnosed Indeterminate (iddx_1; 0 drops them, 1 is off)")
     parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=42)
     args = parser.parse_args(argv)

@@ -25,8 +25,8 @@ CODE = ["common.py", "demo.py", "features.py", "train_backbone.py", "extract.py"
 COMPETITION = "isic-2024-challenge"
 
 # The training runs of the default plan: each fits a T4 x2 notebook's 12 hours with a third to spare
-# at the slow end of BENCHMARKS.md's projection (bench.py --gpu-estimate). After each run, its work/models/ becomes (a new
-# version of) the models dataset, which the next run reads.
+# at the slow end of BENCHMARKS.md's projection (bench.py --gpu-estimate). After each run, its
+# work/models/ becomes (a new version of) the models dataset, which the next run reads.
 PLAN = {1: dict(TRAIN="eva02_base:0,1,2", FINISH=False),
         2: dict(TRAIN="eva02_base:3,4 convnext:all", FINISH=True)}
 # The demo: the whole pipeline in one run, tiny settings, on a small demo set

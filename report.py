@@ -389,7 +389,8 @@ def write_report(args, facts, sections, html_parts):
 <style>{CSS}</style></head><body>
 <h1>ISIC 2024 pipeline report</h1>
 <div class="facts">{"".join(f"<div><b>{v:,}</b>{esc(what)}</div>" for v, what in facts)}</div>
-<p class="note">Score: partial AUC above {MIN_TPR:.0%} TPR (0 to {1 - MIN_TPR:g}; a random ranking scores {(1 - MIN_TPR) ** 2 / 2:g}).</p>
+<p class="note">Score: partial AUC above {MIN_TPR:.0%} TPR (0 to {1 - MIN_TPR:g}; a random ranking scores
+{(1 - MIN_TPR) ** 2 / 2:g}).</p>
 {body}</body></html>
 """
     atomic_write(os.path.join(args.work, "report.html"), lambda f: f.write(page.encode()))

@@ -75,6 +75,11 @@ if [ "${FINISH:-1}" = 1 ]; then
         stage "gbdt $NAME" "$PY" gbdt.py --work "$WORK" --name "$NAME" --image "$ARCH" ${GBDT_ARGS:-} "${PREDICT[@]}"
         NAMES=$NAMES,$NAME
     done
+    if [ "$(wc -w <<< "$ARCHS")" -gt 1 ]; then  # one GBDT on every image model's score as well: the blend weights choose
+        ALL=${ARCHS// /,}
+        stage "gbdt tab_all" "$PY" gbdt.py --work "$WORK" --name tab_all --image "$ALL" ${GBDT_ARGS:-} "${PREDICT[@]}"
+        NAMES=$NAMES,tab_all
+    fi
     stage ensemble "$PY" ensemble.py --work "$WORK" --names "$NAMES" "${PREDICT[@]}"
     stage report "$PY" report.py --work "$WORK" --data "$DATA" "${LABELS[@]}" ${PREDICT:+--predict-only}
 fi

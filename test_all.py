@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from html import unescape as html_unescape
 from html.parser import HTMLParser
 
@@ -1232,8 +1233,54 @@ def test_gbdt_with_image_scores_and_embeddings(trained, tmp_path):
     gbdt.main(["--work", work, "--name", "tab_cnx", "--image", "convnext_atto", "--embeddings", "convnext_atto",
                "--rounds", "20", "--bags", "1"])
     names = common.read_csv(os.path.join(work, "models", "tab_cnx", "importance.csv"), ["feature"])["feature"]
-    assert {"img_convnext_atto", "img_convnext_atto_pn_dev", "img_convnext_atto_pn_z",
-            "emb_convnext_atto_319"} <= set(names)
+    assert {"img_convnext_atto", "img_convnext_atto_pn_dev", "img_convnext_atto_pn_z", "img_convnext_atto_site_z",
+            "img_convnext_atto_site_pct", "emb_convnext_atto_319"} <= set(names)
+
+
+@slow
+def test_one_gbdt_takes_every_image_models_score_with_its_site_context(demo, trained, tmp_path):
+    """--image A,B: each model's five score features; the site z-score against the loop oracle on
+    (patient, anatom_site_general) groups read from the metadata, NaN where the site is missing."""
+    work = copy_work(trained, tmp_path / "work")
+    for split in ("oof", "test"):  # a second image model: convnext_atto's scores, transformed
+        rows = common.read_csv(os.path.join(work, "preds", f"img_convnext_atto_{split}.csv"), ["isic_id", "pred"],
+                               ["pred"])
+        other = np.tanh(rows["pred"]) * 3
+        shutil.copy(os.path.join(work, "preds", f"img_convnext_atto_{split}.csv"),
+                    os.path.join(work, "preds", f"img_other_{split}.csv"))
+        rewrite_csv(os.path.join(work, "preds", f"img_other_{split}.csv"),
+                    lambda r: [r[0]] + [row[:-1] + [repr(float(v))] for row, v in zip(r[1:], other)])
+    args = types.SimpleNamespace(work=work, image=["convnext_atto", "other"], embeddings=[])
+    train = common.read_lesions(work, "train")
+    x, names = gbdt.load_features(args, "train", train)
+    image_names = [n for n in names if n.startswith("img_")]
+    assert len(image_names) == 10 and image_names[5] == "img_other"
+    site = common.read_train(demo)["anatom_site_general"]
+    score = x[:, names.index("img_other")].astype(float)
+    want = patient_normalize_loop(score[:, None], [f"{p}/{s}" for p, s in zip(train["patient_id"], site)])["z"][:, 0]
+    want[site == ""] = np.nan
+    np.testing.assert_allclose(x[:, names.index("img_other_site_z")], want, atol=1e-5)
+    gbdt.main(["--work", work, "--name", "tab_all", "--image", "convnext_atto,other", "--rounds", "10", "--bags", "1"])
+    assert len(common.read_preds(work, "tab_all", "test", common.read_lesions(work, "test")["isic_id"])) > 0
+
+
+@slow
+def test_indeterminate_negatives_get_their_training_weight_and_nothing_else(demo, demo_work, tmp_path):
+    """The weight reaches LightGBM's rows of Indeterminate negatives only (counted from the metadata by
+    hand); the diagnosis is no feature; --predict-only needs no diagnosis file."""
+    work = copy_work(demo_work, tmp_path / "work")
+    with open(os.path.join(demo, "train-metadata.csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    want = [0.25 if r["iddx_1"] == "Indeterminate" and float(r["target"]) == 0 else 1.0 for r in rows]
+    assert 0 < want.count(0.25) < len(want)
+    args = types.SimpleNamespace(work=work, indeterminate_weight=0.25)
+    weight, n = gbdt.training_weights(args, common.read_lesions(work, "train"))
+    assert weight.tolist() == want and n == want.count(0.25)
+    with open(os.path.join(work, "features", "columns.txt")) as f:
+        assert not [c for c in f.read().split() if "iddx" in c or "Indeterminate" in c]
+    gbdt.main(["--work", work, "--rounds", "10", "--bags", "1", "--indeterminate-weight", "0"])
+    os.remove(os.path.join(work, "train_diagnosis.csv"))
+    gbdt.main(["--work", work, "--rounds", "10", "--bags", "1", "--predict-only"])
 
 
 @slow

@@ -227,8 +227,8 @@ def train_fold(args, fold, train, images, device, rank, world):
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, warmup, args.lr)
             x = prepare_batch(canvas, sizes, size, mean, std, device, draws)
-            loss, scaler_skipped = train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype,
-                                       world)
+            loss, scaler_skipped = train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device,
+                                              dtype, world)
             step += 1
             skipped_in_row = skipped_in_row + 1 if scaler_skipped else 0
             check_step(loss, skipped_in_row, f"{args.arch} fold {fold}, epoch {epoch + 1}, step {step}", dtype)
