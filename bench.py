@@ -12,12 +12,15 @@ each run took.
     python bench.py --rows 40000    # a quick run
     python bench.py --gpu-estimate  # GPU T4 x2 time and memory projected from counted FLOPs (no GPU needed)
     python bench.py --gpu           # measured on this machine's GPU
+    python bench.py --ablation      # the tabular ingredients one at a time, on a larger demo set
 
 Prints a markdown table of every figure.
 """
 import argparse
 import io
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -107,13 +110,25 @@ def bench_patient_normalize(train, repeats=3):
     return x.shape, [timed(common.patient_normalize, x, pid)[0] for _ in range(repeats)]
 
 
+def run_stage(script, args):
+    """Seconds and peak memory (GiB, the process's maximum resident set) of `python SCRIPT ARGS`."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, script] + args, cwd=os.path.dirname(os.path.abspath(__file__)),
+                            stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise RuntimeError(f"{script} {' '.join(args)} failed")
+    return time.perf_counter() - t0, usage.ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+
+
 def features_and_gbdt(data, work, extra=()):
-    """features.py then gbdt.py (default settings) on one data set: their seconds, the feature count."""
-    t_feat, _ = timed(features.main, ["--data", data, "--work", work, *extra])
+    """features.py then gbdt.py (default settings) on one data set, each as its own process: their
+    seconds and peak memory, the feature count."""
+    t_feat, mem_feat = run_stage("features.py", ["--data", data, "--work", work, *extra])
     with open(os.path.join(work, "features", "columns.txt")) as f:
         n_feat = len(f.read().split())
-    t_gbdt, _ = timed(gbdt.main, ["--work", work, "--name", "bench"])
-    return t_feat, t_gbdt, n_feat
+    t_gbdt, mem_gbdt = run_stage("gbdt.py", ["--work", work, "--name", "bench"])
+    return t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt
 
 
 def feature_figures(data, tmp):
@@ -133,12 +148,13 @@ def feature_figures(data, tmp):
 
 def gbdt_figures(cache, rows, gbdt_rows, tmp):
     """Table rows of the scaling runs: features.py and gbdt.py at each of gbdt_rows, the largest also with
-    --no-patient-norm; gbdt.py at `rows` extrapolated linearly when it is not among them."""
+    --no-patient-norm --no-context; gbdt.py at `rows` extrapolated linearly when it is not among them."""
     table, fit = [], []
     for n in gbdt_rows:
-        t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}"))
-        table.append(("features.py main (train + test, folds)", n, n_feat, t_feat, ""))
-        table.append(("**gbdt.py, 5 folds x 3 bags x 250 rounds**", n, n_feat, t_gbdt, ""))
+        t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}"))
+        table.append(("features.py (train + test, folds)", n, n_feat, t_feat, f"peak memory {mem_feat:.1f} GiB"))
+        table.append(("**gbdt.py, default settings (5 folds x 5 bags x 400 rounds)**", n, n_feat, t_gbdt,
+                      f"peak memory {mem_gbdt:.1f} GiB"))
         fit.append((n, t_gbdt, n_feat))
     for (n0, t0, _), (n1, t1, _) in zip(fit, fit[1:]):
         table.append((f"gbdt ratio {n1:,} / {n0:,} rows", "", "", t1 / t0, f"rows x{n1 / n0:.1f}"))
@@ -146,10 +162,10 @@ def gbdt_figures(cache, rows, gbdt_rows, tmp):
         slope, icpt = np.polyfit([n for n, _, _ in fit], [t for _, t, _ in fit], 1)
         table.append(("**gbdt.py (extrapolated linearly)**", rows, fit[-1][2], slope * rows + icpt, "not measured"))
     n = gbdt_rows[-1]
-    t_feat, t_gbdt, n_feat = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}_nopn"),
-                                               ["--no-patient-norm"])
-    table.append(("features.py main --no-patient-norm", n, n_feat, t_feat, ""))
-    table.append(("gbdt.py on --no-patient-norm features", n, n_feat, t_gbdt, ""))
+    t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}_nopn"),
+                                                                   ["--no-patient-norm", "--no-context"])
+    table.append(("features.py --no-patient-norm --no-context", n, n_feat, t_feat, f"peak memory {mem_feat:.1f} GiB"))
+    table.append(("gbdt.py on those features", n, n_feat, t_gbdt, f"peak memory {mem_gbdt:.1f} GiB"))
     table.append((f"gbdt ratio {fit[-1][2]} / {n_feat} features", "", "", fit[-1][1] / t_gbdt,
                   f"features x{fit[-1][2] / n_feat:.1f}"))
     return table
@@ -272,8 +288,8 @@ def memory_figures(archs, costs):
 
 def cpu_minutes(test_lesions, cache):
     """Minutes of the submission notebook's CPU stages for test_lesions lesions, measured here on
-    40,000 rows and scaled: features.py --predict-only, the prediction of three GBDTs of 5 folds x
-    3 bags, ensemble.py."""
+    40,000 rows and scaled: features.py --predict-only, the prediction of four GBDTs of 5 folds x
+    5 bags x 400 rounds, ensemble.py."""
     n = 40_000
     data = os.path.join(cache, f"submission{n}")
     if not os.path.exists(os.path.join(data, "test-metadata.csv")):
@@ -288,8 +304,8 @@ def cpu_minutes(test_lesions, cache):
     rng = np.random.default_rng(0)
     y = (rng.random(20_000) < 0.02).astype(int)
     booster = gbdt.lgb.train({"objective": "binary", "num_leaves": 31, "max_depth": 6, "verbose": -1},
-                             gbdt.lgb.Dataset(x[:20_000], y), 250)
-    t_gbdt = 3 * 5 * 3 * timed(booster.predict, x)[0] * test_lesions / n
+                             gbdt.lgb.Dataset(x[:20_000], y), 400)
+    t_gbdt = 4 * 5 * 5 * timed(booster.predict, x)[0] * test_lesions / n
     t_ensemble = timed(ensemble.rank_average, [rng.random(test_lesions) for _ in range(3)], [0.2, 0.3, 0.5])[0]
     return (t_features + t_gbdt + t_ensemble) / 60
 
@@ -320,7 +336,7 @@ def gpu_estimate(archs, test_lesions, cache):
         for share in SHARES:
             h = sum(hours[share, arch][0] * (5 if folds == "all" else len(folds.split(","))) for arch, folds in specs)
             if part["FINISH"]:
-                h += sum(hours[share, arch][1] for arch in archs) + 3 * GBDT_TRAIN_S / 3600
+                h += sum(hours[share, arch][1] for arch in archs) + (len(archs) + 2) * GBDT_TRAIN_S / 3600
             table.append((f"**training notebook run {run} ({part['TRAIN'] or 'no training'}"
                           f"{', then every later stage' if part['FINISH'] else ''}), T4 x2 at {share:.0%}, hours**",
                           "", "", h, "projected; Kaggle's limit 12 h, the plan's 8 h"))
@@ -454,6 +470,50 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
     return table
 
 
+# the tabular ablation: each ingredient's features.py and gbdt.py options, added one at a time
+PREVIOUS_GBDT = ["--min-leaf", "20", "--colsample-bynode", "1", "--lr", "0.05", "--rounds", "250", "--bags", "3",
+                 "--indeterminate-weight", "1"]
+WINNERS_GBDT = ["--min-leaf", "80", "--colsample-bynode", "0.5", "--lr", "0.03", "--rounds", "400", "--bags", "5",
+                "--indeterminate-weight", "1"]
+ABLATION = [("patient normalization only (the previous default)", ["--no-context", "--no-outlier"], PREVIOUS_GBDT),
+            ("+ z-score summary and outlier distance", ["--no-context"], PREVIOUS_GBDT),
+            ("+ body-site context", [], PREVIOUS_GBDT),
+            ("+ winners' GBDT settings: min leaf 80, colsample by node 0.5, lr 0.03 x 400 rounds, 5 bags", [],
+             WINNERS_GBDT),
+            ("+ Indeterminate negatives weighted 0.5", [], WINNERS_GBDT + ["--indeterminate-weight", "0.5"]),
+            ("+ Indeterminate negatives dropped (weight 0): the new default", [],
+             WINNERS_GBDT + ["--indeterminate-weight", "0"]),
+            ("body-site context off, winners' GBDT settings", ["--no-context"], WINNERS_GBDT)]
+
+
+def ablation_figures(cache, patients, test_patients):
+    """Table rows of the tabular ablation on a demo set of `patients` train patients (the default
+    demo's generator, its images unused): per variant gbdt.py's seconds, the OOF pAUC, the spread
+    (standard deviation) of its five fold pAUCs, the pAUC on the demo test lesions."""
+    data = os.path.join(cache, f"ablation_demo{patients}")
+    if not os.path.exists(os.path.join(data, "train-metadata.csv")):
+        make_demo(data, patients, test_patients, seed=3)
+    answers = common.read_csv(os.path.join(data, "demo_test_labels.csv"), ["isic_id", "target"], ["target"])
+    table = []
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        for i, (what, feature_args, gbdt_args) in enumerate(ABLATION):
+            work = os.path.join(tmp, f"w{i}")
+            features.main(["--data", data, "--work", work] + feature_args)
+            t_gbdt, _ = timed(gbdt.main, ["--work", work, "--name", "tabular"] + gbdt_args)
+            train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
+            oof = common.read_preds(work, "tabular", "train", train["isic_id"])
+            fold_scores = [common.pauc_or_nan(train["target"][train["fold"] == k], oof[train["fold"] == k])
+                           for k in np.unique(train["fold"])]
+            test_score = common.pauc(answers["target"], common.read_preds(work, "tabular", "test", test["isic_id"]))
+            with open(os.path.join(work, "features", "columns.txt")) as f:
+                n_feat = len(f.read().split())
+            table.append((what, len(train["isic_id"]), n_feat, t_gbdt,
+                          f"gbdt.py seconds; OOF pAUC {common.pauc(train['target'], oof):.4f}, folds' spread "
+                          f"{np.nanstd(fold_scores):.3f}; demo test pAUC {test_score:.3f}"))
+            common.log(" | ".join(str(c) for c in table[-1]))
+    return table
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=FULL_ROWS, help="train rows of the full-size runs")
@@ -471,7 +531,14 @@ def main(argv=None):
                              "the projected full run")
     parser.add_argument("--archs", nargs="+", default=["eva02_base", "convnext"], help="with --gpu or --gpu-estimate")
     parser.add_argument("--no-compile", action="store_true", help="with --gpu: eager mode only")
+    parser.add_argument("--ablation", action="store_true",
+                        help="only the tabular ablation (features and GBDT ingredients) on a larger demo set")
+    parser.add_argument("--ablation-patients", type=int, default=400, help="with --ablation: train patients")
     args = parser.parse_args(argv)
+    if args.ablation:
+        os.makedirs(args.cache, exist_ok=True)
+        print_table(ablation_figures(args.cache, args.ablation_patients, args.ablation_patients // 4))
+        return
     if args.gpu_estimate or args.gpu:
         print_table(gpu_estimate(args.archs, args.test_lesions, args.cache) if args.gpu_estimate else
                     gpu_figures(args.cache, args.archs, (False,) if args.no_compile else (False, True)))

@@ -209,12 +209,12 @@ def fit_vocabularies(train):
     return {c: sorted(set(train[c]) - {""}) for c in CATEGORICAL if c in train}
 
 
-def build_features(table, vocabularies, patient_norm=True, context=True):
+def build_features(table, vocabularies, patient_norm=True, context=True, outlier=True):
     """Feature matrix (float32, N x F) and column names of one metadata table; the vocabularies come
     from train, so train and test get the same columns. Every statistic of a lesion comes from its
-    own patient's lesions. patient_norm: the STATS of each numeric feature within the patient, the
-    summary of its patient z-scores and its outlier distance; context: CONTEXT_STATS within patient
-    x site and patient x location.
+    own patient's lesions. patient_norm: the STATS of each numeric feature within the patient, and
+    (outlier) the summary of its patient z-scores and its outlier distance; context: CONTEXT_STATS
+    within patient x site and patient x location.
 
     The matrix is feature-major in memory (Fortran order): every block is copied in whole rows of
     the (F, N) buffer, where a row-major (N, F) matrix would be filled by a transposing copy of each
@@ -231,7 +231,8 @@ def build_features(table, vocabularies, patient_norm=True, context=True):
     names = numeric_names + ["n_lesions_patient", "n_lesions_patient_site", "n_lesions_patient_location"]
     one_hots = {c: codes(table[c], vocab) for c, vocab in vocabularies.items()}  # -1: never seen in train
     n_num, n = len(numeric_names), len(patient)
-    n_pn = (len(STATS) * n_num + 3) if patient_norm else 0
+    outlier = outlier and patient_norm  # it works on the patient z-scores
+    n_pn = (len(STATS) * n_num + 3 * outlier) if patient_norm else 0
     n_context = len(CONTEXT) * len(CONTEXT_STATS) * n_num if context else 0
     x = np.empty((len(names) + n_pn + n_context + sum(map(len, vocabularies.values())), n), np.float32)
     x[:n_num] = numeric.T
@@ -240,6 +241,7 @@ def build_features(table, vocabularies, patient_norm=True, context=True):
         pn_rows = x[len(names):len(names) + len(STATS) * n_num].reshape(len(STATS), n_num, n)
         patient_normalize(numeric, patient, out=pn_rows)
         names += [f"{name}_pn_{stat}" for stat in STATS for name in numeric_names]
+    if outlier:
         z = pn_rows[STATS.index("z")]
         x[len(names):len(names) + 2] = z_summary(z.T)
         x[len(names) + 2] = knn_outlier(z[[numeric_names.index(c) for c in OUTLIER_COLUMNS]].T, patient)
@@ -274,7 +276,7 @@ def make_features(args):
         write_csv(os.path.join(args.work, "train_diagnosis.csv"), ["isic_id", "iddx_1"],
                   [train["isic_id"], train["iddx_1"]])
         spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm,
-                "context": not args.no_context}
+                "context": not args.no_context, "outlier": not args.no_outlier}
         tables = [("train", train), ("test", test)]
     write_csv(os.path.join(args.work, "test_lesions.csv"), ["isic_id", "patient_id"],
               [test["isic_id"], test["patient_id"]])
@@ -284,7 +286,8 @@ def make_features(args):
             log(f"test {c}: {len(unseen)} value(s) never seen in train, encoded as all-zero: {unseen[:3]}")
     out = os.path.join(args.work, "features")
     for name, table in tables:
-        x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False))
+        x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False),
+                                  spec.get("outlier", False))
         save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
         log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
     atomic_write(os.path.join(out, "columns.txt"), lambda f: f.write(("\n".join(names) + "\n").encode()))
@@ -301,6 +304,8 @@ def main(argv=None):
     parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
     parser.add_argument("--no-context", action="store_true",
                         help="leave out the features within patient x site and patient x location")
+    parser.add_argument("--no-outlier", action="store_true",
+                        help="leave out the summary of the patient z-scores and the outlier distance")
     args = parser.parse_args(argv)
     with output_lock(args.work, "features"):
         make_features(args)

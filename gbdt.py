@@ -193,19 +193,20 @@ def main(argv=None):
                         help="image models' --arch names, comma-separated: add their embeddings (emb/ARCH_*.npy)")
     parser.add_argument("--predict-only", action="store_true",
                         help="only test predictions, from the boosters in --models: no training")
-    parser.add_argument("--rounds", type=positive(int), default=250)
-    parser.add_argument("--lr", type=positive(float), default=0.05)
+    # defaults from bench.py --ablation (BENCHMARKS.md): the winners' regularisation, slower and no worse
+    parser.add_argument("--rounds", type=positive(int), default=400)
+    parser.add_argument("--lr", type=positive(float), default=0.03)
     parser.add_argument("--num-leaves", type=positive(int), default=31)
     parser.add_argument("--max-depth", type=int, default=6, help="-1: no limit")
-    parser.add_argument("--min-leaf", type=positive(int), default=20, help="LightGBM's min_data_in_leaf")
-    parser.add_argument("--colsample-bynode", type=positive(float), default=1.0,
+    parser.add_argument("--min-leaf", type=positive(int), default=80, help="LightGBM's min_data_in_leaf")
+    parser.add_argument("--colsample-bynode", type=positive(float), default=0.5,
                         help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
-    parser.add_argument("--bags", type=positive(int), default=3)
+    parser.add_argument("--bags", type=positive(int), default=5)
     parser.add_argument("--pos-rate", type=positive(float), default=0.003,
                         help="positives oversampled to this share of the negatives")
     parser.add_argument("--neg-rate", type=positive(float), default=0.01,
                         help="then negatives undersampled until positives are this share of them")
-    parser.add_argument("--indeterminate-weight", type=float, default=1.0,
+    parser.add_argument("--indeterminate-weight", type=float, default=0.0,
                         help="training weight of negatives diagnosed Indeterminate (iddx_1; 0 drops them, 1 is off)")
     parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
     parser.add_argument("--seed", type=int, default=42)
