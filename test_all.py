@@ -835,6 +835,40 @@ def test_micro_batches_give_the_whole_batch_gradient():
         torch.testing.assert_close(weights, after[0][1], rtol=0, atol=1e-6)
 
 
+def convnext_atto_depth(name):
+    """A convnext_atto parameter's depth as timm groups its layers, worked out by hand: the stem 0,
+    then one layer a block (stages of 2, 2, 6, 2 blocks), a stage's downsampling with its first
+    block; the final norm 13, the last layer."""
+    if name.startswith("stem."):
+        return 0
+    if name.startswith("head.norm."):
+        return 13
+    stage, rest = re.fullmatch(r"stages\.(\d)\.(.*)", name).groups()
+    first = {"0": 1, "1": 3, "2": 5, "3": 11}[stage]
+    return first if rest.startswith("downsample.") else first + int(re.match(r"blocks\.(\d+)\.", rest).group(1))
+
+
+def test_each_parameter_group_learns_at_its_base_rate_times_the_schedule():
+    """The head at --head-lr, a backbone parameter at depth i of 13 at lr * decay^(13 - i), each
+    following 3 warm-up steps then a cosine over the 7 left of 10; weight decay on matrices only."""
+    model = common.build_model("convnext_atto", pretrained=False)
+    lr, head_lr, decay, wd = 1e-4, 3e-3, 0.5, 0.05
+    opt = torch.optim.AdamW(train_backbone.param_groups(model, lr, head_lr, wd, decay))
+    head = {id(p) for p in model.get_classifier().parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = {n: head_lr if id(p) in head else lr * decay ** (13 - convnext_atto_depth(n))
+            for n, p in model.named_parameters()}
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(names)  # each once
+    assert {id(p) for g in opt.param_groups if g["base_lr"] == head_lr for p in g["params"]} == head
+    factors = [1 / 3, 2 / 3, 1] + [0.5 * (1 + np.cos(np.pi * k / 7)) for k in range(7)]
+    for step, factor in enumerate(factors):
+        train_backbone.set_lr(opt, train_backbone.lr_factor(step, 10, 3))
+        for g in opt.param_groups:
+            for p in g["params"]:
+                assert g["lr"] == pytest.approx(want[names[id(p)]] * factor, rel=1e-12), (step, names[id(p)])
+                assert g["weight_decay"] == (wd if p.ndim > 1 else 0.0), names[id(p)]
+
+
 @slow
 @pytest.mark.parametrize("fault, match", [
     ("nan weight", r"convnext_atto fold 0, epoch 1, step 1: the training loss is nan: try a lower --lr"),

@@ -44,10 +44,33 @@ def epoch_rows(y, neg_per_pos, seed_key):
     return rng.permutation(np.r_[pos, neg])
 
 
-def lr_at(step, total, warmup, base):
+def lr_factor(step, total, warmup):
+    """The schedule, a factor of each parameter group's base learning rate: linear warm-up over
+    `warmup` steps, then cosine decay to 0 at step `total`."""
     if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def param_groups(model, lr, head_lr, weight_decay, layer_decay):
+    """AdamW's parameter groups, each with its "base_lr": the classifier head at head_lr (it starts
+    from random weights), a backbone parameter at depth i of L (timm's layer grouping, the last
+    layer L holding the final norm) at lr * layer_decay^(L - i). No weight decay on 1-D parameters
+    (norms, biases)."""
+    from timm.optim import param_groups_layer_decay
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for g in param_groups_layer_decay(model, weight_decay, layer_decay=layer_decay):
+        for in_head, base_lr in ((False, lr * g["lr_scale"]), (True, head_lr)):
+            params = [p for p in g["params"] if (id(p) in head) == in_head]
+            if params:
+                groups.append({"params": params, "weight_decay": g["weight_decay"], "base_lr": base_lr})
+    return groups
+
+
+def set_lr(opt, factor):
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
 
 
 def save_checkpoint(path, obj):
@@ -185,10 +208,8 @@ def train_fold(args, fold, train, images, device, rank, world):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.head_lr or 10 * args.lr, args.weight_decay,
+                                         args.layer_decay))
     dtype, scale_loss = amp_settings(device, args.cpu_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     loss_fn = focal_loss  # alpha 0.25, gamma 2
@@ -224,8 +245,8 @@ def train_fold(args, fold, train, images, device, rank, world):
             skipped += index[broken].tolist()
             if len(target) == 0:
                 continue
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, args.lr)
+            factor = lr_factor(step, total, warmup)
+            set_lr(opt, factor)
             x = prepare_batch(canvas, sizes, size, mean, std, device, draws)
             loss, scaler_skipped = train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype,
                                        world)
@@ -250,7 +271,7 @@ def train_fold(args, fold, train, images, device, rank, world):
         save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scaler": scaler.state_dict(), "best": best, "step": step})
-        row = [epoch, train_loss, val_loss, score, opt.param_groups[0]["lr"], round(time.time() - t0, 1),
+        row = [epoch, train_loss, val_loss, score, args.lr * factor, round(time.time() - t0, 1),
                round(len(rows) / train_s, 1)]
         write_epoch_log(os.path.join(out_dir, "log.csv"), row)
         log(f"{args.arch} fold {fold} epoch {epoch + 1}/{args.epochs}: train loss {row[1]:.4f}, val loss "
@@ -324,7 +345,12 @@ def main(argv=None):
                         help="images per forward pass (default: as many as the GPU's memory holds, by powers of 2)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, about 30%% more compute")
-    parser.add_argument("--lr", type=positive(float), default=5e-5)
+    parser.add_argument("--lr", type=positive(float), default=5e-5, help="the backbone's peak learning rate")
+    parser.add_argument("--head-lr", type=positive(float),
+                        help="the classifier head's peak learning rate (default: 10 x --lr)")
+    parser.add_argument("--layer-decay", type=positive(float), default=1.0,
+                        help="layer-wise learning rate decay: the backbone layer at depth i of L learns at "
+                             "--lr x DECAY^(L - i) (default 1: every layer at --lr)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--drop-path", type=float, default=0.1)
