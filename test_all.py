@@ -475,6 +475,78 @@ def test_focal_loss_hand_values():
     assert fl(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(want, rel=1e-6)
 
 
+def lesion_canvases(n, seed=0):
+    """n tiles of 80 to 200 px on their canvases: grey stripes (texture for the blur to soften) with a
+    green disc of radius 0.12 of the tile at its centre, the lesion; and their sizes."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((n, common.CANVAS, common.CANVAS, 3), np.uint8)
+    sizes = rng.integers(80, 201, (n, 2))
+    for tile, (h, w) in zip(canvas, sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        tile[:h, :w] = (128 + 60 * np.sin(x / 2.0 + y / 3.0))[..., None].astype(np.uint8)
+        tile[:h, :w][np.hypot((y + 0.5) / h - 0.5, (x + 0.5) / w - 0.5) < 0.06] = (30, 220, 30)
+    return torch.from_numpy(canvas), torch.from_numpy(sizes)
+
+
+def augmented(canvas, sizes, draws, size=64):
+    """prepare_batch's output in [0, 1] colours (mean 0, std 1)."""
+    return common.prepare_batch(canvas, sizes, size, (0, 0, 0), (1, 1, 1), torch.device("cpu"), draws)
+
+
+def test_prediction_input_is_the_tile_resized_and_nothing_else():
+    canvas, sizes = lesion_canvases(4)
+    for (h, w), tile, x in zip(sizes, canvas, augmented(canvas, sizes, None, 56)):
+        plain = torch.nn.functional.interpolate(tile[:h, :w].permute(2, 0, 1)[None].float() / 255, (56, 56),
+                                                mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(x, plain, rtol=0, atol=1e-3)  # 1e-3: prepare_batch stays 0.001 px inside
+
+
+def test_cutout_never_hides_the_lesion_at_the_tile_centre():
+    """Over 300 random draws with cutout on, no pixel of the green disc (the tile's centre, whatever
+    the rotation, zoom, shift, colour, blur and noise) is among those that the cutout changed."""
+    canvas, sizes = lesion_canvases(300)
+    draws = torch.rand(300, common.AUGMENT_DRAWS, generator=torch.Generator().manual_seed(0))
+    cut, kept = draws.clone(), draws.clone()
+    cut[:, 11], kept[:, 11] = draws[:, 11] * common.CUTOUT_P, 0.99
+    with_cut, without = augmented(canvas, sizes, cut), augmented(canvas, sizes, kept)
+    kept[:, 9] = 0.99  # the disc is where it is found without noise (which turns a few grey pixels green)
+    noiseless = augmented(canvas, sizes, kept)
+    green = noiseless[:, 1] - noiseless[:, [0, 2]].amax(1) > 0.3
+    changed = (with_cut != without).any(1)
+    assert green.flatten(1).any(1).all()  # the lesion is in view
+    assert changed.flatten(1).any(1).float().mean() > 0.5  # the cutouts were there to hide it
+    assert not (green & changed).any()
+
+
+@pytest.mark.parametrize("draw, p, also", [(5, common.BLUR_P, ()), (9, common.NOISE_P, (10,)),
+                                           (11, common.CUTOUT_P, (12, 13))])
+def test_blur_noise_and_cutout_change_the_tile_when_drawn_and_only_then(draw, p, also):
+    """A draw below p turns it on: every tile changes. Another draw above p, or other values of its
+    seed or position draws, leave the output unchanged to the bit."""
+    canvas, sizes = lesion_canvases(12)
+    base = torch.rand(12, common.AUGMENT_DRAWS, generator=torch.Generator().manual_seed(1))
+    base[:, [5, 9, 11]] = 0.99
+    base[:, 13] = 0  # a cutout as near the centre as it goes: inside the image
+    off = augmented(canvas, sizes, base)
+    on, other_off = base.clone(), base.clone()
+    on[:, draw] = torch.linspace(0.05, 0.95, 12) * p
+    other_off[:, draw] = p + (1 - p) * 0.3
+    other_off[:, list(also)] = 0.7
+    assert (augmented(canvas, sizes, on) != off).flatten(1).any(1).all()
+    assert torch.equal(augmented(canvas, sizes, other_off), off)
+
+
+def test_a_tile_is_augmented_alike_in_any_batch():
+    """Each process of torchrun augments its share of a batch: the same as in the whole batch."""
+    canvas, sizes = lesion_canvases(8)
+    draws = torch.rand(8, common.AUGMENT_DRAWS, generator=torch.Generator().manual_seed(2))
+    draws[:, [5, 9, 11]] *= 0.2  # blur, noise and cutout on
+    whole = augmented(canvas, sizes, draws)
+    for rank in (0, 1):
+        share = augmented(canvas[rank::2], sizes[rank::2], draws[rank::2])
+        torch.testing.assert_close(share, whole[rank::2], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("capability, dtype", [((6, 0), torch.float16), ((7, 5), torch.float16),
                                                ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
 def test_precision_is_native_bf16_or_fp16_with_a_scaler(monkeypatch, capability, dtype):
