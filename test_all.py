@@ -7,6 +7,7 @@ train_backbone, extract, gbdt, ensemble, then the whole pipeline.
 Tests marked slow run stages on the demo set or train tiny models (no GPU needed).
 """
 import base64
+import copy
 import csv
 import errno
 import glob
@@ -861,7 +862,8 @@ def test_an_unwritable_work_folder_is_one_error_line(demo, tmp_path, capsys, mon
 
 @slow
 def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, demo_work, tmp_path):
-    args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo] + tiny_train(3)
+    """With --ema, so that the average saved as the fold model must resume where it was too."""
+    args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo, "--ema", "0.9"] + tiny_train(3)
     straight, killed = copy_work(demo_work, tmp_path / "straight"), copy_work(demo_work, tmp_path / "killed")
     r = run_script("train_backbone.py", args + ["--work", straight])
     assert r.returncode == 0, r.stderr
@@ -877,6 +879,12 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # what the killed run left: the epoch's average saved as best.pt, and in resume.pt beside the weights
+    saved = [torch.load(os.path.join(os.path.dirname(log_path), f), weights_only=False)
+             for f in ("resume.pt", "best.pt")]
+    assert saved[0]["epoch"] == saved[1]["epoch"] == 0
+    assert all(torch.equal(saved[1]["model"][k], saved[0]["ema"][k]) for k in saved[0]["ema"])
+    assert not all(torch.equal(saved[0]["model"][k], saved[0]["ema"][k]) for k in saved[0]["ema"])
     r = run_script("train_backbone.py", args + ["--work", killed, "--resume"])
     assert r.returncode == 0, r.stderr
     assert "resuming after epoch" in r.stdout
@@ -939,6 +947,28 @@ def test_each_parameter_group_learns_at_its_base_rate_times_the_schedule():
             for p in g["params"]:
                 assert g["lr"] == pytest.approx(want[names[id(p)]] * factor, rel=1e-12), (step, names[id(p)])
                 assert g["weight_decay"] == (wd if p.ndim > 1 else 0.0), names[id(p)]
+
+
+def test_ema_is_the_running_average_of_the_weights_after_each_step():
+    """ema = 0.9 ema + 0.1 w after each of 5 SGD steps, worked out beside; the batch norm's running
+    statistics (buffers, not learned) are the model's own."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    ema = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    want = [p.detach().clone() for p in model.parameters()]
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).square().mean().backward()
+        opt.step()
+        train_backbone.update_ema(ema, model, 0.9)
+        want = [0.9 * w + 0.1 * p.detach() for w, p in zip(want, model.parameters())]
+    for got, w in zip(ema.parameters(), want):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(torch.cat([p.flatten() for p in ema.parameters()]),
+                              torch.cat([p.flatten() for p in model.parameters()]))  # an average, not a copy
+    for got, b in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(got, b)
 
 
 @slow
@@ -1007,6 +1037,7 @@ def test_out_of_gpu_memory_names_the_flags_that_lower_it(demo, demo_work, tmp_pa
     (["--fold", "7"], "--fold 7: the folds of .*folds.csv are 0 to 4, or 'all'"),
     (["--fold", "abc"], "--fold abc: the folds of"),
     (["--epochs", "0"], "argument --epochs: must be above 0, not 0"),
+    (["--ema", "1"], "argument --ema: must be at least 0 and below 1, not 1"),
 ])
 def test_bad_training_options_are_one_error(demo, demo_work, capsys, option, match):
     err = stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--data", demo, "--work", demo_work]

@@ -20,6 +20,7 @@ Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt 
 """
 import argparse
 import contextlib
+import copy
 import math
 import os
 import re
@@ -71,6 +72,16 @@ def param_groups(model, lr, head_lr, weight_decay, layer_decay):
 def set_lr(opt, factor):
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * factor
+
+
+def update_ema(ema, model, decay):
+    """After an optimizer step: each of ema's parameters becomes decay * itself + (1 - decay) * the
+    model's; buffers are copied, as they are not learned."""
+    with torch.no_grad():
+        for e, w in zip(ema.parameters(), model.parameters()):
+            e.mul_(decay).add_(w, alpha=1 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def save_checkpoint(path, obj):
@@ -208,6 +219,9 @@ def train_fold(args, fold, train, images, device, rank, world):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # with --ema the average of the weights is what is validated and saved as the fold model
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    scored = ema if args.ema else model
     opt = torch.optim.AdamW(param_groups(model, args.lr, args.head_lr or 10 * args.lr, args.weight_decay,
                                          args.layer_decay))
     dtype, scale_loss = amp_settings(device, args.cpu_amp)
@@ -223,6 +237,10 @@ def train_fold(args, fold, train, images, device, rank, world):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
+        if args.ema:
+            if "ema" not in ck:
+                raise DataError(f"{resume_path}: saved by a run without --ema: resume without it, or start again")
+            ema.load_state_dict(ck["ema"])
         start, best, step, score = ck["epoch"] + 1, ck["best"], ck["step"], ck["val_pauc"]
         log(f"{args.arch} fold {fold}: resuming after epoch {ck['epoch']} (best pAUC {best:.4f})")
     log(f"{args.arch} fold {fold}: {len(trn)} training rows ({y[trn].sum()} positives), {len(val)} validation "
@@ -251,6 +269,8 @@ def train_fold(args, fold, train, images, device, rank, world):
             loss, scaler_skipped = train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device, dtype,
                                        world)
             step += 1
+            if args.ema and not scaler_skipped:
+                update_ema(ema, model, args.ema)
             skipped_in_row = skipped_in_row + 1 if scaler_skipped else 0
             check_step(loss, skipped_in_row, f"{args.arch} fold {fold}, epoch {epoch + 1}, step {step}", dtype)
             losses.append(loss)
@@ -260,17 +280,18 @@ def train_fold(args, fold, train, images, device, rank, world):
                             f"decoded; the first: {images.problem(rows[0])}")
         broken_tiles(images, skipped, "training", "skipped")
         train_loss = np.mean(losses)
-        val_loss, score = validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
+        val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
                                    world)
         if rank != 0:
             continue
         if score > best or best < 0:
             best = score
             save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
-                                                               "val_pauc": score, "model": model.state_dict()})
+                                                               "val_pauc": score, "model": scored.state_dict()})
         save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "step": step})
+                                    "scaler": scaler.state_dict(), "best": best, "step": step,
+                                    **({"ema": ema.state_dict()} if args.ema else {})})
         row = [epoch, train_loss, val_loss, score, args.lr * factor, round(time.time() - t0, 1),
                round(len(rows) / train_s, 1)]
         write_epoch_log(os.path.join(out_dir, "log.csv"), row)
@@ -280,7 +301,7 @@ def train_fold(args, fold, train, images, device, rank, world):
         log(f"rank {rank}: weights differ between ranks by at most {check_ranks_in_sync(model):.3g}")
     if rank == 0:  # the uploaded folder holds weights alone: the optimizer state would double its size
         save_checkpoint(os.path.join(out_dir, "last.pt"), {"arch": args.arch, "fold": fold, "epoch": args.epochs - 1,
-                                                           "val_pauc": score, "model": model.state_dict()})
+                                                           "val_pauc": score, "model": scored.state_dict()})
         os.remove(resume_path)
         commit_folder(out_dir, final, {"stage": "train_backbone.py", "arch": args.arch, "fold": fold,
                                        "epochs": args.epochs, "val_pauc": {"best": best, "last": score},
@@ -326,6 +347,17 @@ def train(args):
         torch.distributed.destroy_process_group()
 
 
+def ema_decay(text):
+    """An argparse type: a decay in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
@@ -354,6 +386,9 @@ def main(argv=None):
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--drop-path", type=float, default=0.1)
+    parser.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
+                        help="validate and save an exponential moving average of the weights, updated after "
+                             "every optimizer step with this decay (e.g. 0.999; default 0: off)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     parser.add_argument("--resume", action="store_true", help="continue from the resume.pt of fold{k}.partial/")
