@@ -930,8 +930,8 @@ def pixels_aug(x, r, cpu_draws, sizes):
     """Colour jitter, then, for the tiles whose draw says so, Gaussian blur of 0.5 to 1.5 of the
     tile's own pixels (a focus a little off) and Gaussian noise of standard deviation 0.02 to 0.08.
     x: (n, 3, S, S) in [0, 1], r: the draws on x's device; cpu_draws, sizes: on the CPU, where the
-    blur's kernels and the noise's seeds are made without waiting for the device."""
-    import torch
+    blur's kernels, the noise's seeds and the tiles' indices (a boolean mask on a GPU would wait for
+    it) are made without waiting for the device."""
     j = r[:, 6:9, None, None, None]
     gray = x.mean(1, keepdim=True)
     x = gray + (x - gray) * (0.8 + 0.4 * j[:, 0])                                   # saturation
@@ -939,13 +939,13 @@ def pixels_aug(x, r, cpu_draws, sizes):
     x = (x * (0.85 + 0.3 * j[:, 2])).clamp(0, 1)                                      # brightness
     blur = cpu_draws[:, 5] < BLUR_P
     if blur.any():
-        on = blur.to(x.device)
+        on = blur.nonzero().flatten().to(x.device)
         sigma = 0.5 + cpu_draws[blur, 5, None] / BLUR_P    # in tile pixels
         zoom = 0.75 + 0.25 * cpu_draws[blur, 1, None]      # prepare_batch's, on the CPU
         x[on] = gaussian_blur(x[on], sigma * x.shape[-1] / (zoom * sizes[blur].float()))  # output pixels, y and x
     noise = cpu_draws[:, 9] < NOISE_P
     if noise.any():
-        on = noise.to(x.device)
+        on = noise.nonzero().flatten().to(x.device)
         sd = 0.02 + 0.06 * r[on, 9, None, None, None] / NOISE_P
         seeds = (cpu_draws[noise, 10] * 2 ** 24).long().tolist()
         x[on] = (x[on] + sd * seeded_normal(x.shape[1:], seeds, x.device)).clamp(0, 1)
