@@ -236,14 +236,19 @@ PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40": 181.0, "L4": 
 REAL_POSITIVES, REAL_TILES = 393, 401_059
 
 
-def projected_hours(train_rate, fwd_rate, folds=5, epochs=12, neg_per_pos=20, val_neg_per_pos=50):
-    """Hours of one architecture's full run at these images/s, with train_backbone.py's defaults:
-    per fold, `epochs` epochs of the training positives (4/5 of the real 393) with neg_per_pos
-    negatives each, and a validation pass over the fold's positives with val_neg_per_pos negatives
-    each; then extract.py over every train tile (each by its own fold's model)."""
+# the recipe projected: train_backbone.py's defaults
+RECIPE = train_backbone.build_parser().parse_args(["--arch", "eva02_base"])
+
+
+def projected_hours(train_rate, fwd_rate, folds=5):
+    """Hours of one architecture's full run at these images/s, with train_backbone.py's defaults
+    (RECIPE): per fold, its epochs of the training positives (4/5 of the real 393) with
+    --neg-per-pos negatives each, and a validation pass over the fold's positives with
+    --val-neg-per-pos negatives each; then extract.py over every train tile (each by its own fold's
+    model)."""
     train_pos = REAL_POSITIVES * (folds - 1) // folds
-    val_tiles = REAL_POSITIVES // folds * (1 + val_neg_per_pos)
-    fold_s = epochs * (train_pos * (1 + neg_per_pos) / train_rate + val_tiles / fwd_rate)
+    val_tiles = REAL_POSITIVES // folds * (1 + RECIPE.val_neg_per_pos)
+    fold_s = RECIPE.epochs * (train_pos * (1 + RECIPE.neg_per_pos) / train_rate + val_tiles / fwd_rate)
     return folds * fold_s / 3600, REAL_TILES / fwd_rate / 3600
 
 
@@ -324,7 +329,7 @@ def gpu_estimate(archs, test_lesions, cache):
         for arch in archs:
             train_h, extract_h = projected_hours(rate / (3 * costs[arch][0]), rate / costs[arch][0])
             hours[share, arch] = train_h / 5, extract_h
-            table += [(f"T4 x2 at {share:.0%}: {arch} training, hours per fold (12 epochs)", "", "", train_h / 5,
+            table += [(f"T4 x2 at {share:.0%}: {arch} training, hours per fold ({RECIPE.epochs} epochs)", "", "", train_h / 5,
                        "projected"),
                       (f"T4 x2 at {share:.0%}: {arch} extraction of every train tile, hours", REAL_TILES, "",
                        extract_h, "projected")]
@@ -464,7 +469,7 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
         if min(best) > 0:
             train_h, extract_h = projected_hours(*best)
             total += train_h + extract_h
-            add(f"{arch} hours: 5 folds x 12 epochs, projected", "", "", train_h, f"on this {name}")
+            add(f"{arch} hours: 5 folds x {RECIPE.epochs} epochs, projected", "", "", train_h, f"on this {name}")
             add(f"{arch} hours: extracting every train tile, projected", REAL_TILES, "", extract_h, "")
     add(f"**{' + '.join(archs)}, hours on this {name}, projected**", "", "", total, "")
     return table

@@ -885,15 +885,20 @@ def image_loader(images, rows=None, batch_size=64, workers=2):
                                        pin_memory=torch.cuda.is_available())
 
 
-AUGMENT_DRAWS = 9  # uniform numbers per tile that prepare_batch's augmentation uses
+# uniform numbers per tile that prepare_batch's augmentation uses: 0 rotation, 1 zoom, 2 flip, 3-4 shift,
+# 5 blur, 6-8 colour, 9 noise, 10 the noise's seed, 11 cutout, 12-13 where the cutout goes
+AUGMENT_DRAWS = 14
+BLUR_P, NOISE_P, CUTOUT_P = 0.25, 0.25, 0.5  # the share of tiles that each of them changes
+CENTRE_KEPT = 0.25  # cutout never covers this half-side (output units, [-1, 1] across) around the tile's centre
 
 
 def prepare_batch(canvas, sizes, out_size, mean, std, device, draws=None):
     """uint8 canvases to normalized model input on the device: one grid_sample resizes each tile to
     out_size and, given draws (n, AUGMENT_DRAWS) uniform numbers, flips, rotates, zooms and shifts
-    it, then jitters its colour. The draws come from the caller, so that a batch split across
-    processes is augmented as it would be whole. Coordinates outside a tile are clamped to its
-    border, so rotations add no black corners."""
+    it, then jitters its colour, blurs it, adds noise and cuts a square out of it (pixels_aug,
+    cutout_mask). The draws come from the caller, so that a batch split across processes is
+    augmented as it would be whole. Coordinates outside a tile are clamped to its border, so
+    rotations add no black corners."""
     import torch
     x = canvas.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
     n = x.shape[0]
@@ -920,15 +925,86 @@ def prepare_batch(canvas, sizes, out_size, mean, std, device, draws=None):
     x = torch.nn.functional.grid_sample(x, grid.reshape(n, out_size, out_size, 2), mode="bilinear",
                                         padding_mode="border", align_corners=False)
     if draws is not None:
-        j = r[:, 6:9, None, None, None]
-        gray = x.mean(1, keepdim=True)
-        x = gray + (x - gray) * (0.8 + 0.4 * j[:, 0])                                   # saturation
-        x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.8 + 0.4 * j[:, 1])
-        x = (x * (0.85 + 0.3 * j[:, 2])).clamp(0, 1)                                      # brightness
+        x = pixels_aug(x, r, draws.float().cpu(), sizes)
     mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     x = (x - mean) / std
+    if draws is not None:  # 0 after normalization: the normalization's mean colour
+        x = x.masked_fill(cutout_mask(r, theta, shift, lin)[:, None], 0.0)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def pixels_aug(x, r, cpu_draws, sizes):
+    """Colour jitter, then, for the tiles whose draw says so, Gaussian blur of 0.5 to 1.5 of the
+    tile's own pixels (a focus a little off) and Gaussian noise of standard deviation 0.02 to 0.08.
+    x: (n, 3, S, S) in [0, 1], r: the draws on x's device; cpu_draws, sizes: on the CPU, where the
+    blur's kernels, the noise's seeds and the tiles' indices (a boolean mask on a GPU would wait for
+    it) are made without waiting for the device."""
+    j = r[:, 6:9, None, None, None]
+    gray = x.mean(1, keepdim=True)
+    x = gray + (x - gray) * (0.8 + 0.4 * j[:, 0])                                   # saturation
+    x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * (0.8 + 0.4 * j[:, 1])
+    x = (x * (0.85 + 0.3 * j[:, 2])).clamp(0, 1)                                      # brightness
+    blur = cpu_draws[:, 5] < BLUR_P
+    if blur.any():
+        on = blur.nonzero().flatten().to(x.device)
+        sigma = 0.5 + cpu_draws[blur, 5, None] / BLUR_P    # in tile pixels
+        zoom = 0.75 + 0.25 * cpu_draws[blur, 1, None]      # prepare_batch's, on the CPU
+        x[on] = gaussian_blur(x[on], sigma * x.shape[-1] / (zoom * sizes[blur].float()))  # output pixels, y and x
+    noise = cpu_draws[:, 9] < NOISE_P
+    if noise.any():
+        on = noise.nonzero().flatten().to(x.device)
+        sd = 0.02 + 0.06 * r[on, 9, None, None, None] / NOISE_P
+        seeds = (cpu_draws[noise, 10] * 2 ** 24).long().tolist()
+        x[on] = (x[on] + sd * seeded_normal(x.shape[1:], seeds, x.device)).clamp(0, 1)
+    return x
+
+
+def gaussian_blur(x, sigma_yx):
+    """Each image of x (m, C, H, W) blurred by its own Gaussian, sigma_yx (m, 2) pixels along y and
+    x (a CPU tensor): separable, the edges replicated."""
+    import torch
+    m, c = x.shape[:2]
+    radius = max(1, int(np.ceil(3 * sigma_yx.max().item())))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    y = x.reshape(1, m * c, *x.shape[2:])
+    for axis, shape, pad in ((0, (-1, 1), (0, 0, radius, radius)), (1, (1, -1), (radius, radius, 0, 0))):
+        sigma = sigma_yx[:, axis, None]
+        # each kernel cut at its own 3 sigma, not the batch's: a tile is blurred alike in any batch
+        k = torch.exp(-0.5 * (t / sigma) ** 2) * (t.abs() <= torch.ceil(3 * sigma))
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0).view(m * c, 1, *shape).to(x.device)
+        y = torch.nn.functional.conv2d(torch.nn.functional.pad(y, pad, mode="replicate"), k, groups=m * c)
+    return y.reshape(x.shape)
+
+
+def seeded_normal(shape, seeds, device):
+    """One standard normal tensor of `shape` for each seed, each from its own generator: a tile gets
+    the same noise whichever batch (or process) it is in."""
+    import torch
+    return torch.stack([torch.randn(shape, generator=torch.Generator(device).manual_seed(s), device=device)
+                        for s in seeds])
+
+
+def cutout_mask(r, theta, shift, lin):
+    """(n, S, S) True where a tile's cutout hides the output: for the tiles whose draw says so, a
+    square of half-side 0.1 to 0.25 (output units) kept more than CENTRE_KEPT away (along x or y)
+    from where the tile's centre lands, as the lesion is centred. theta, shift: the output-to-tile
+    map of prepare_batch; lin: the output's pixel centres."""
+    import torch
+    a, b, c, d = theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1]
+    # the output point that theta maps onto the tile's centre: theta @ p + shift = 0
+    centre = -torch.stack([d * shift[:, 0] - b * shift[:, 1], a * shift[:, 1] - c * shift[:, 0]], 1) \
+        / (a * d - b * c)[:, None]
+    on = r[:, 11] < CUTOUT_P
+    side = 0.1 + 0.15 * r[:, 11] / CUTOUT_P
+    angle = r[:, 12] * 2 * np.pi
+    direction = torch.stack([torch.cos(angle), torch.sin(angle)], 1)
+    direction = direction / direction.abs().amax(1, keepdim=True)  # on the unit square: max(|x|, |y|) = 1
+    away = side + CENTRE_KEPT + r[:, 13] * (1 - side - CENTRE_KEPT)
+    spot = centre + away[:, None] * direction
+    inside_x = (lin[None, None, :] - spot[:, 0, None, None]).abs() < side[:, None, None]
+    inside_y = (lin[None, :, None] - spot[:, 1, None, None]).abs() < side[:, None, None]
+    return inside_x & inside_y & on[:, None, None]
 
 
 def check_gpu_kernels(device):

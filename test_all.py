@@ -7,6 +7,7 @@ train_backbone, extract, gbdt, ensemble, then the whole pipeline.
 Tests marked slow run stages on the demo set or train tiny models (no GPU needed).
 """
 import base64
+import copy
 import csv
 import errno
 import glob
@@ -476,6 +477,78 @@ def test_focal_loss_hand_values():
     assert fl(torch.tensor([2.0, 2.0]), torch.tensor([1.0, 0.0])).item() == pytest.approx(want, rel=1e-6)
 
 
+def lesion_canvases(n, seed=0):
+    """n tiles of 80 to 200 px on their canvases: grey stripes (texture for the blur to soften) with a
+    green disc of radius 0.12 of the tile at its centre, the lesion; and their sizes."""
+    rng = np.random.default_rng(seed)
+    canvas = np.zeros((n, common.CANVAS, common.CANVAS, 3), np.uint8)
+    sizes = rng.integers(80, 201, (n, 2))
+    for tile, (h, w) in zip(canvas, sizes):
+        y, x = np.mgrid[0:h, 0:w]
+        tile[:h, :w] = (128 + 60 * np.sin(x / 2.0 + y / 3.0))[..., None].astype(np.uint8)
+        tile[:h, :w][np.hypot((y + 0.5) / h - 0.5, (x + 0.5) / w - 0.5) < 0.06] = (30, 220, 30)
+    return torch.from_numpy(canvas), torch.from_numpy(sizes)
+
+
+def augmented(canvas, sizes, draws, size=64):
+    """prepare_batch's output in [0, 1] colours (mean 0, std 1)."""
+    return common.prepare_batch(canvas, sizes, size, (0, 0, 0), (1, 1, 1), torch.device("cpu"), draws)
+
+
+def test_prediction_input_is_the_tile_resized_and_nothing_else():
+    canvas, sizes = lesion_canvases(4)
+    for (h, w), tile, x in zip(sizes, canvas, augmented(canvas, sizes, None, 56)):
+        plain = torch.nn.functional.interpolate(tile[:h, :w].permute(2, 0, 1)[None].float() / 255, (56, 56),
+                                                mode="bilinear", align_corners=False)[0]
+        torch.testing.assert_close(x, plain, rtol=0, atol=1e-3)  # 1e-3: prepare_batch stays 0.001 px inside
+
+
+def test_cutout_never_hides_the_lesion_at_the_tile_centre():
+    """Over 300 random draws with cutout on, no pixel of the green disc (the tile's centre, whatever
+    the rotation, zoom, shift, colour, blur and noise) is among those that the cutout changed."""
+    canvas, sizes = lesion_canvases(300)
+    draws = torch.rand(300, common.AUGMENT_DRAWS, generator=torch.Generator().manual_seed(0))
+    cut, kept = draws.clone(), draws.clone()
+    cut[:, 11], kept[:, 11] = draws[:, 11] * common.CUTOUT_P, 0.99
+    with_cut, without = augmented(canvas, sizes, cut), augmented(canvas, sizes, kept)
+    kept[:, 9] = 0.99  # the disc is where it is found without noise (which turns a few grey pixels green)
+    noiseless = augmented(canvas, sizes, kept)
+    green = noiseless[:, 1] - noiseless[:, [0, 2]].amax(1) > 0.3
+    changed = (with_cut != without).any(1)
+    assert green.flatten(1).any(1).all()  # the lesion is in view
+    assert changed.flatten(1).any(1).float().mean() > 0.5  # the cutouts were there to hide it
+    assert not (green & changed).any()
+
+
+@pytest.mark.parametrize("draw, p, also", [(5, common.BLUR_P, ()), (9, common.NOISE_P, (10,)),
+                                           (11, common.CUTOUT_P, (12, 13))])
+def test_blur_noise_and_cutout_change_the_tile_when_drawn_and_only_then(draw, p, also):
+    """A draw below p turns it on: every tile changes. Another draw above p, or other values of its
+    seed or position draws, leave the output unchanged to the bit."""
+    canvas, sizes = lesion_canvases(12)
+    base = torch.rand(12, common.AUGMENT_DRAWS, generator=torch.Generator().manual_seed(1))
+    base[:, [5, 9, 11]] = 0.99
+    base[:, 13] = 0  # a cutout as near the centre as it goes: inside the image
+    off = augmented(canvas, sizes, base)
+    on, other_off = base.clone(), base.clone()
+    on[:, draw] = torch.linspace(0.05, 0.95, 12) * p
+    other_off[:, draw] = p + (1 - p) * 0.3
+    other_off[:, list(also)] = 0.7
+    assert (augmented(canvas, sizes, on) != off).flatten(1).any(1).all()
+    assert torch.equal(augmented(canvas, sizes, other_off), off)
+
+
+def test_a_tile_is_augmented_alike_in_any_batch():
+    """Each process of torchrun augments its share of a batch: the same as in the whole batch."""
+    canvas, sizes = lesion_canvases(8)
+    draws = torch.rand(8, common.AUGMENT_DRAWS, generator=torch.Generator().manual_seed(2))
+    draws[:, [5, 9, 11]] *= 0.2  # blur, noise and cutout on
+    whole = augmented(canvas, sizes, draws)
+    for rank in (0, 1):
+        share = augmented(canvas[rank::2], sizes[rank::2], draws[rank::2])
+        torch.testing.assert_close(share, whole[rank::2], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("capability, dtype", [((6, 0), torch.float16), ((7, 5), torch.float16),
                                                ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
 def test_precision_is_native_bf16_or_fp16_with_a_scaler(monkeypatch, capability, dtype):
@@ -845,7 +918,8 @@ def test_an_unwritable_work_folder_is_one_error_line(demo, tmp_path, capsys, mon
 
 @slow
 def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, demo_work, tmp_path):
-    args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo] + tiny_train(3)
+    """With --ema, so that the average saved as the fold model must resume where it was too."""
+    args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo, "--ema", "0.9"] + tiny_train(3)
     straight, killed = copy_work(demo_work, tmp_path / "straight"), copy_work(demo_work, tmp_path / "killed")
     r = run_script("train_backbone.py", args + ["--work", straight])
     assert r.returncode == 0, r.stderr
@@ -861,6 +935,12 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    # what the killed run left: the epoch's average saved as best.pt, and in resume.pt beside the weights
+    saved = [torch.load(os.path.join(os.path.dirname(log_path), f), weights_only=False)
+             for f in ("resume.pt", "best.pt")]
+    assert saved[0]["epoch"] == saved[1]["epoch"] == 0
+    assert all(torch.equal(saved[1]["model"][k], saved[0]["ema"][k]) for k in saved[0]["ema"])
+    assert not all(torch.equal(saved[0]["model"][k], saved[0]["ema"][k]) for k in saved[0]["ema"])
     r = run_script("train_backbone.py", args + ["--work", killed, "--resume"])
     assert r.returncode == 0, r.stderr
     assert "resuming after epoch" in r.stdout
@@ -889,6 +969,62 @@ def test_micro_batches_give_the_whole_batch_gradient():
     for loss, weights in after[1:]:
         assert loss == pytest.approx(after[0][0], rel=1e-5)
         torch.testing.assert_close(weights, after[0][1], rtol=0, atol=1e-6)
+
+
+def convnext_atto_depth(name):
+    """A convnext_atto parameter's depth as timm groups its layers, worked out by hand: the stem 0,
+    then one layer a block (stages of 2, 2, 6, 2 blocks), a stage's downsampling with its first
+    block; the final norm 13, the last layer."""
+    if name.startswith("stem."):
+        return 0
+    if name.startswith("head.norm."):
+        return 13
+    stage, rest = re.fullmatch(r"stages\.(\d)\.(.*)", name).groups()
+    first = {"0": 1, "1": 3, "2": 5, "3": 11}[stage]
+    return first if rest.startswith("downsample.") else first + int(re.match(r"blocks\.(\d+)\.", rest).group(1))
+
+
+def test_each_parameter_group_learns_at_its_base_rate_times_the_schedule():
+    """The head at --head-lr, a backbone parameter at depth i of 13 at lr * decay^(13 - i), each
+    following 3 warm-up steps then a cosine over the 7 left of 10; weight decay on matrices only."""
+    model = common.build_model("convnext_atto", pretrained=False)
+    lr, head_lr, decay, wd = 1e-4, 3e-3, 0.5, 0.05
+    opt = torch.optim.AdamW(train_backbone.param_groups(model, lr, head_lr, wd, decay))
+    head = {id(p) for p in model.get_classifier().parameters()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    want = {n: head_lr if id(p) in head else lr * decay ** (13 - convnext_atto_depth(n))
+            for n, p in model.named_parameters()}
+    assert sorted(id(p) for g in opt.param_groups for p in g["params"]) == sorted(names)  # each once
+    assert {id(p) for g in opt.param_groups if g["base_lr"] == head_lr for p in g["params"]} == head
+    factors = [1 / 3, 2 / 3, 1] + [0.5 * (1 + np.cos(np.pi * k / 7)) for k in range(7)]
+    for step, factor in enumerate(factors):
+        train_backbone.set_lr(opt, train_backbone.lr_factor(step, 10, 3))
+        for g in opt.param_groups:
+            for p in g["params"]:
+                assert g["lr"] == pytest.approx(want[names[id(p)]] * factor, rel=1e-12), (step, names[id(p)])
+                assert g["weight_decay"] == (wd if p.ndim > 1 else 0.0), names[id(p)]
+
+
+def test_ema_is_the_running_average_of_the_weights_after_each_step():
+    """ema = 0.9 ema + 0.1 w after each of 5 SGD steps, worked out beside; the batch norm's running
+    statistics (buffers, not learned) are the model's own."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    ema = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    want = [p.detach().clone() for p in model.parameters()]
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.randn(8, 3)).square().mean().backward()
+        opt.step()
+        train_backbone.update_ema(ema, model, 0.9)
+        want = [0.9 * w + 0.1 * p.detach() for w, p in zip(want, model.parameters())]
+    for got, w in zip(ema.parameters(), want):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(torch.cat([p.flatten() for p in ema.parameters()]),
+                              torch.cat([p.flatten() for p in model.parameters()]))  # an average, not a copy
+    for got, b in zip(ema.buffers(), model.buffers()):
+        assert torch.equal(got, b)
 
 
 @slow
@@ -957,6 +1093,7 @@ def test_out_of_gpu_memory_names_the_flags_that_lower_it(demo, demo_work, tmp_pa
     (["--fold", "7"], "--fold 7: the folds of .*folds.csv are 0 to 4, or 'all'"),
     (["--fold", "abc"], "--fold abc: the folds of"),
     (["--epochs", "0"], "argument --epochs: must be above 0, not 0"),
+    (["--ema", "1"], "argument --ema: must be at least 0 and below 1, not 1"),
 ])
 def test_bad_training_options_are_one_error(demo, demo_work, capsys, option, match):
     err = stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--data", demo, "--work", demo_work]

@@ -1,15 +1,19 @@
 """Fine-tune one image backbone on the training patients of one fold (or of every fold in turn).
 
-Balanced epochs: every training positive plus --neg-per-pos negatives per positive, the negatives
-redrawn each epoch. Focal loss, AdamW with warm-up and cosine decay, stochastic depth, augmentation
-and resizing on the device in batches, mixed precision (bf16, or fp16 with a gradient scaler on
-GPUs without bf16). Validation pAUC on the fold's held-out patients picks the best checkpoint.
-Under `torchrun --nproc_per_node=N` it trains with DistributedDataParallel, rank 0 writing.
+Balanced epochs: every training positive plus --neg-per-pos negatives per positive (1:4 over 40
+epochs by default), the negatives redrawn each epoch. Focal loss; AdamW with warm-up and cosine
+decay, the new head at its own learning rate (--head-lr, 10 x --lr), optionally layer-wise decay
+down the backbone (--layer-decay); stochastic depth; augmentation (flip, rotation, zoom, shift,
+colour, blur, noise, a cutout that spares the tile's centre) and resizing on the device in batches;
+mixed precision (bf16, or fp16 with a gradient scaler on GPUs without bf16); optionally a moving
+average of the weights (--ema), which is then what is validated and saved. Validation pAUC on the
+fold's held-out patients picks the best checkpoint. Under `torchrun --nproc_per_node=N` it trains
+with DistributedDataParallel, rank 0 writing.
 
 Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
 Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (weights of the last),
         log.csv (one row per epoch), args.json, manifest.json: what a user uploads. A fold trains in
-        fold{k}.partial/, whose resume.pt (weights, optimizer and scaler state, saved every epoch)
+        fold{k}.partial/, whose resume.pt (weights, optimizer, scaler and average state, saved every epoch)
         --resume continues from, and which replaces fold{k}/ whole, without resume.pt, once its last
         epoch is done
 
@@ -20,6 +24,7 @@ Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt 
 """
 import argparse
 import contextlib
+import copy
 import math
 import os
 import re
@@ -44,10 +49,43 @@ def epoch_rows(y, neg_per_pos, seed_key):
     return rng.permutation(np.r_[pos, neg])
 
 
-def lr_at(step, total, warmup, base):
+def lr_factor(step, total, warmup):
+    """The schedule, a factor of each parameter group's base learning rate: linear warm-up over
+    `warmup` steps, then cosine decay to 0 at step `total`."""
     if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def param_groups(model, lr, head_lr, weight_decay, layer_decay):
+    """AdamW's parameter groups, each with its "base_lr": the classifier head at head_lr (it starts
+    from random weights), a backbone parameter at depth i of L (timm's layer grouping, the last
+    layer L holding the final norm) at lr * layer_decay^(L - i). No weight decay on 1-D parameters
+    (norms, biases)."""
+    from timm.optim import param_groups_layer_decay
+    head = {id(p) for p in model.get_classifier().parameters()}
+    groups = []
+    for g in param_groups_layer_decay(model, weight_decay, layer_decay=layer_decay):
+        for in_head, base_lr in ((False, lr * g["lr_scale"]), (True, head_lr)):
+            params = [p for p in g["params"] if (id(p) in head) == in_head]
+            if params:
+                groups.append({"params": params, "weight_decay": g["weight_decay"], "base_lr": base_lr})
+    return groups
+
+
+def set_lr(opt, factor):
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
+
+
+def update_ema(ema, model, decay):
+    """After an optimizer step: each of ema's parameters becomes decay * itself + (1 - decay) * the
+    model's; buffers are copied, as they are not learned."""
+    with torch.no_grad():
+        for e, w in zip(ema.parameters(), model.parameters()):
+            e.mul_(decay).add_(w, alpha=1 - decay)
+        for e, b in zip(ema.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def save_checkpoint(path, obj):
@@ -185,10 +223,11 @@ def train_fold(args, fold, train, images, device, rank, world):
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    # with --ema the average of the weights is what is validated and saved as the fold model
+    ema = copy.deepcopy(model).requires_grad_(False) if args.ema else None
+    scored = ema if args.ema else model
+    opt = torch.optim.AdamW(param_groups(model, args.lr, args.head_lr or 10 * args.lr, args.weight_decay,
+                                         args.layer_decay))
     dtype, scale_loss = amp_settings(device, args.cpu_amp)
     scaler = torch.amp.GradScaler(device.type, enabled=scale_loss)
     loss_fn = focal_loss  # alpha 0.25, gamma 2
@@ -202,6 +241,10 @@ def train_fold(args, fold, train, images, device, rank, world):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
+        if args.ema:
+            if "ema" not in ck:
+                raise DataError(f"{resume_path}: saved by a run without --ema: resume without it, or start again")
+            ema.load_state_dict(ck["ema"])
         start, best, step, score = ck["epoch"] + 1, ck["best"], ck["step"], ck["val_pauc"]
         log(f"{args.arch} fold {fold}: resuming after epoch {ck['epoch']} (best pAUC {best:.4f})")
     log(f"{args.arch} fold {fold}: {len(trn)} training rows ({y[trn].sum()} positives), {len(val)} validation "
@@ -224,12 +267,14 @@ def train_fold(args, fold, train, images, device, rank, world):
             skipped += index[broken].tolist()
             if len(target) == 0:
                 continue
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, warmup, args.lr)
+            factor = lr_factor(step, total, warmup)
+            set_lr(opt, factor)
             x = prepare_batch(canvas, sizes, size, mean, std, device, draws)
             loss, scaler_skipped = train_step(model, ddp, opt, scaler, loss_fn, x, target.to(device), micro, device,
                                               dtype, world)
             step += 1
+            if args.ema and not scaler_skipped:
+                update_ema(ema, model, args.ema)
             skipped_in_row = skipped_in_row + 1 if scaler_skipped else 0
             check_step(loss, skipped_in_row, f"{args.arch} fold {fold}, epoch {epoch + 1}, step {step}", dtype)
             losses.append(loss)
@@ -239,18 +284,19 @@ def train_fold(args, fold, train, images, device, rank, world):
                             f"decoded; the first: {images.problem(rows[0])}")
         broken_tiles(images, skipped, "training", "skipped")
         train_loss = np.mean(losses)
-        val_loss, score = validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
+        val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
                                    world)
         if rank != 0:
             continue
         if score > best or best < 0:
             best = score
             save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
-                                                               "val_pauc": score, "model": model.state_dict()})
+                                                               "val_pauc": score, "model": scored.state_dict()})
         save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "step": step})
-        row = [epoch, train_loss, val_loss, score, opt.param_groups[0]["lr"], round(time.time() - t0, 1),
+                                    "scaler": scaler.state_dict(), "best": best, "step": step,
+                                    **({"ema": ema.state_dict()} if args.ema else {})})
+        row = [epoch, train_loss, val_loss, score, args.lr * factor, round(time.time() - t0, 1),
                round(len(rows) / train_s, 1)]
         write_epoch_log(os.path.join(out_dir, "log.csv"), row)
         log(f"{args.arch} fold {fold} epoch {epoch + 1}/{args.epochs}: train loss {row[1]:.4f}, val loss "
@@ -259,7 +305,7 @@ def train_fold(args, fold, train, images, device, rank, world):
         log(f"rank {rank}: weights differ between ranks by at most {check_ranks_in_sync(model):.3g}")
     if rank == 0:  # the uploaded folder holds weights alone: the optimizer state would double its size
         save_checkpoint(os.path.join(out_dir, "last.pt"), {"arch": args.arch, "fold": fold, "epoch": args.epochs - 1,
-                                                           "val_pauc": score, "model": model.state_dict()})
+                                                           "val_pauc": score, "model": scored.state_dict()})
         os.remove(resume_path)
         commit_folder(out_dir, final, {"stage": "train_backbone.py", "arch": args.arch, "fold": fold,
                                        "epochs": args.epochs, "val_pauc": {"best": best, "last": score},
@@ -305,18 +351,34 @@ def train(args):
         torch.distributed.destroy_process_group()
 
 
-def main(argv=None):
+def ema_decay(text):
+    """An argparse type: a decay in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
+    return value
+
+
+def build_parser():
+    """The flags; bench.py projects the GPU time of their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
     parser.add_argument("--fold", default="all", help="a fold number, or 'all' for every fold in turn")
     add_path_flags(parser, models=False)
     parser.add_argument("--weights", help="pretrained weights file (.safetensors or .pth)")
     parser.add_argument("--no-pretrained", action="store_true", help="random initialization")
-    parser.add_argument("--epochs", type=positive(int), default=12)
-    parser.add_argument("--neg-per-pos", type=positive(int), default=20, help="negatives per positive in each epoch")
+    # 40 epochs of every positive with 4 fresh negatives each (1:3 to 1:5 in the winning solutions): 40 x (1 + 4)
+    # = 200 training images per positive, fewer than 12 epochs at 1:20 (252)
+    parser.add_argument("--epochs", type=positive(int), default=40)
+    parser.add_argument("--neg-per-pos", type=positive(int), default=4,
+                        help="negatives per positive in each epoch, drawn afresh each epoch (default 4 with 40 "
+                             "epochs: 200 training images per positive)")
     parser.add_argument("--val-neg-per-pos", type=int, default=50,
                         help="validation negatives per positive, drawn once (0: all; all of a real fold is "
-                             "about 80,000 tiles: four times the FLOPs of an eva02_base training epoch)")
+                             "about 80,000 tiles: 17 times the FLOPs of a training epoch at 1:4)")
     parser.add_argument("--batch-size", type=positive(int), default=64,
                         help="images per optimizer step, all processes together under torchrun (a multiple of "
                              "their number)")
@@ -324,10 +386,18 @@ def main(argv=None):
                         help="images per forward pass (default: as many as the GPU's memory holds, by powers of 2)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, about 30%% more compute")
-    parser.add_argument("--lr", type=positive(float), default=5e-5)
+    parser.add_argument("--lr", type=positive(float), default=5e-5, help="the backbone's peak learning rate")
+    parser.add_argument("--head-lr", type=positive(float),
+                        help="the classifier head's peak learning rate (default: 10 x --lr)")
+    parser.add_argument("--layer-decay", type=positive(float), default=1.0,
+                        help="layer-wise learning rate decay: the backbone layer at depth i of L learns at "
+                             "--lr x DECAY^(L - i) (default 1: every layer at --lr)")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--warmup-epochs", type=float, default=1.0)
     parser.add_argument("--drop-path", type=float, default=0.1)
+    parser.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
+                        help="validate and save an exponential moving average of the weights, updated after "
+                             "every optimizer step with this decay (e.g. 0.999; default 0: off)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     parser.add_argument("--resume", action="store_true", help="continue from the resume.pt of fold{k}.partial/")
@@ -335,7 +405,11 @@ def main(argv=None):
     parser.add_argument("--save-weights", metavar="DIR",
                         help="only write DIR/ARCH.safetensors, timm's pretrained weights (run with internet and "
                              "HF_HUB_OFFLINE=0), for --weights and run.sh's WEIGHTS_DIR")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.save_weights:
         save_weights(args.arch, args.save_weights, not args.no_pretrained)
         return
