@@ -110,15 +110,24 @@ def bench_patient_normalize(train, repeats=3):
     return x.shape, [timed(common.patient_normalize, x, pid)[0] for _ in range(repeats)]
 
 
+# runs a script as `python SCRIPT` does, then prints its peak resident memory (VmHWM, KiB): getrusage's
+# maxrss would count the forking parent's memory, which Linux carries across exec
+PEAK_MEMORY = """import runpy, sys
+script, sys.argv = sys.argv[1], sys.argv[1:]
+try:
+    runpy.run_path(script, run_name="__main__")
+finally:
+    print(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")), file=sys.stderr)"""
+
+
 def run_stage(script, args):
-    """Seconds and peak memory (GiB, the process's maximum resident set) of `python SCRIPT ARGS`."""
+    """Seconds and peak memory (GiB, the process's largest resident set) of `python SCRIPT ARGS`."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, script] + args, cwd=os.path.dirname(os.path.abspath(__file__)),
-                            stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        raise RuntimeError(f"{script} {' '.join(args)} failed")
-    return time.perf_counter() - t0, usage.ru_maxrss / 2 ** 20  # ru_maxrss is in KiB on Linux
+    r = subprocess.run([sys.executable, "-c", PEAK_MEMORY, script] + args, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    if r.returncode:
+        raise RuntimeError(f"{script} {' '.join(args)} failed: {r.stderr[-500:]}")
+    return time.perf_counter() - t0, int(r.stderr.split()[-1]) / 2 ** 20
 
 
 def features_and_gbdt(data, work, extra=()):
@@ -267,7 +276,7 @@ def counted(arch):
 # 70 W card; training at three times the forward's FLOPs)
 T4_PEAK, T4_COUNT, SHARES = 65.0, 2, (0.10, 0.25)
 KAGGLE_CORES, DECODES_PER_CORE = 4, 7100  # a Kaggle notebook's CPU cores; JPEG decodes a second on one core
-GBDT_TRAIN_S = 272  # gbdt.py at 400,000 rows (5 folds x 3 bags), measured by `python bench.py` on 2 cores
+GBDT_TRAIN_S = 2048  # gbdt.py at 400,000 rows, default settings, measured by `python bench.py` on 2 shared cores
 
 
 def memory_figures(archs, costs):
