@@ -602,6 +602,12 @@ def test_micro_batches_follow_the_gpu_memory(monkeypatch):
     # a parameter) and 1.074 GB (1 GiB) of CUDA context: 11.15 GB, 20.3 images of 524.5 MiB: 16
     assert common.MODEL_CONFIGS["eva02_base"]["act_mib"] == 524.5
     assert plan("eva02_base", 86_000_000) == (16, False)
+    # an EMA copy holds 4 bytes a parameter more. On 8.3 GB: 7.055 - 1.376 - 1.074 = 4.605 GB, 8.4
+    # images (8); with it 7.055 - 1.720 - 1.074 = 4.261 GB, 7.7 images (4)
+    Props.total_memory = int(8.3e9)
+    assert plan("eva02_base", 86_000_000) == (8, False)
+    assert plan("eva02_base", 86_000_000, ema=0.999) == (4, False)
+    Props.total_memory = 16 * 10 ** 9
     assert plan("convnext", 28_000_000) == (64, False)                   # capped at the batch
     assert plan("eva02_base", 86_000_000, micro_batch=4) == (4, False)  # the flags win
     assert plan("eva02_base", 86_000_000, grad_checkpointing=True)[1] is True

@@ -112,11 +112,12 @@ def check_ranks_in_sync(model):
     return (hi - lo).abs().max().item()
 
 
-def largest_micro_batch(memory, n_params, per_image):
+def largest_micro_batch(memory, n_params, per_image, bytes_per_param=16):
     """The most images (a power of 2) whose saved activations (`per_image` bytes each) fit in 85% of
-    `memory` bytes beside 16 bytes a parameter (fp32 weights and gradients, AdamW's two moments)
-    and 1 GiB for the CUDA context and workspaces; 0 if not even one does."""
-    room = 0.85 * memory - 16 * n_params - 2 ** 30
+    `memory` bytes beside bytes_per_param a parameter (16: fp32 weights and gradients, AdamW's two
+    moments; 20 with an EMA copy) and 1 GiB for the CUDA context and workspaces; 0 if not even one
+    does."""
+    room = 0.85 * memory - bytes_per_param * n_params - 2 ** 30
     return 2 ** int(np.log2(room / per_image)) if room >= per_image else 0
 
 
@@ -133,7 +134,7 @@ def memory_plan(args, model, device, world=1):
     n_params = sum(p.numel() for p in model.parameters())
     for checkpointing in (True,) if args.grad_checkpointing else (False, True):
         per_image = MODEL_CONFIGS[args.arch]["act_mib_ckpt" if checkpointing else "act_mib"] * 2 ** 20
-        micro = largest_micro_batch(memory, n_params, per_image)
+        micro = largest_micro_batch(memory, n_params, per_image, 20 if getattr(args, "ema", 0) else 16)
         if micro:
             return min(micro, share), checkpointing
     raise DataError(f"{torch.cuda.get_device_name(device)}: too little memory to train {args.arch} on even one image")
