@@ -1081,16 +1081,17 @@ def split_broken(canvas, sizes, *rest):
     return [t[~broken] for t in (canvas, sizes) + rest], broken
 
 
-def check_finite_outputs(embs, logits, ids, dtype, what):
-    """A tile that decodes must get a finite embedding and logit: NaN means "no image" downstream."""
+def check_finite_outputs(embs, logits, ids, index, dtype, what):
+    """A tile that decodes must get a finite embedding and logit: NaN means "no image" downstream.
+    ids[index[i]] names row i of the batch; looked up only for the message."""
     import torch
     bad = ~(np.isfinite(logits) & np.isfinite(embs).all(1))
     if bad.any():
         first = np.flatnonzero(bad)[0]
         fp16 = (": retrain with a lower --lr, or score on a GPU with bf16 (compute capability 8.0 and up)"
                 if dtype == torch.float16 else "")
-        raise DataError(f"{what or 'prediction'}: the model's output for {ids[first]} (a tile that decodes) is not "
-                        f"finite (logit {logits[first]}; {bad.sum()} of the {len(ids)} tiles of its batch) under "
+        raise DataError(f"{what or 'prediction'}: the model's output for {ids[index[first]]} (a tile that decodes) is "
+                        f"not finite (logit {logits[first]}; {bad.sum()} of the {len(index)} tiles of its batch) under "
                         f"{str(dtype or torch.float32)[6:]}: the weights hold NaN or inf, or the forward pass "
                         f"overflows{fp16}")
 
@@ -1111,8 +1112,9 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
             x = prepare_batch(canvas, sizes, out_size, mean, std, device)
             with torch.no_grad(), autocast(device, dtype):
                 f, z = forward_features_and_logit(model, x)
-            embs[rows], logits[rows] = f.float().cpu().numpy(), z.float().cpu().numpy()
-            check_finite_outputs(embs[rows], logits[rows], [loader.dataset.ids[i] for i in index], dtype, progress)
+            f, z = f.float().cpu().numpy(), z.float().cpu().numpy()
+            check_finite_outputs(f, z, loader.dataset.ids, index, dtype, progress)
+            embs[rows], logits[rows] = f, z
         if progress and ((batch + 1) % 50 == 0 or seen == n):
             log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")
     if n and np.isnan(logits).all():
