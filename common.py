@@ -135,6 +135,22 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
+def read_json(path, rebuild, keys=()):
+    """A JSON state file written by write_json, as a dict holding `keys`; a missing, empty,
+    truncated or foreign one is a DataError naming the file and `rebuild`, the command that makes it."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found: run {rebuild}")
+    try:
+        with open(path, "rb") as f:
+            obj = json.loads(f.read().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: damaged ({e}): run {rebuild}") from None
+    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise DataError(f"{path}: not the file this stage expects (no {', '.join(missing)}): run {rebuild}")
+    return obj
+
+
 def save_array(path, array, ids):
     """X.npy with its row ids in X_ids.txt; the ids go first so a reader never sees new rows
     with stale ids."""
