@@ -113,12 +113,30 @@ def atomic_write(path, write):
         with os.fdopen(fd, "wb") as f:
             write(f)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are for sharing
+        fault_point(f"writing {tmp}")
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
         if isinstance(e, OSError) and e.filename is None:  # a full disk, say: name the file being written
             raise OSError(e.errno, e.strerror, path) from None
         raise
+    fault_point(f"renaming it to {path}")
+
+
+KILL_AT = "PIPELINE_KILL_AT"
+fault_points = 0  # the points this process has passed
+
+
+def fault_point(what):
+    """Marks a point where a kill leaves a state that the next run must handle: after each temporary
+    file is written, and after each rename or removal of outputs. With the environment variable
+    PIPELINE_KILL_AT=N the process ends at its Nth point at once, as SIGKILL would (no cleanup, no
+    exit handlers): the fault-injection test walks N over every point of each stage."""
+    global fault_points
+    fault_points += 1
+    if os.environ.get(KILL_AT) == str(fault_points):
+        print(f"{KILL_AT}={fault_points}: killed after {what}", file=sys.stderr, flush=True)
+        os._exit(137)
 
 
 def write_csv(path, header, columns):
@@ -157,6 +175,7 @@ def save_array(path, array, ids):
     ids_path = path[:-4] + "_ids.txt"
     atomic_write(ids_path, lambda f: f.write(("\n".join(ids) + "\n").encode()))
     atomic_write(path, lambda f: np.save(f, array))
+    return [ids_path, path]
 
 
 def load_array(path, expected_ids):
@@ -192,53 +211,139 @@ def file_digest(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def lock_file(folder, name, shared):
+    """An flock on FOLDER/.lock-NAME, exclusive or shared, held until the process ends however it
+    ends (a killed run leaves no stale lock); None where the lock file cannot be made (a read-only
+    models folder, which no run can write either)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        f = open(os.path.join(folder, f".lock-{name}"), "a")
+    except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES):
+            return None
+        raise
+    try:
+        fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise DataError(f"{folder}: another run is {'writing' if shared else 'writing or reading'} {name} now; wait "
+                        "for it to end, or use another --work and --models") from None
+    return f
+
+
 @contextlib.contextmanager
-def output_lock(work, name):
-    """Held while a stage writes its outputs, so that a second run writing the same outputs stops
-    with an error instead of mixing its files with the first's. The lock (on WORK/.lock-NAME) ends
-    with the process, however it ends: a killed run leaves no stale lock."""
-    os.makedirs(work, exist_ok=True)
-    path = os.path.join(work, f".lock-{name}")
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"{work}: another run is writing {name} here now; wait for it to end, or use "
-                            "another --work") from None
+def stage_locks(args, writes, reads=()):
+    """Held while a stage runs: an exclusive lock on each unit it writes, a shared one on each it
+    reads, in the work folder and in the models folder alike. Two runs writing one unit stop
+    whichever --work or --models each uses, and no unit is rewritten while a run reads it (a fold
+    model committed while extract.py scores with it, say). Units: features, image-ARCH (the fold
+    models of ARCH together), image-ARCH-foldK, gbdt-NAME, ensemble, report."""
+    folders = [args.work, models_folder(args)]
+    held = [lock_file(folder, unit, shared) for shared, units in ((False, writes), (True, reads))
+            for unit in units for folder in dict.fromkeys(folders)]
+    try:
         yield
+    finally:
+        for f in held:
+            if f is not None:
+                f.close()
 
 
-def commit_folder(partial, final, manifest):
-    """Puts the finished folder `partial` in place of `final`, with manifest.json written into it last:
-    what makes the folder, the sha256 of each of its files, and `manifest`'s facts (arguments,
+def commit_folder(partial, final, manifest, leave_out=()):
+    """Puts the finished folder `partial` in place of `final`, with manifest.json written into it
+    first: what makes the folder, the sha256 of each of its files (but `leave_out` and the
+    temporary files of killed writes, which are dropped), and `manifest`'s facts (arguments,
     features, folds, the digests of its inputs). An older `final` is removed whole."""
-    manifest["files"] = {f: file_digest(os.path.join(partial, f)) for f in sorted(os.listdir(partial))}
+    files = sorted(f for f in os.listdir(partial) if f not in leave_out and not f.startswith("."))
+    manifest["files"] = {f: file_digest(os.path.join(partial, f)) for f in files}
     write_json(os.path.join(partial, "manifest.json"), manifest)
-    old = final + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(partial, final)
-    shutil.rmtree(old, ignore_errors=True)
+    finish_commit(final)
 
 
-def read_manifest(folder, rerun, files=None):
-    """A committed folder's manifest, with its digest ("digest": what a consumer records), after
-    checking every file it lists (or the listed `files` only: a consumer reads and hashes only what
-    it uses); `rerun` is the command that makes the folder, for the message."""
+def finish_commit(final):
+    """Completes a commit from wherever a kill stopped it: a FINAL.partial whose manifest is written
+    and checks is complete, and goes in place of FINAL (which becomes FINAL.old on the way, then is
+    removed); a FINAL.old beside a FINAL is removed. A .partial without a manifest is a run still
+    in progress (or one to --resume), and is left alone. Every stage that uses a model folder calls
+    this first (readers too, where they can write), so a kill at any instant loses no model."""
+    partial, old = final + ".partial", final + ".old"
+    if folder_problem(partial) is None:
+        manifest = os.path.join(partial, "manifest.json")
+        with open(manifest) as f:
+            listed = set(json.load(f)["files"])
+        for name in set(os.listdir(partial)) - listed - {"manifest.json"}:  # resume.pt, temporary files
+            os.remove(os.path.join(partial, name))
+            fault_point(f"removing {name} from {partial}")
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            fault_point(f"renaming {final} to {old}")
+        os.rename(partial, final)
+        fault_point(f"renaming {partial} to {final}")
+    if os.path.isdir(old) and folder_problem(final) is None:
+        shutil.rmtree(old)
+        fault_point(f"removing {old}")
+
+
+def folder_problem(folder, files=None):
+    """What stops `folder` from being a complete committed folder (None: nothing): its manifest.json
+    missing or damaged, or a file it lists (of `files`, where given) missing or changed."""
     path = os.path.join(folder, "manifest.json")
     if not os.path.exists(path):
-        raise DataError(f"{folder}: not a complete trained model (no manifest.json): run {rerun}")
-    with open(path) as f:
-        manifest = json.load(f)
-    for name, digest in manifest["files"].items():
+        return "not a complete trained model (no manifest.json)"
+    try:
+        with open(path, "rb") as f:
+            manifest = json.loads(f.read().decode())
+        listed = manifest["files"].items()
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return "its manifest.json is damaged"
+    for name, digest in listed:
         if files is not None and name not in files:
             continue
         p = os.path.join(folder, name)
         if not os.path.exists(p) or file_digest(p) != digest:
-            raise DataError(f"{folder}: {name} is missing or is not the file this model was trained with (an "
-                            f"incomplete copy, or the files of two runs mixed): run {rerun}")
-    return {**manifest, "digest": file_digest(path)}
+            return (f"{name} is missing or is not the file this model was trained with (an incomplete copy, or "
+                    "the files of two runs mixed)")
+    return None
+
+
+def read_manifest(folder, rerun, files=None):
+    """A committed folder's manifest, with its digest ("digest": what a consumer records), after
+    finishing a commit that a kill interrupted (where the folder can be written) and checking every
+    file it lists (or the listed `files` only: a consumer reads and hashes only what it uses);
+    `rerun` is the command that makes the folder, for the message."""
+    if os.access(os.path.dirname(os.path.abspath(folder)), os.W_OK):
+        finish_commit(folder)
+    problem = folder_problem(folder, files)
+    if problem:
+        raise DataError(f"{folder}: {problem}: run {rerun}")
+    path = os.path.join(folder, "manifest.json")
+    with open(path) as f:
+        return {**json.load(f), "digest": file_digest(path)}
+
+
+def write_record(work, name, paths, made_by=None):
+    """WORK/records/NAME.json, written after the outputs `paths` of one run of a stage: each one's
+    sha256, and `made_by`, the digest of the model they come from. Readers check what they read
+    against it (check_record): outputs that a killed run left half rewritten, or that two runs
+    mixed, are refused rather than used."""
+    write_json(os.path.join(work, "records", f"{name}.json"),
+               {"files": {os.path.relpath(p, work): file_digest(p) for p in paths}, "made_by": made_by})
+
+
+def check_record(work, name, paths, rebuild, made_by=None):
+    """Checks that the outputs `paths` are those that the last complete run of NAME wrote (and, with
+    `made_by`, that they come from that model); `rebuild` names the command that remakes them."""
+    record = read_json(os.path.join(work, "records", f"{name}.json"), rebuild, keys=("files", "made_by"))
+    for p in paths:
+        if not os.path.exists(p):
+            raise DataError(f"{p}: not found: run {rebuild}")
+        if record["files"].get(os.path.relpath(p, work)) != file_digest(p):
+            raise DataError(f"{p}: not the file that the last complete run of {rebuild} wrote (a run killed while "
+                            f"writing, or the files of two runs mixed): run {rebuild} again")
+    if made_by is not None and record["made_by"] != made_by:
+        raise DataError(f"{work}/records/{name}.json: these outputs come from another model than the models folder "
+                        f"holds now (a run killed between its model and its outputs?): run {rebuild} again")
 
 
 # ---------------------------------------------------------------- reading CSV files
@@ -378,7 +483,7 @@ def add_path_flags(parser, models=True):
 
 
 def models_folder(args):
-    return args.models or os.path.join(args.work, "models")
+    return getattr(args, "models", None) or os.path.join(args.work, "models")
 
 
 def data_path(data_dir, name):
@@ -433,12 +538,15 @@ def read_test(data_dir):
                          only_required=True)
 
 
-def read_lesions(work, split):
+def read_lesions(work, split, recorded=True):
     """The lesions of one split in metadata order, as features.py recorded them: isic_id, patient_id
-    and, for train, target and fold (WORK/folds.csv); for test, WORK/test_lesions.csv."""
+    and, for train, target and fold (WORK/folds.csv); for test, WORK/test_lesions.csv. Checked
+    against features.py's record (recorded=False: features.py rereading the folds it made)."""
     path = os.path.join(work, "folds.csv" if split == "train" else "test_lesions.csv")
     if not os.path.exists(path):
         raise DataError(f"{path}: not found: run features.py first (it records the lesions of each split)")
+    if recorded:
+        check_record(work, "features", [path], "features.py")
     numbers = ["target", "fold"] if split == "train" else []
     lesions = read_csv(path, ["isic_id", "patient_id"] + numbers, numbers, keys=["isic_id", "patient_id"])
     if split == "train":
@@ -455,22 +563,36 @@ def lesions_digest(work):
     return file_digest(os.path.join(work, "folds.csv"))
 
 
-def read_preds(work, name, split, ids):
-    """A model's predictions (WORK/preds/NAME_{oof,test}.csv), checked against the split's ids;
-    NaN where the model has none."""
-    path = os.path.join(work, "preds", f"{name}_{'oof' if split == 'train' else 'test'}.csv")
+def read_preds(work, name, split, ids, made_by=None):
+    """A model's predictions (WORK/preds/NAME_{oof,test}.csv), checked against the split's ids and
+    against the record of the run that wrote them (with `made_by`: that it ran the model whose
+    digest that is); NaN where the model has none."""
+    path = preds_path(work, name, split)
+    check_record(work, name, [path], preds_stage(name), made_by)
     table = read_csv(path, ["isic_id", "pred"], ["pred"])
     check_ids(path, table["isic_id"], ids)
     return table["pred"]
 
 
+def preds_stage(name):
+    """The command that writes preds/NAME_*.csv."""
+    return (f"extract.py --arch {name[4:]}" if name.startswith("img_") else "ensemble.py" if name == "ensemble"
+            else f"gbdt.py --name {name}")
+
+
+def preds_path(work, name, split):
+    return os.path.join(work, "preds", f"{name}_{'oof' if split == 'train' else 'test'}.csv")
+
+
 def write_preds(work, name, split, lesions, pred):
-    """WORK/preds/NAME_oof.csv (isic_id,target,fold,pred) for train, NAME_test.csv (isic_id,pred) for test."""
+    """WORK/preds/NAME_oof.csv (isic_id,target,fold,pred) for train, NAME_test.csv (isic_id,pred) for
+    test; returns its path, for the stage's record."""
+    path = preds_path(work, name, split)
     if split == "train":
-        write_csv(os.path.join(work, "preds", f"{name}_oof.csv"), ["isic_id", "target", "fold", "pred"],
-                  [lesions["isic_id"], lesions["target"], lesions["fold"], pred])
+        write_csv(path, ["isic_id", "target", "fold", "pred"], [lesions["isic_id"], lesions["target"], lesions["fold"], pred])
     else:
-        write_csv(os.path.join(work, "preds", f"{name}_test.csv"), ["isic_id", "pred"], [lesions["isic_id"], pred])
+        write_csv(path, ["isic_id", "pred"], [lesions["isic_id"], pred])
+    return path
 
 
 # ---------------------------------------------------------------- the metrics

@@ -27,8 +27,9 @@ import os
 
 import numpy as np
 
-from common import (DataError, add_path_flags, log, models_folder, output_lock, pauc, rank01, rank_in_patient,
-                    read_lesions, read_manifest, read_preds, run_main, write_args, write_csv, write_json, write_preds)
+from common import (DataError, add_path_flags, file_digest, log, models_folder, pauc, rank01, rank_in_patient,
+                    read_lesions, read_manifest, read_preds, run_main, stage_locks, write_args, write_csv, write_json,
+                    write_preds, write_record)
 
 
 def rank_average(preds, weights):
@@ -77,19 +78,18 @@ def parse_weights(text, names):
     return w / w.sum()
 
 
-def model_preds(work, name, split, ids):
-    """A model's predictions, every lesion's present."""
-    pred = read_preds(work, name, split, ids)
+def model_preds(work, name, split, ids, made_by):
+    """A model's predictions, every lesion's present, made by the model whose manifest digest is `made_by`."""
+    pred = read_preds(work, name, split, ids, made_by)
     if np.isnan(pred).any():
         raise DataError(f"{work}/preds/{name}: isic_id {ids[np.flatnonzero(np.isnan(pred))[0]]} has no prediction")
     return pred
 
 
-def ensemble_spec(models_dir, names, weights):
-    """models/ensemble.json: the models and weights of the submission, with the digests of the model
-    folders, so that --predict-only rebuilds the same submission from the same models."""
-    members = {n: read_manifest(os.path.join(models_dir, n), f"gbdt.py --name {n}")["digest"] for n in names}
-    return {"names": names, "weights": weights.tolist(), "members": members}
+def member_digests(models_dir, names):
+    """{name: the digest of models/NAME's manifest}: what models/ensemble.json records, so that
+    --predict-only rebuilds the same submission from the same models."""
+    return {n: read_manifest(os.path.join(models_dir, n), f"gbdt.py --name {n}")["digest"] for n in names}
 
 
 def read_ensemble_spec(models_dir, names):
@@ -101,29 +101,32 @@ def read_ensemble_spec(models_dir, names):
         spec = json.load(f)
     if names and names != spec["names"]:
         raise DataError(f"{path}: the submission was built from {', '.join(spec['names'])}, not {', '.join(names)}")
-    if ensemble_spec(models_dir, spec["names"], np.array(spec["weights"]))["members"] != spec["members"]:
+    if member_digests(models_dir, spec["names"]) != spec["members"]:
         raise DataError(f"{models_dir}: its GBDT models are not those the ensemble was built from (models of two runs "
                         "mixed?): run gbdt.py and ensemble.py on the training data again")
-    return spec["names"], np.array(spec["weights"])
+    return spec["names"], np.array(spec["weights"]), spec["members"]
 
 
 def ensemble(args):
     """The stage's work: read and check every input, then write the submission."""
     models_dir = models_folder(args)
+    spec_path = os.path.join(models_dir, "ensemble.json")
     test = read_lesions(args.work, "test")
     names = args.names.split(",") if args.names else None
     if args.predict_only:
-        names, weights = read_ensemble_spec(models_dir, names)
+        names, weights, members = read_ensemble_spec(models_dir, names)
     names = names or sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
                             if not os.path.basename(p).startswith(("img_", "ensemble_")))
     if not names:
         raise DataError(f"{args.work}/preds: no model predictions found (run gbdt.py first)")
+    if not args.predict_only:
+        members = member_digests(models_dir, names)
     # every input is read and checked before anything is written
-    tst = [model_preds(args.work, n, "test", test["isic_id"]) for n in names]
+    tst = [model_preds(args.work, n, "test", test["isic_id"], members[n]) for n in names]
     if not args.predict_only:
         train = read_lesions(args.work, "train")
         y, folds = train["target"], train["fold"]
-        oof = [model_preds(args.work, n, "train", train["isic_id"]) for n in names]
+        oof = [model_preds(args.work, n, "train", train["isic_id"], members[n]) for n in names]
         ranks = np.array([rank01(p) for p in oof])
         weights, fold_weights = parse_weights(args.blend, names), {}
         if weights is None:
@@ -134,20 +137,23 @@ def ensemble(args):
             fold_weights, ens_oof = nested_choice(ranks, y, folds)
         else:
             ens_oof = weights @ ranks
-        spec = {**ensemble_spec(models_dir, names, weights),
-                "fold_weights": {str(k): w.tolist() for k, w in fold_weights.items()}}
+        # the models folder's record first, and the work folder's outputs checked against it by digest
+        write_json(spec_path, {"names": names, "weights": weights.tolist(), "members": members,
+                               "fold_weights": {str(k): w.tolist() for k, w in fold_weights.items()}})
     ens_test = rank_average(tst, weights)
-    write_preds(args.work, "ensemble", "test", test, ens_test)
-    write_csv(os.path.join(args.work, "submission.csv"), ["isic_id", "target"], [test["isic_id"], ens_test])
-    write_csv(os.path.join(args.work, "triage.csv"), ["isic_id", "patient_id", "score", "rank_in_patient"],
+    written = [write_preds(args.work, "ensemble", "test", test, ens_test),
+               os.path.join(args.work, "submission.csv"), os.path.join(args.work, "triage.csv")]
+    write_csv(written[1], ["isic_id", "target"], [test["isic_id"], ens_test])
+    write_csv(written[2], ["isic_id", "patient_id", "score", "rank_in_patient"],
               [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])])
+    if not args.predict_only:
+        written.append(write_preds(args.work, "ensemble", "train", train, ens_oof))
+        write_args(os.path.join(args.work, "ensemble_args.json"), args)
+    write_record(args.work, "ensemble", written, file_digest(spec_path))
     log(f"wrote {args.work}/submission.csv and triage.csv: {len(ens_test)} rows, the rank average of "
         + ", ".join(f"{n} (weight {w:g})" for n, w in zip(names, weights)))
     if args.predict_only:
         return
-    write_json(os.path.join(models_dir, "ensemble.json"), spec)
-    write_preds(args.work, "ensemble", "train", train, ens_oof)
-    write_args(os.path.join(args.work, "ensemble_args.json"), args)
     for n, p in zip(names + ["ensemble"], oof + [ens_oof]):
         log(f"{n:>20s}: OOF pAUC {pauc(y, p):.4f}")
     if fold_weights:
@@ -166,7 +172,7 @@ def main(argv=None):
     parser.add_argument("--predict-only", action="store_true",
                         help="only the submission, with the models and weights of --models/ensemble.json")
     args = parser.parse_args(argv)
-    with output_lock(args.work, "ensemble"):
+    with stage_locks(args, ["ensemble"]):
         ensemble(args)
 
 

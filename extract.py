@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
-                    build_model, check_ids, check_image_ids, data_path, image_loader, lesions_digest, log,
-                    models_folder, normalization, output_lock, positive, predict, process_device, read_lesions,
-                    read_manifest, run_main, save_array, write_args, write_json, write_preds)
+                    build_model, check_ids, check_image_ids, data_path, file_digest, image_loader, lesions_digest, log,
+                    models_folder, normalization, positive, predict, process_device, read_lesions, read_manifest,
+                    run_main, save_array, stage_locks, write_args, write_json, write_preds, write_record)
 
 
 def fold_manifests(args, models_dir, lesions):
@@ -153,7 +153,8 @@ def standardize(logits, stats):
 def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
     """Out-of-fold embeddings and scores of the train lesions, and those of the test lesions from the
     test fold models (the best one, or the mean over all). Writes the scores to WORK/preds/ and
-    returns the embeddings; None in torchrun processes other than the first."""
+    returns the embeddings, the files written and the digest of the scores.json they come from;
+    None in torchrun processes other than the first."""
     manifests = fold_manifests(args, models_dir, lesions)
     folds = sorted(manifests)
     test_folds = folds if args.test_models == "mean" else [max(
@@ -179,7 +180,7 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
             emb["test"] += p["test_emb"] / len(test_folds)
             test_logits[k] = p["test_logit"]
     if process_rank():
-        return None
+        return None, None, None
     made_with = {"folds": {str(k): m["digest"] for k, m in manifests.items()}, "checkpoint": args.checkpoint}
     stats = logit_statistics(args, models_dir, made_with, train_logits)
     score = {"test": np.mean(list(standardize(test_logits, stats).values()), axis=0)}
@@ -187,19 +188,22 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
         score["train"] = np.zeros(len(lesions["train"]["isic_id"]))
         for k, z in standardize(train_logits, stats).items():
             score["train"][lesions["train"]["fold"] == k] = z
-    for s, t in lesions.items():
-        write_preds(args.work, f"img_{args.arch}", s, t, score[s])
+    written = [write_preds(args.work, f"img_{args.arch}", s, t, score[s]) for s, t in lesions.items()]
     log(f"{args.arch}: wrote image-model scores to preds/img_{args.arch}_*.csv (test: fold models {test_folds})")
-    return emb
+    return emb, written, file_digest(os.path.join(models_dir, args.arch, "scores.json"))
 
 
 def save_embeddings(args, emb, lesions, images):
-    """WORK/emb/ARCH_{split}.npy with its ids; the tiles that could not be decoded are listed."""
+    """WORK/emb/ARCH_{split}.npy with its ids; the tiles that could not be decoded are listed.
+    Returns the files written."""
+    written = []
     for split, e in emb.items():
         broken_tiles(images[split], np.flatnonzero(np.isnan(e).any(axis=1)), split,
                      "no image features: the GBDTs score them from their other features")
-        save_array(os.path.join(args.work, "emb", f"{args.arch}_{split}.npy"), e, list(lesions[split]["isic_id"]))
+        written += save_array(os.path.join(args.work, "emb", f"{args.arch}_{split}.npy"), e,
+                              list(lesions[split]["isic_id"]))
     log(f"{args.arch}: wrote emb/{args.arch}_{{{','.join(emb)}}}.npy")
+    return written
 
 
 def extract(args, device):
@@ -215,12 +219,14 @@ def extract(args, device):
     if args.frozen:
         model = build_model(args.arch, args.weights, pretrained=True, drop_path=0.0).to(device).eval()
         emb = {s: embed(args, model, images[s], None, device, dtype, f"frozen {s}")[0] for s in lesions}
+        written, made_by = [], None
     else:
-        emb = fold_model_outputs(args, models_dir, images, lesions, device, dtype)
+        emb, written, made_by = fold_model_outputs(args, models_dir, images, lesions, device, dtype)
     if process_rank():
         return
-    save_embeddings(args, emb, lesions, images)
+    written += save_embeddings(args, emb, lesions, images)
     write_args(os.path.join(args.work, "emb", f"{args.arch}_args.json"), args)
+    write_record(args.work, f"img_{args.arch}", written, made_by)  # last: what gbdt.py checks its inputs against
     shutil.rmtree(os.path.join(args.work, "emb", "parts"), ignore_errors=True)
 
 
@@ -242,7 +248,7 @@ def main(argv=None):
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     args = parser.parse_args(argv)
     device, rank, world = process_device()
-    with output_lock(args.work, f"extract-{args.arch}") if rank == 0 else contextlib.nullcontext():
+    with stage_locks(args, [f"image-{args.arch}"], ["features"]) if rank == 0 else contextlib.nullcontext():
         try:
             extract(args, device)
         except torch.cuda.OutOfMemoryError:

@@ -20,15 +20,14 @@ Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-group
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse
-import json
 import os
 import re
 
 import numpy as np
 
 from common import (CATEGORICAL, NUMERIC, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
-                    log, models_folder, output_lock, patient_normalize, read_lesions, read_test, read_train, run_main,
-                    save_array, write_args, write_csv, write_json)
+                    file_digest, log, models_folder, patient_normalize, read_json, read_lesions, read_test, read_train,
+                    run_main, save_array, stage_locks, write_args, write_csv, write_json, write_record)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
@@ -62,7 +61,7 @@ def record_folds(work, train, n_folds=5, seed=42):
                   [train["isic_id"], train["patient_id"], train["target"].astype(int), folds])
         log(f"wrote {path}: {n_folds} folds grouped by patient, seed {seed}")
         return folds
-    old = read_lesions(work, "train")
+    old = read_lesions(work, "train", recorded=False)  # this stage's own file: its record is rewritten below
     check_ids(path, old["isic_id"], train["isic_id"])
     for c in ("patient_id", "target"):
         differs = np.flatnonzero(old[c] != train[c])
@@ -260,26 +259,26 @@ def build_features(table, vocabularies, patient_norm=True, context=True, outlier
 
 
 def make_features(args):
-    """The stage's work: read the metadata, record the lesions, build and save the features."""
+    """The stage's work: read the metadata, record the lesions, build and save the features; last,
+    WORK/records/features.json, the digests of what it wrote, which every reader checks."""
     spec_path = os.path.join(models_folder(args), "features.json")
     test = read_test(args.data)
+    written = []
     if args.predict_only:
-        if not os.path.exists(spec_path):
-            raise DataError(f"{spec_path}: not found; it is written when features.py runs on the training data")
-        with open(spec_path) as f:
-            spec = json.load(f)
+        spec = read_json(spec_path, "features.py on the training data", keys=("vocabularies", "patient_norm"))
         tables = [("test", test)]
     else:
         train = read_train(args.data)
         record_folds(args.work, train)
+        written.append(os.path.join(args.work, "folds.csv"))
         # the first-level diagnosis, for gbdt.py's training weights only: never a feature
-        write_csv(os.path.join(args.work, "train_diagnosis.csv"), ["isic_id", "iddx_1"],
-                  [train["isic_id"], train["iddx_1"]])
+        written.append(os.path.join(args.work, "train_diagnosis.csv"))
+        write_csv(written[-1], ["isic_id", "iddx_1"], [train["isic_id"], train["iddx_1"]])
         spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm,
                 "context": not args.no_context, "outlier": not args.no_outlier}
         tables = [("train", train), ("test", test)]
-    write_csv(os.path.join(args.work, "test_lesions.csv"), ["isic_id", "patient_id"],
-              [test["isic_id"], test["patient_id"]])
+    written.append(os.path.join(args.work, "test_lesions.csv"))
+    write_csv(written[-1], ["isic_id", "patient_id"], [test["isic_id"], test["patient_id"]])
     for c, v in spec["vocabularies"].items():
         unseen = sorted(set(test[c]) - set(v) - {""})
         if unseen:
@@ -288,12 +287,14 @@ def make_features(args):
     for name, table in tables:
         x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False),
                                   spec.get("outlier", False))
-        save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
+        written += save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
         log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
-    atomic_write(os.path.join(out, "columns.txt"), lambda f: f.write(("\n".join(names) + "\n").encode()))
+    written.append(os.path.join(out, "columns.txt"))
+    atomic_write(written[-1], lambda f: f.write(("\n".join(names) + "\n").encode()))
     if not args.predict_only:
         write_json(spec_path, {**spec, "columns": names})
     write_args(os.path.join(out, "args.json"), args)
+    write_record(args.work, "features", written, file_digest(spec_path))
 
 
 def main(argv=None):
@@ -307,7 +308,7 @@ def main(argv=None):
     parser.add_argument("--no-outlier", action="store_true",
                         help="leave out the summary of the patient z-scores and the outlier distance")
     args = parser.parse_args(argv)
-    with output_lock(args.work, "features"):
+    with stage_locks(args, ["features"]):
         make_features(args)
 
 

@@ -24,10 +24,10 @@ import shutil
 import lightgbm as lgb
 import numpy as np
 
-from common import (DataError, add_path_flags, atomic_write, check_ids, codes, commit_folder, file_digest,
-                    lesions_digest, load_array, log, models_folder, output_lock, patient_normalize, pauc, pauc_or_nan,
-                    positive, read_csv, read_lesions, read_manifest, read_preds, run_main, write_args, write_csv,
-                    write_preds)
+from common import (DataError, add_path_flags, atomic_write, check_ids, check_record, codes, commit_folder,
+                    file_digest, finish_commit, lesions_digest, load_array, log, models_folder, patient_normalize,
+                    pauc, pauc_or_nan, positive, read_csv, read_lesions, read_manifest, read_preds, run_main,
+                    stage_locks, write_args, write_csv, write_preds, write_record)
 from features import CONTEXT, CONTEXT_STATS, group_normalize
 
 
@@ -39,11 +39,12 @@ def site_codes(x, names):
     return np.where(onehot.any(1), onehot.argmax(1), -1)
 
 
-def image_score_features(work, arch, split, lesions, site):
+def image_score_features(work, arch, split, lesions, site, scores_digest):
     """An image model's score (its standardized logit; out of fold for train) as five features: the
     score, its deviation from the patient's median score, its z-score within the patient, and its
-    z-score and percentile within the patient's lesions of the same body site."""
-    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"])  # a tile without a score: NaN
+    z-score and percentile within the patient's lesions of the same body site. scores_digest: that
+    of the models folder's ARCH/scores.json, which the scores must come from."""
+    score = read_preds(work, f"img_{arch}", split, lesions["isic_id"], scores_digest)  # a tile without a score: NaN
     patient = codes(lesions["patient_id"])
     pn = patient_normalize(score[:, None], patient, stats=("dev", "z"))
     by_site = np.empty((len(CONTEXT_STATS), 1, len(score)))
@@ -53,21 +54,28 @@ def image_score_features(work, arch, split, lesions, site):
             + [f"img_{arch}_site_{stat}" for stat in CONTEXT_STATS])
 
 
-def load_features(args, split, lesions):
-    """The feature matrix of one split ("train" or "test") and the feature names."""
+def load_features(args, split, lesions, inputs):
+    """The feature matrix of one split ("train" or "test") and the feature names, each block checked
+    against the record of the stage run that wrote it and against the models folder's files that
+    run used (inputs: their digests)."""
     fdir = os.path.join(args.work, "features")
-    blocks = [load_array(os.path.join(fdir, f"{split}.npy"), lesions["isic_id"])]
+    path = os.path.join(fdir, f"{split}.npy")
+    check_record(args.work, "features", [path, path[:-4] + "_ids.txt", os.path.join(fdir, "columns.txt")],
+                 "features.py", inputs["features.json"])
+    blocks = [load_array(path, lesions["isic_id"])]
     with open(os.path.join(fdir, "columns.txt")) as f:
         names = f.read().splitlines()
     if len(names) != blocks[0].shape[1]:
         raise DataError(f"{fdir}: columns.txt names {len(names)} features, {split}.npy has {blocks[0].shape[1]}")
     site = site_codes(blocks[0], names)
     for arch in args.image:
-        block, more = image_score_features(args.work, arch, split, lesions, site)
+        block, more = image_score_features(args.work, arch, split, lesions, site, inputs.get(f"{arch}/scores.json"))
         blocks.append(block)
         names += more
     for arch in args.embeddings:
-        blocks.append(load_array(os.path.join(args.work, "emb", f"{arch}_{split}.npy"), lesions["isic_id"]))
+        path = os.path.join(args.work, "emb", f"{arch}_{split}.npy")
+        check_record(args.work, f"img_{arch}", [path, path[:-4] + "_ids.txt"], f"extract.py --arch {arch}")
+        blocks.append(load_array(path, lesions["isic_id"]))
         names += [f"emb_{arch}_{i}" for i in range(blocks[-1].shape[1])]
     return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
@@ -75,7 +83,10 @@ def load_features(args, split, lesions):
 def input_digests(args, models_dir):
     """The digests of the models-folder files this model's features come from: features.json and,
     for image features, the scores.json that extract.py wrote for those image models."""
-    digests = {"features.json": file_digest(os.path.join(models_dir, "features.json"))}
+    path = os.path.join(models_dir, "features.json")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: not found: run features.py on the training data (with this --models)")
+    digests = {"features.json": file_digest(path)}
     for arch in sorted(set(args.image + args.embeddings)):
         path = os.path.join(models_dir, arch, "scores.json")
         if os.path.exists(path):
@@ -94,7 +105,7 @@ def load_boosters(model_dir, names, inputs):
     if changed:
         raise DataError(f"{model_dir}: trained on features from another {', '.join(changed)} than the models folder "
                         f"holds now (models of two runs mixed?): run {rerun}")
-    return [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in manifest["boosters"]]
+    return [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in manifest["boosters"]], manifest["digest"]
 
 
 def arch_list(text):
@@ -128,6 +139,7 @@ def training_weights(args, train):
     if not 0 <= args.indeterminate_weight < np.inf:
         raise DataError(f"--indeterminate-weight {args.indeterminate_weight}: a weight from 0 (drop) up")
     path = os.path.join(args.work, "train_diagnosis.csv")
+    check_record(args.work, "features", [path], "features.py")
     diagnosis = read_csv(path, ["isic_id", "iddx_1"])
     check_ids(path, diagnosis["isic_id"], train["isic_id"])
     indeterminate = (diagnosis["iddx_1"] == "Indeterminate") & (train["target"] == 0)
@@ -139,12 +151,13 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
     into MODEL_DIR.partial, which replaces MODEL_DIR whole once every one is there."""
     train = read_lesions(args.work, "train")
     folds, y = train["fold"], train["target"]
-    x_train, _ = load_features(args, "train", train)
+    x_train, _ = load_features(args, "train", train, inputs)
     weight, n_indeterminate = training_weights(args, train)
     log(f"{args.name}: {x_train.shape[0]} train x {x_train.shape[1]} features, {y.sum()} positives, "
         f"{len(np.unique(folds))} folds x {args.bags} bags x {args.rounds} rounds; {n_indeterminate} Indeterminate "
         f"negatives weighted {args.indeterminate_weight:g}")
     partial = model_dir + ".partial"
+    finish_commit(model_dir)  # a commit that a kill interrupted: its model is kept (or restored) until replaced
     shutil.rmtree(partial, ignore_errors=True)  # what a killed run left
     os.makedirs(partial)
     oof = np.full(len(y), np.nan)
@@ -179,8 +192,9 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
     commit_folder(partial, model_dir, {"stage": "gbdt.py", "features": names, "folds": np.unique(folds).tolist(),
                                        "boosters": boosters, "lesions": lesions_digest(args.work),
                                        "inputs": inputs})
-    write_preds(args.work, args.name, "train", train, oof)
-    write_preds(args.work, args.name, "test", test, test_pred)
+    write_record(args.work, args.name, [write_preds(args.work, args.name, "train", train, oof),
+                                        write_preds(args.work, args.name, "test", test, test_pred)],
+                 file_digest(os.path.join(model_dir, "manifest.json")))
 
 
 def main(argv=None):
@@ -213,16 +227,17 @@ def main(argv=None):
     args = parser.parse_args(argv)
     models_dir = models_folder(args)
     model_dir = os.path.join(models_dir, args.name)
-    with output_lock(args.work, f"gbdt-{args.name}"):
+    reads = ["features"] + [f"image-{a}" for a in sorted(set(args.image + args.embeddings))]
+    with stage_locks(args, [f"gbdt-{args.name}"], reads):
         test = read_lesions(args.work, "test")
-        x_test, names = load_features(args, "test", test)
         inputs = input_digests(args, models_dir)
+        x_test, names = load_features(args, "test", test, inputs)
         if not args.predict_only:
             train_boosters(args, model_dir, names, test, x_test, inputs)
             return
-        boosters = load_boosters(model_dir, names, inputs)
+        boosters, digest = load_boosters(model_dir, names, inputs)
         test_pred = sum(b.predict(x_test) for b in boosters) / len(boosters) if len(x_test) else np.zeros(0)
-        write_preds(args.work, args.name, "test", test, test_pred)
+        write_record(args.work, args.name, [write_preds(args.work, args.name, "test", test, test_pred)], digest)
         log(f"{args.name}: test predictions of {len(boosters)} boosters from {model_dir}")
 
 

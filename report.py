@@ -31,10 +31,9 @@ import re
 
 import numpy as np
 
-from common import (MIN_TPR, DataError, add_path_flags, atomic_write, check_ids, check_labels, log, models_folder,
-                    open_h5,
-                    output_lock, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv, read_image_bytes, read_lesions,
-                    read_preds, retrieval_sensitivity, roc_points, run_main, write_args)
+from common import (MIN_TPR, DataError, add_path_flags, atomic_write, check_ids, check_labels, check_record, file_digest,
+                    log, models_folder, open_h5, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv, read_image_bytes,
+                    read_lesions, read_preds, retrieval_sensitivity, roc_points, run_main, stage_locks, write_args)
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
@@ -400,6 +399,10 @@ def report(args):
     """The stage's work: read and check every input, then write the report."""
     test = read_lesions(args.work, "test")
     triage_path = os.path.join(args.work, "triage.csv")
+    spec_path = os.path.join(models_folder(args), "ensemble.json")
+    # the ensemble of the models folder's ensemble.json (a --predict-only work folder has none beside it)
+    check_record(args.work, "ensemble", [triage_path], "ensemble.py",
+                 None if args.predict_only else file_digest(spec_path) if os.path.exists(spec_path) else "none")
     triage = read_csv(triage_path, ["isic_id", "score"], ["score"])
     check_ids(triage_path, triage["isic_id"], test["isic_id"])
     ens_test = triage["score"]
@@ -417,16 +420,16 @@ def report(args):
     if not args.predict_only:
         train = read_lesions(args.work, "train")
         y, folds = train["target"], train["fold"]
-        spec_path = os.path.join(models_folder(args), "ensemble.json")
         if not os.path.exists(spec_path):
             raise DataError(f"{spec_path}: not found: run ensemble.py first")
         with open(spec_path) as f:
             spec = json.load(f)
         images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
         oof, test_scores = {}, {}
+        made_by = {**spec["members"], "ensemble": file_digest(spec_path)}
         for n in spec["names"] + images + ["ensemble"]:
-            oof[n], test_scores[n] = (read_preds(args.work, n, s, t["isic_id"]) for s, t in (("train", train),
-                                                                                               ("test", test)))
+            oof[n], test_scores[n] = (read_preds(args.work, n, s, t["isic_id"], made_by.get(n))
+                                      for s, t in (("train", train), ("test", test)))
             for s in (oof[n], test_scores[n]):  # an undecodable tile has no image score: it ranks last
                 s[np.isnan(s)] = np.nanmin(s, initial=0) - 1
         sections = tables(args, y, folds, train["patient_id"], oof, spec, test_y, test_scores, test["patient_id"])
@@ -450,7 +453,7 @@ def main(argv=None):
     parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
                         "demo_test_labels.csv): also scores the test predictions")
     args = parser.parse_args(argv)
-    with output_lock(args.work, "report"):
+    with stage_locks(args, ["report"]):
         report(args)
 
 

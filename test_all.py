@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -87,6 +88,14 @@ def trained(demo, demo_work, tmp_path_factory):
 def copy_work(src, dst, **kw):
     shutil.copytree(src, dst, **kw)
     return str(dst)
+
+
+def rerecord(work, name):
+    """Records the files that WORK/records/NAME.json lists as they are now: a test's edit of a stage's
+    outputs, made to pass as that stage's own."""
+    with open(os.path.join(work, "records", f"{name}.json")) as f:
+        record = json.load(f)
+    common.write_record(work, name, [os.path.join(work, p) for p in record["files"]], record["made_by"])
 
 
 def copy_demo(demo, dst):
@@ -1115,6 +1124,7 @@ def test_no_fold_model_is_saved_from_data_it_cannot_learn(demo, demo_work, tmp_p
     folds = np.where(lesions["target"] == 1, 2, lesions["fold"])  # every positive in fold 2
     common.write_csv(os.path.join(work, "folds.csv"), ["isic_id", "patient_id", "target", "fold"],
                      [lesions["isic_id"], lesions["patient_id"], lesions["target"], folds])
+    rerecord(work, "features")
     err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "all",
                                                                    "--data", demo, "--work", work] + tiny_train(1)))
     assert "the training rows of fold 2" in err and "only lesions of target 0" in err
@@ -1320,6 +1330,7 @@ def test_fold_models_of_other_folds_or_incomplete_are_refused(demo, trained, tmp
     lesions = common.read_lesions(work, "train")  # folds.csv changed since the models were trained
     common.write_csv(os.path.join(work, "folds.csv"), ["isic_id", "patient_id", "target", "fold"],
                      [lesions["isic_id"], lesions["patient_id"], lesions["target"], (lesions["fold"] + 1) % 5])
+    rerecord(work, "features")
     err = one_error_line(stage_error(capsys, extract.main, args))
     assert "were trained on other folds than" in err and "retrain them" in err
 
@@ -1393,9 +1404,10 @@ def test_one_gbdt_takes_every_image_models_score_with_its_site_context(demo, tra
                     os.path.join(work, "preds", f"img_other_{split}.csv"))
         rewrite_csv(os.path.join(work, "preds", f"img_other_{split}.csv"),
                     lambda r: [r[0]] + [row[:-1] + [repr(float(v))] for row, v in zip(r[1:], other)])
+    common.write_record(work, "img_other", glob.glob(os.path.join(work, "preds", "img_other_*.csv")))
     args = types.SimpleNamespace(work=work, image=["convnext_atto", "other"], embeddings=[])
     train = common.read_lesions(work, "train")
-    x, names = gbdt.load_features(args, "train", train)
+    x, names = gbdt.load_features(args, "train", train, gbdt.input_digests(args, os.path.join(work, "models")))
     image_names = [n for n in names if n.startswith("img_")]
     assert len(image_names) == 10 and image_names[5] == "img_other"
     site = common.read_train(demo)["anatom_site_general"]
@@ -1477,8 +1489,8 @@ def test_the_models_folder_is_one_consistent_unit(demo, demo_work, tmp_path, cap
     proc.wait()
     np.testing.assert_array_equal(predict_only(), trained)
     # two runs writing the same model at once: the second stops
-    with common.output_lock(work, "gbdt-tabular"):
-        assert "another run is writing gbdt-tabular" in one_error_line(
+    with common.stage_locks(types.SimpleNamespace(work=work), ["gbdt-tabular"]):
+        assert "another run is writing or reading gbdt-tabular" in one_error_line(
             stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "20", "--bags", "1"]))
     # an interrupted first run: no model folder; a model asked to predict other features than it knows
     assert "models/never: not a complete trained model (no manifest.json): run gbdt.py --name never" in \
@@ -1968,3 +1980,212 @@ def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trai
     assert "<img " in open(os.path.join(fresh, "report.html"), encoding="utf-8").read()
     with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
         assert a.read() == b.read()
+
+
+# ---------------------------------------------------------------- kills at every write and rename point
+
+class Killed(BaseException):
+    """PIPELINE_KILL_AT's kill, raised in place of os._exit: the stages run in this process."""
+
+
+def killed_at(n, run):
+    """Runs run() with PIPELINE_KILL_AT=n (the process's n-th write or rename point ends it); True if
+    it was killed there, False if it ended before reaching an n-th point."""
+    def kill(status):
+        raise Killed
+    real_exit, os._exit, common.fault_points = os._exit, kill, 0
+    os.environ[common.KILL_AT] = str(n)
+    try:
+        run()
+        return False
+    except Killed:
+        return True
+    finally:
+        os._exit = real_exit
+        del os.environ[common.KILL_AT]
+
+
+def result_or_error(run):
+    """What a stage gives: run()'s result, or its error line (exit status 2, one line, no traceback)."""
+    try:
+        return run()
+    except common.DataError as e:
+        assert "\n" not in str(e)
+        return f"error: {e}"
+
+
+def kill_at_every_point(base, tmp_path, stage, next_stage):
+    """The work folder `base` holds a complete run of a stage (old settings). stage(work) runs it again
+    with new settings; next_stage(work) runs the stage after it and returns what it made. A copy of
+    `base` is given stage() killed at its 1st, 2nd, ... point until it runs to the end: after each
+    kill the next stage gives the old run's result, the new run's, or one error line, never anything
+    else; and after the stage's own next run, the new run's result. Returns {outcome: count}."""
+    def fresh(name):
+        return copy_work(base, tmp_path / name)
+    old = next_stage(fresh("old"))
+    work = fresh("new")
+    stage(work)
+    new = next_stage(work)
+    assert old != new  # otherwise a mix of the two could pass unseen
+    outcomes = {"old": 0, "new": 0, "refused": 0}
+    for n in itertools.count(1):
+        work = fresh(f"killed{n}")
+        if not killed_at(n, lambda: stage(work)):
+            break
+        got = result_or_error(lambda: next_stage(work))
+        assert got in (old, new) or got.startswith("error: "), f"killed at point {n}: {got!r:.300}"
+        outcomes["old" if got == old else "new" if got == new else "refused"] += 1
+        stage(work)  # the stage's next run recovers whatever the kill left
+        assert next_stage(work) == new, f"killed at point {n}, then rerun"
+        shutil.rmtree(work)
+    assert n > 5 and outcomes["refused"] + outcomes["new"] > 0
+    return outcomes
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tiny_gbdt(work, *more):
+    gbdt.main(["--work", work, "--rounds", "3", "--bags", "1", "--threads", "1", *more])
+
+
+@slow
+def test_features_killed_at_any_point(demo, demo_work, tmp_path):
+    def next_stage(work):  # what gbdt.py reads, through its readers
+        args = types.SimpleNamespace(work=work, image=[], embeddings=[], indeterminate_weight=0.0)
+        inputs = gbdt.input_digests(args, os.path.join(work, "models"))
+        train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
+        x = [gbdt.load_features(args, s, t, inputs) for s, t in (("train", train), ("test", test))]
+        return pickle.dumps((train, test, x, gbdt.training_weights(args, train)))
+    kill_at_every_point(demo_work, tmp_path, lambda w: features.main(["--data", demo, "--work", w, "--no-outlier"]),
+                        next_stage)
+
+
+def small_work(demo, tmp_path):
+    """A work folder of the demo set with fewer features and 2 folds: a GBDT in about a second."""
+    work = str(tmp_path / "small")
+    features.main(["--data", demo, "--work", work, "--no-context", "--no-patient-norm"])
+    lesions = common.read_lesions(work, "train")
+    common.write_csv(os.path.join(work, "folds.csv"), ["isic_id", "patient_id", "target", "fold"],
+                     [lesions["isic_id"], lesions["patient_id"], lesions["target"], lesions["fold"] % 2])
+    rerecord(work, "features")
+    return work
+
+
+@slow
+def test_gbdt_killed_at_any_point(demo, tmp_path):
+    base = small_work(demo, tmp_path)
+    tiny_gbdt(base)
+
+    def next_stage(work):
+        ensemble.main(["--work", work, "--names", "tabular"])
+        return file_bytes(os.path.join(work, "submission.csv"))
+    kill_at_every_point(base, tmp_path, lambda w: tiny_gbdt(w, "--seed", "7", "--rounds", "4"), next_stage)
+
+
+def points_of(run):
+    """The write and rename points that run() passes, in order (their descriptions)."""
+    seen = []
+    real, common.fault_point = common.fault_point, seen.append
+    try:
+        run()
+    finally:
+        common.fault_point = real
+    return seen
+
+
+@slow
+def test_ensemble_killed_at_any_point(demo, tmp_path):
+    base = small_work(demo, tmp_path)
+    tiny_gbdt(base)
+    tiny_gbdt(base, "--name", "tab2", "--seed", "7")
+    ensemble.main(["--work", base, "--names", "tabular,tab2", "--blend", "1,0"])
+
+    def next_stage(work):
+        report.main(["--work", work])
+        return file_bytes(os.path.join(work, "report.md"))
+    kill_at_every_point(base, tmp_path, lambda w: ensemble.main(["--work", w, "--names", "tabular,tab2", "--blend",
+                                                                 "0,1"]), next_stage)
+
+
+@slow
+def test_extract_killed_at_any_point(demo, trained, tmp_path):
+    """extract.py's outputs, from its fold parts on: the scores with the mean of the fold models
+    replacing those of the best one. (A kill while it writes the parts leaves every output as it
+    was; --resume reuses the finished parts: test_extraction_resumes_from_finished_folds_....)"""
+    args = ["--arch", "convnext_atto", "--data", demo, "--workers", "0", "--test-models", "mean", "--resume"]
+    base = copy_work(trained, tmp_path / "base")
+    probe = copy_work(trained, tmp_path / "probe")
+    points = points_of(lambda: extract.main(args + ["--work", probe]))
+    last_part = max(i for i, p in enumerate(points, 1) if re.search(r"renaming it to .*/parts/.*fold4\.npz$", p))
+    assert killed_at(last_part, lambda: extract.main(args + ["--work", base]))  # every fold part made, nothing else
+
+    def next_stage(work):  # what gbdt.py --image --embeddings reads, through its readers
+        a = types.SimpleNamespace(work=work, image=["convnext_atto"], embeddings=["convnext_atto"])
+        inputs = gbdt.input_digests(a, os.path.join(work, "models"))
+        return pickle.dumps([gbdt.load_features(a, s, common.read_lesions(work, s), inputs) for s in ("train", "test")])
+    kill_at_every_point(base, tmp_path, lambda w: extract.main(args + ["--work", w]), next_stage)
+
+
+@slow
+def test_a_fold_commit_killed_at_any_point(demo, demo_work, tmp_path):
+    """train_backbone.py's commit of a fold (its last checkpoint, manifest, renames), killed at each
+    point: extract.py finds the old fold model or the new one, whole; the next run finishes the
+    commit. (A kill during the epochs: test_training_writes_checkpoint_and_log_and_resume_after_kill_matches.)"""
+    train = ["--arch", "convnext_atto", "--fold", "0", "--data", demo] + tiny_train(1)
+    base = copy_work(demo_work, tmp_path / "base")
+    train_backbone.main(train + ["--work", base])
+    probe = copy_work(demo_work, tmp_path / "probe")
+    points = points_of(lambda: train_backbone.main(train + ["--work", probe, "--seed", "7"]))
+    epoch_end = max(i for i, p in enumerate(points, 1) if p.endswith("renaming it to " + os.path.join(
+        probe, "models", "convnext_atto", "fold0.partial", "log.csv")))
+    assert killed_at(epoch_end, lambda: train_backbone.main(train + ["--work", base, "--seed", "7"]))
+
+    def next_stage(work):  # the fold model as extract.py reads it
+        folder = os.path.join(work, "models", "convnext_atto", "fold0")
+        common.read_manifest(folder, "train_backbone.py", files=["last.pt"])
+        return file_bytes(os.path.join(folder, "last.pt"))
+    outcomes = kill_at_every_point(base, tmp_path, lambda w: train_backbone.main(train + ["--work", w, "--seed", "7",
+                                                                                         "--resume"]), next_stage)
+    assert outcomes["refused"] == 0  # a fold model is never lost: old or new, whole
+
+
+@slow
+def test_pipeline_kill_at_ends_the_process_as_a_kill_would(demo, tmp_path):
+    """PIPELINE_KILL_AT=N in a real process: exit status 137 at once, the temporary file of the write
+    it stopped left behind, nothing committed; the next run completes."""
+    work = small_work(demo, tmp_path)
+    run = subprocess.run([sys.executable, "gbdt.py", "--work", work, "--rounds", "2", "--bags", "1"], cwd=HERE,
+                         capture_output=True, text=True, env={**os.environ, common.KILL_AT: "1"})
+    assert run.returncode == 137 and "PIPELINE_KILL_AT=1: killed after writing" in run.stderr
+    assert glob.glob(os.path.join(work, "models", "tabular.partial", ".fold0_bag0.txt.tmp-*"))
+    assert not os.path.exists(os.path.join(work, "models", "tabular"))
+    tiny_gbdt(work)
+    assert not os.path.exists(os.path.join(work, "models", "tabular.partial"))
+    common.read_manifest(os.path.join(work, "models", "tabular"), "gbdt.py")
+
+
+@slow
+def test_one_models_folder_has_one_writer_whatever_the_work_folders(demo, tmp_path, capsys):
+    """The locks live in the models folder as well as the work folder: two work folders sharing
+    --models cannot write one model at once, and a fold model is not rewritten while extract.py
+    reads the fold models (nor extract.py run while a fold trains)."""
+    work = small_work(demo, tmp_path)
+    other = copy_work(work, tmp_path / "other")
+    models = os.path.join(work, "models")
+    with common.stage_locks(types.SimpleNamespace(work=work, models=models), ["gbdt-tabular"]):
+        err = one_error_line(stage_error(capsys, gbdt.main, ["--work", other, "--models", models, "--rounds", "2"]))
+        assert f"{models}: another run is writing or reading gbdt-tabular now" in err
+        tiny_gbdt(other)  # its own models folder: no conflict
+    training = types.SimpleNamespace(work=work)
+    with common.stage_locks(training, ["image-convnext_atto-fold2"], ["features", "image-convnext_atto"]):
+        err = one_error_line(stage_error(capsys, extract.main, ["--arch", "convnext_atto", "--data", demo,
+                                                                "--work", other, "--models", models]))
+        assert "another run is writing or reading image-convnext_atto now" in err
+    with common.stage_locks(training, ["image-convnext_atto"], ["features"]):  # extract.py running
+        err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "0",
+                                                                       "--data", demo, "--work", work] + tiny_train(1)))
+        assert "another run is writing image-convnext_atto now" in err
+

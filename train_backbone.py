@@ -36,9 +36,9 @@ import torch
 
 from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write,
                     autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, focal_loss,
-                    image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan, positive, predict,
-                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args,
-                    write_csv)
+                    finish_commit, image_loader, lesions_digest, log, normalization, pauc_or_nan, positive, predict,
+                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, stage_locks,
+                    write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -205,6 +205,8 @@ def train_fold(args, fold, train, images, device, rank, world):
     final = os.path.join(args.work, "models", args.arch, f"fold{fold}")
     out_dir = final + ".partial"
     resume_path = os.path.join(out_dir, "resume.pt")
+    if rank == 0:
+        finish_commit(final)  # a commit that a kill interrupted: finished, so that no trained fold is lost
     if args.resume and not os.path.exists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
         log(f"{args.arch} fold {fold}: already trained ({final}); nothing to resume")
         return None
@@ -307,10 +309,9 @@ def train_fold(args, fold, train, images, device, rank, world):
     if rank == 0:  # the uploaded folder holds weights alone: the optimizer state would double its size
         save_checkpoint(os.path.join(out_dir, "last.pt"), {"arch": args.arch, "fold": fold, "epoch": args.epochs - 1,
                                                            "val_pauc": score, "model": scored.state_dict()})
-        os.remove(resume_path)
         commit_folder(out_dir, final, {"stage": "train_backbone.py", "arch": args.arch, "fold": fold,
                                        "epochs": args.epochs, "val_pauc": {"best": best, "last": score},
-                                       "lesions": lesions_digest(args.work)})
+                                       "lesions": lesions_digest(args.work)}, leave_out=["resume.pt"])
     return best
 
 
@@ -340,7 +341,8 @@ def train(args):
         raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}, "
                         "or 'all'")
     for fold in known if args.fold == "all" else [int(args.fold)]:
-        with output_lock(args.work, f"train-{args.arch}-fold{fold}") if rank == 0 else contextlib.nullcontext():
+        locks = stage_locks(args, [f"image-{args.arch}-fold{fold}"], ["features", f"image-{args.arch}"])
+        with locks if rank == 0 else contextlib.nullcontext():
             try:
                 best = train_fold(args, fold, train, images, device, rank, world)
             except torch.cuda.OutOfMemoryError:
