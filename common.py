@@ -19,6 +19,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -84,17 +85,36 @@ def run_main(main):
         sys.exit(2)
 
 
-def positive(kind):
-    """An argparse type: a number of type `kind` above 0."""
+def number(kind, low=None, high=None, low_open=False, high_open=False, also=()):
+    """An argparse type: a finite number of type `kind` from low to high (None: no bound; an open end
+    excludes its bound), or one of the values `also` (-1 for "no limit", say). The message names the
+    range: "inf" or "nan" would pass a bare comparison, or overflow later."""
+    span = " and ".join([f"{'above' if low_open else 'at least'} {low}"] * (low is not None)
+                        + [f"{'below' if high_open else 'at most'} {high}"] * (high is not None))
+    span = " or ".join([str(v) for v in also] + [span])
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        if value in also:
+            return value
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, not {text}")
+        if (low is not None and not (value > low if low_open else value >= low)
+                or high is not None and not (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
         return value
     return parse
+
+
+def positive(kind):
+    """An argparse type: a finite number of type `kind` above 0."""
+    return number(kind, 0, low_open=True)
+
+
+SEED = number(int, 0, 2 ** 30)  # NumPy refuses a negative seed; LightGBM's (seed + fold and bag) is a C int
 
 
 # ---------------------------------------------------------------- atomic writes, id-checked arrays

@@ -33,7 +33,7 @@ import torch
 
 from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
                     build_model, check_ids, check_image_ids, data_path, image_loader, lesions_digest, log,
-                    models_folder, normalization, output_lock, positive, predict, process_device, read_lesions,
+                    models_folder, normalization, number, output_lock, positive, predict, process_device, read_lesions,
                     read_manifest, run_main, save_array, write_args, write_json, write_preds)
 
 
@@ -238,7 +238,7 @@ def main(argv=None):
     parser.add_argument("--weights", help="with --frozen: pretrained weights file")
     parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")
     parser.add_argument("--batch-size", type=positive(int), default=256)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
+    parser.add_argument("--workers", type=number(int, 0), default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     args = parser.parse_args(argv)
     device, rank, world = process_device()

@@ -24,10 +24,10 @@ import shutil
 import lightgbm as lgb
 import numpy as np
 
-from common import (DataError, add_path_flags, atomic_write, check_ids, codes, commit_folder, file_digest,
-                    lesions_digest, load_array, log, models_folder, output_lock, patient_normalize, pauc, pauc_or_nan,
-                    positive, read_csv, read_lesions, read_manifest, read_preds, run_main, write_args, write_csv,
-                    write_preds)
+from common import (SEED, DataError, add_path_flags, atomic_write, check_ids, codes, commit_folder, file_digest,
+                    lesions_digest, load_array, log, models_folder, number, output_lock, patient_normalize, pauc,
+                    pauc_or_nan, positive, read_csv, read_lesions, read_manifest, read_preds, run_main, write_args,
+                    write_csv, write_preds)
 from features import CONTEXT, CONTEXT_STATS, group_normalize
 
 
@@ -125,8 +125,6 @@ def lgb_params(args, seed):
 def training_weights(args, train):
     """LightGBM's row weights: --indeterminate-weight for the negatives whose diagnosis (iddx_1 in
     WORK/train_diagnosis.csv) is Indeterminate, 1 for every other lesion."""
-    if not 0 <= args.indeterminate_weight < np.inf:
-        raise DataError(f"--indeterminate-weight {args.indeterminate_weight}: a weight from 0 (drop) up")
     path = os.path.join(args.work, "train_diagnosis.csv")
     diagnosis = read_csv(path, ["isic_id", "iddx_1"])
     check_ids(path, diagnosis["isic_id"], train["isic_id"])
@@ -196,20 +194,22 @@ def main(argv=None):
     # defaults from bench.py --ablation (BENCHMARKS.md): the winners' regularisation, slower and no worse
     parser.add_argument("--rounds", type=positive(int), default=400)
     parser.add_argument("--lr", type=positive(float), default=0.03)
-    parser.add_argument("--num-leaves", type=positive(int), default=31)
-    parser.add_argument("--max-depth", type=int, default=6, help="-1: no limit")
+    parser.add_argument("--num-leaves", type=number(int, 2, 131072), default=31)  # LightGBM's range
+    parser.add_argument("--max-depth", type=number(int, 1, also=(-1,)), default=6, help="-1: no limit")
     parser.add_argument("--min-leaf", type=positive(int), default=80, help="LightGBM's min_data_in_leaf")
-    parser.add_argument("--colsample-bynode", type=positive(float), default=0.5,
+    parser.add_argument("--colsample-bynode", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
     parser.add_argument("--bags", type=positive(int), default=5)
-    parser.add_argument("--pos-rate", type=positive(float), default=0.003,
+    # at most 1: more would make a bag larger than twice the training rows (--pos-rate), or leave it
+    # fewer negatives than positives, none at all for a large one (--neg-rate)
+    parser.add_argument("--pos-rate", type=number(float, 0, 1, low_open=True), default=0.003,
                         help="positives oversampled to this share of the negatives")
-    parser.add_argument("--neg-rate", type=positive(float), default=0.01,
+    parser.add_argument("--neg-rate", type=number(float, 0, 1, low_open=True), default=0.01,
                         help="then negatives undersampled until positives are this share of them")
-    parser.add_argument("--indeterminate-weight", type=float, default=0.0,
+    parser.add_argument("--indeterminate-weight", type=number(float, 0), default=0.0,
                         help="training weight of negatives diagnosed Indeterminate (iddx_1; 0 drops them, 1 is off)")
     parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=SEED, default=42)
     args = parser.parse_args(argv)
     models_dir = models_folder(args)
     model_dir = os.path.join(models_dir, args.name)
