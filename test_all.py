@@ -1596,15 +1596,29 @@ def test_weights_for_a_fold_never_see_its_labels():
     assert common.pauc(y[fold2], honest[fold2]) < common.pauc(y[fold2], in_sample @ ranks[:, fold2]) - 0.02
 
 
-@pytest.mark.parametrize("text, want", [("equal", [0.5, 0.5]), ("1,3", [0.25, 0.75]), ("0,2", [0.0, 1.0])])
+@pytest.mark.parametrize("text, want", [("equal", [0.5, 0.5]), ("1,3", [0.25, 0.75]), ("0,2", [0.0, 1.0]),
+                                        ("1e308,1e308", [0.5, 0.5]), ("1e308,1.5e308", [0.4, 0.6]),
+                                        ("5e-324,0", [1.0, 0.0])])
 def test_weights_by_hand(text, want):
-    np.testing.assert_allclose(ensemble.parse_weights(text, ["a", "b"]), want)
+    """Hand-worked: 1e308 + 1e308 overflows a plain sum, 5e-324 is the smallest float above 0."""
+    np.testing.assert_allclose(ensemble.parse_weights(text, ["a", "b"]), want, rtol=1e-15)
 
 
-@pytest.mark.parametrize("text", ["1", "1,-1", "0,0", "a,b"])
+@pytest.mark.parametrize("text", ["1", "1,-1", "0,0", "a,b", "inf,1", "1e309,1", "nan,1"])
 def test_bad_weights_say_what_is_expected(text):
-    with pytest.raises(common.DataError, match="'oof', 'equal', or 2 non-negative numbers"):
+    with pytest.raises(common.DataError, match="'oof', 'equal', or 2 finite non-negative numbers, not all 0"):
         ensemble.parse_weights(text, ["a", "b"])
+
+
+@pytest.mark.parametrize("argv", [["--blend", "-1,2"], ["--blend=-1,2"], ["--blend", "-.5,2"]])
+def test_a_negative_first_weight_gets_the_weights_message_not_argparses(tmp_path, capsys, monkeypatch, argv):
+    """argparse takes "-1,2" for an option ("expected one argument"): main hands it to --blend."""
+    monkeypatch.setattr(ensemble, "ensemble", lambda args: ensemble.parse_weights(args.blend, ["a", "b"]))
+    err = one_error_line(stage_error(capsys, ensemble.main, ["--work", str(tmp_path)] + argv))
+    assert re.fullmatch(r"error: --blend -\.?[0-9.]+,2: 'oof', 'equal', or 2 finite non-negative numbers, not all 0, "
+                        "one for each of a, b", err), err
+    assert ensemble.blend_joined(["--names", "a,b", "--blend", "-1,2", "--blend", "1,2"]) == [
+        "--names", "a,b", "--blend=-1,2", "--blend", "1,2"]
 
 
 # ---------------------------------------------------------------- report.py, and the retrieval metrics it shows
