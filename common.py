@@ -179,15 +179,21 @@ def save_array(path, array, ids):
     atomic_write(path, lambda f: np.save(f, array))
 
 
-def load_array(path, expected_ids):
-    """X.npy, checked against the ids beside it and against the rows the caller expects."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found (run the stage that writes it first)")
-    array = np.load(path)
-    with open(path[:-4] + "_ids.txt") as f:
+def load_array(path, expected_ids, rebuild="the stage that writes it"):
+    """X.npy, checked against the ids beside it and against the rows the caller expects; a missing,
+    empty or truncated one is a DataError naming the file and `rebuild`, the command that writes it."""
+    ids_path = path[:-4] + "_ids.txt"
+    for p in (path, ids_path):
+        if not os.path.exists(p):
+            raise DataError(f"{p}: not found: run {rebuild}")
+    try:
+        array = np.load(path)
+    except (ValueError, EOFError) as e:  # empty, truncated, or not an .npy file
+        raise DataError(f"{path}: damaged ({e}): run {rebuild}") from None
+    with open(ids_path) as f:
         ids = f.read().split()
     if len(ids) != len(array):
-        raise DataError(f"{path}: {len(array)} rows but {len(ids)} ids beside it")
+        raise DataError(f"{path}: {len(array)} rows but {len(ids)} ids in {ids_path}: run {rebuild}")
     check_ids(path, ids, expected_ids)
     return array
 
@@ -466,6 +472,15 @@ def read_lesions(work, split):
         check_folds(path, lesions["target"], lesions["fold"])
     for c in numbers:
         lesions[c] = lesions[c].astype(int)
+    if split == "train":  # a patient in two folds would be scored by a model trained on its other lesions
+        _, first, patient = np.unique(codes(lesions["patient_id"]), return_index=True, return_inverse=True)
+        fold_of = lesions["fold"][first]  # each patient's fold at its first lesion
+        apart = np.flatnonzero(lesions["fold"] != fold_of[patient])
+        if len(apart):
+            i = apart[0]
+            raise DataError(f"{path}: patient_id {lesions['patient_id'][i]} is in fold {fold_of[patient[i]]} and in "
+                            f"fold {lesions['fold'][i]} (isic_id {lesions['isic_id'][i]}): each patient's lesions must "
+                            "be in one fold: delete folds.csv, then run features.py and every later stage again")
     return lesions
 
 

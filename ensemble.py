@@ -22,7 +22,6 @@ Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/triag
 import argparse
 import glob
 import itertools
-import json
 import os
 import re
 import sys
@@ -30,7 +29,8 @@ import sys
 import numpy as np
 
 from common import (DataError, add_path_flags, log, models_folder, output_lock, pauc, rank01, rank_in_patient,
-                    read_lesions, read_manifest, read_preds, run_main, write_args, write_csv, write_json, write_preds)
+                    read_json, read_lesions, read_manifest, read_preds, run_main, write_args, write_csv, write_json,
+                    write_preds)
 
 
 def rank_average(preds, weights):
@@ -98,10 +98,7 @@ def ensemble_spec(models_dir, names, weights):
 def read_ensemble_spec(models_dir, names):
     """The training run's names and weights, after checking that the models folder holds its models."""
     path = os.path.join(models_dir, "ensemble.json")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: not found: run ensemble.py on the training data first")
-    with open(path) as f:
-        spec = json.load(f)
+    spec = read_json(path, "ensemble.py on the training data", ("names", "weights", "members"))
     if names and names != spec["names"]:
         raise DataError(f"{path}: the submission was built from {', '.join(spec['names'])}, not {', '.join(names)}")
     if ensemble_spec(models_dir, spec["names"], np.array(spec["weights"]))["members"] != spec["members"]:

@@ -20,15 +20,14 @@ Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-group
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse
-import json
 import os
 import re
 
 import numpy as np
 
 from common import (CATEGORICAL, NUMERIC, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
-                    log, models_folder, output_lock, patient_normalize, read_lesions, read_test, read_train, run_main,
-                    save_array, write_args, write_csv, write_json)
+                    log, models_folder, output_lock, patient_normalize, read_json, read_lesions, read_test, read_train,
+                    run_main, save_array, write_args, write_csv, write_json)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
@@ -264,10 +263,8 @@ def make_features(args):
     spec_path = os.path.join(models_folder(args), "features.json")
     test = read_test(args.data)
     if args.predict_only:
-        if not os.path.exists(spec_path):
-            raise DataError(f"{spec_path}: not found; it is written when features.py runs on the training data")
-        with open(spec_path) as f:
-            spec = json.load(f)
+        spec = read_json(spec_path, "features.py on the training data (without --predict-only)",
+                         ("vocabularies", "patient_norm"))
         tables = [("test", test)]
     else:
         train = read_train(args.data)

@@ -56,8 +56,11 @@ def image_score_features(work, arch, split, lesions, site):
 def load_features(args, split, lesions):
     """The feature matrix of one split ("train" or "test") and the feature names."""
     fdir = os.path.join(args.work, "features")
-    blocks = [load_array(os.path.join(fdir, f"{split}.npy"), lesions["isic_id"])]
-    with open(os.path.join(fdir, "columns.txt")) as f:
+    blocks = [load_array(os.path.join(fdir, f"{split}.npy"), lesions["isic_id"], "features.py")]
+    columns = os.path.join(fdir, "columns.txt")
+    if not os.path.exists(columns):
+        raise DataError(f"{columns}: not found: run features.py")
+    with open(columns) as f:
         names = f.read().splitlines()
     if len(names) != blocks[0].shape[1]:
         raise DataError(f"{fdir}: columns.txt names {len(names)} features, {split}.npy has {blocks[0].shape[1]}")
@@ -67,7 +70,8 @@ def load_features(args, split, lesions):
         blocks.append(block)
         names += more
     for arch in args.embeddings:
-        blocks.append(load_array(os.path.join(args.work, "emb", f"{arch}_{split}.npy"), lesions["isic_id"]))
+        blocks.append(load_array(os.path.join(args.work, "emb", f"{arch}_{split}.npy"), lesions["isic_id"],
+                                 f"extract.py --arch {arch}"))
         names += [f"emb_{arch}_{i}" for i in range(blocks[-1].shape[1])]
     return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
@@ -75,7 +79,10 @@ def load_features(args, split, lesions):
 def input_digests(args, models_dir):
     """The digests of the models-folder files this model's features come from: features.json and,
     for image features, the scores.json that extract.py wrote for those image models."""
-    digests = {"features.json": file_digest(os.path.join(models_dir, "features.json"))}
+    spec = os.path.join(models_dir, "features.json")
+    if not os.path.exists(spec):
+        raise DataError(f"{spec}: not found: run features.py on the training data")
+    digests = {"features.json": file_digest(spec)}
     for arch in sorted(set(args.image + args.embeddings)):
         path = os.path.join(models_dir, arch, "scores.json")
         if os.path.exists(path):

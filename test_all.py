@@ -102,6 +102,17 @@ def rewrite_csv(path, edit):
         csv.writer(f).writerows(rows)
 
 
+def damage(path, how):
+    """A state file as a killed run, a full disk or a stray copy leaves it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if how == "remove":
+        os.remove(path)
+        return
+    with open(path, "wb") as f:
+        f.write({"empty": b"", "truncate": raw[:len(raw) // 2], "foreign": b"[1, 2]\n"}[how])
+
+
 def run_script(script, args, timeout=600):
     return subprocess.run([sys.executable, script] + args, cwd=HERE, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -1307,6 +1318,39 @@ def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, tr
     assert not (np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))[rows] == 7.0).any()
 
 
+def test_a_damaged_part_is_scored_again_on_resume(tmp_path, monkeypatch, capsys):
+    """A part that a full disk or a killed copy left unreadable is no traceback: it is scored again."""
+    args = types.SimpleNamespace(work=str(tmp_path), arch="convnext_atto", checkpoint="last", resume=True)
+    images, rows = {"test": types.SimpleNamespace(ids=["a", "b", "c"])}, {"test": np.arange(3)}
+    monkeypatch.setattr(extract, "load_fold_model", lambda *a: None)
+    monkeypatch.setattr(extract, "embed", lambda args, model, images, r, *rest: (np.ones((len(r), 4), np.float32),
+                                                                                  np.arange(len(r), dtype=float)))
+    part = tmp_path / "emb" / "parts" / "convnext_atto_fold0.npz"
+    extract.fold_part(args, str(tmp_path), 0, "digest", images, rows, torch.device("cpu"), None)
+    for how in ("truncate", "empty", "foreign"):
+        damage(part, how)
+        capsys.readouterr()
+        p = extract.fold_part(args, str(tmp_path), 0, "digest", images, rows, torch.device("cpu"), None)
+        out = capsys.readouterr().out
+        assert re.search(r"fold 0: .*convnext_atto_fold0.npz cannot be read \(.*\); scoring again", out), out
+        np.testing.assert_array_equal(p["test_logit"], [0, 1, 2])
+        np.testing.assert_array_equal(np.load(part)["test_logit"], [0, 1, 2])
+
+
+@pytest.mark.parametrize("how, match", [("empty", "damaged"), ("truncate", "damaged"), ("foreign", "no logit_stats"),
+                                        ("remove", "not found")])
+def test_a_damaged_scores_json_is_one_error_line_naming_it(tmp_path, capsys, how, match):
+    args = types.SimpleNamespace(arch="convnext_atto")
+    made_with = {"folds": {"0": "digest"}, "checkpoint": "last"}
+    path = tmp_path / "convnext_atto" / "scores.json"
+    extract.logit_statistics(args, str(tmp_path), made_with, {0: np.array([1.0, 3.0])})
+    assert extract.logit_statistics(args, str(tmp_path), made_with, {}) == {0: (2.0, 1.0)}
+    damage(path, how)
+    err = one_error_line(stage_error(capsys, lambda _: extract.logit_statistics(args, str(tmp_path), made_with, {}),
+                                     None))
+    assert re.search(f"{path}: .*{match}.*: run extract.py --arch convnext_atto on the training data", err), err
+
+
 @slow
 def test_fold_models_of_other_folds_or_incomplete_are_refused(demo, trained, tmp_path, capsys):
     work = copy_work(trained, tmp_path / "work")
@@ -1539,7 +1583,61 @@ def test_numeric_options_out_of_range_are_refused_naming_the_range(tmp_path, cap
     assert not os.path.exists(tmp_path / "work")
 
 
+@slow
+@pytest.mark.parametrize("name, how, match", [
+    ("train.npy", "truncate", r"train.npy: damaged \(Failed to read all data.*\): run features.py$"),
+    ("test.npy", "empty", r"test.npy: damaged \(No data left in file\): run features.py$"),
+    ("test.npy", "foreign", r"test.npy: damaged \(.*\): run features.py$"),
+    ("train_ids.txt", "truncate", r"train.npy: \d+ rows but \d+ ids in .*train_ids.txt: run features.py$"),
+    ("test_ids.txt", "remove", r"test_ids.txt: not found: run features.py$"),
+    ("columns.txt", "remove", r"columns.txt: not found: run features.py$"),
+])
+def test_a_damaged_feature_matrix_is_one_error_line_naming_it(demo_work, tmp_path, capsys, name, how, match):
+    work = copy_work(demo_work, tmp_path / "work")
+    damage(os.path.join(work, "features", name), how)
+    err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "2", "--bags", "1"]))
+    assert re.search(os.path.join(work, "features", "") + match, err), err
+    assert not os.path.exists(os.path.join(work, "models", "tabular"))
+
+
+@slow
+def test_folds_csv_with_a_patient_in_two_folds_is_refused(demo_work, tmp_path, capsys):
+    work = copy_work(demo_work, tmp_path / "work")
+    lesions = common.read_lesions(work, "train")
+    row = int(np.flatnonzero(lesions["patient_id"] == lesions["patient_id"][-1])[-1])  # a patient's last lesion
+    first_fold, moved = lesions["fold"][row], (lesions["fold"][row] + 1) % 5
+
+    def move(rows):
+        rows[row + 1][rows[0].index("fold")] = str(moved)
+        return rows
+    rewrite_csv(os.path.join(work, "folds.csv"), move)
+    err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "2", "--bags", "1"]))
+    assert (f"folds.csv: patient_id {lesions['patient_id'][row]} is in fold {first_fold} and in fold {moved} "
+            f"(isic_id {lesions['isic_id'][row]}): each patient's lesions must be in one fold") in err, err
+
+
 # ---------------------------------------------------------------- ensemble.py
+
+@slow
+def test_a_damaged_json_state_file_is_one_error_line_naming_it(demo, demo_work, tmp_path, capsys):
+    """features.json and ensemble.json, empty, cut short, another file's or gone, where each stage reads them."""
+    work = copy_work(demo_work, tmp_path / "work")
+    gbdt.main(["--work", work, "--rounds", "2", "--bags", "1"])
+    ensemble.main(["--work", work])
+    for name, main, args, rebuild in [
+            ("features.json", features.main, ["--data", demo, "--predict-only"], "features.py on the training data"),
+            ("ensemble.json", ensemble.main, ["--predict-only"], "ensemble.py on the training data"),
+            ("ensemble.json", report.main, [], "ensemble.py")]:
+        path = os.path.join(work, "models", name)
+        with open(path, "rb") as f:
+            good = f.read()
+        for how in ("empty", "truncate", "foreign", "remove"):
+            damage(path, how)
+            err = one_error_line(stage_error(capsys, main, args + ["--work", work]))
+            assert err.startswith(f"error: {path}: ") and f": run {rebuild}" in err, (name, how, err)
+            with open(path, "wb") as f:
+                f.write(good)
+
 
 def test_rank_average_matches_loop():
     rng = np.random.default_rng(1)
