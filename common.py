@@ -123,19 +123,34 @@ def atomic_write(path, write):
     """Calls write(file) on a temporary file beside `path`, then renames it: a crash or Ctrl-C leaves
     the old file or none, never half of one. A run killed outright leaves its temporary file
     (.NAME.tmp-*), which the next write of the same file removes. No fsync: it guards against power
-    loss only, and would double the time to save the largest feature matrix."""
+    loss only, and would double the time to save the largest feature matrix.
+
+    write gets a stand-in for the file that passes every write through f.write: given the real file,
+    np.save writes with tofile, which reports a full disk as an OSError without its errno, and
+    torch.save reports it as a RuntimeError. Through write, NumPy writes in 16 MiB pieces (no copy
+    of the array), and the first OSError of a write is the one raised, naming `path`."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for leftover in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
         os.unlink(leftover)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
+    failed = []
+
+    def write_through(data):
+        try:
+            return f.write(data)
+        except OSError as e:
+            failed.append(e)
+            raise
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            write(types.SimpleNamespace(write=write_through, **{m: getattr(f, m) for m in (
+                "read", "readinto", "seek", "tell", "truncate", "flush")}))
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are for sharing
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
+        e = failed[0] if failed else e
         if isinstance(e, OSError) and e.filename is None:  # a full disk, say: name the file being written
             raise OSError(e.errno, e.strerror, path) from None
         raise

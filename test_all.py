@@ -387,6 +387,31 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_
     assert sorted(p.name for p in path.parent.iterdir()) == ["train.npy", "train_ids.txt"]
 
 
+@pytest.mark.parametrize("writer", [
+    lambda path: common.save_array(path, np.zeros((100, 100), np.float32), [f"id{i}" for i in range(100)]),
+    lambda path: common.save_array(path, np.zeros((100, 100), np.float32, order="F"), [f"id{i}" for i in range(100)]),
+    lambda path: common.atomic_write(path, lambda f: np.savez(f, a=np.zeros(10000))),
+    lambda path: train_backbone.save_checkpoint(path, {"model": torch.zeros(10000)}),
+    lambda path: common.write_csv(path, ["a"], [np.arange(1000)])], ids=["save", "save_fortran", "savez", "torch",
+                                                                         "csv"])
+def test_a_full_disk_is_one_error_line_naming_the_file_from_every_writer(tmp_path, capsys, monkeypatch, writer):
+    """The disk fills after 1000 bytes of the file: each writer's OSError ENOSPC reaches run_main (not
+    NumPy's errno-less one from tofile, nor torch's RuntimeError), and no temporary file is left."""
+    room = [1000]
+
+    class FillingDisk(io.FileIO):
+        def write(self, data):
+            if memoryview(data).nbytes > room[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            room[0] -= memoryview(data).nbytes
+            return super().write(data)
+    monkeypatch.setattr(common.os, "fdopen", lambda fd, mode: io.BufferedWriter(FillingDisk(fd, "w")))
+    path = str(tmp_path / "out" / "x.npy")
+    err = one_error_line(stage_error(capsys, lambda _: writer(path), None))
+    assert err == f"error: {path}: No space left on device: free some space, or pass a --work on another disk"
+    assert [p for p in os.listdir(tmp_path / "out") if p != "x_ids.txt"] == []
+
+
 def test_stage_files_from_another_run_are_refused(tmp_path):
     path = str(tmp_path / "emb" / "x_train.npy")
     common.save_array(path, np.zeros((3, 2), np.float32), ["a", "b", "c"])
