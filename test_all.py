@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from html import unescape as html_unescape
 from html.parser import HTMLParser
 
@@ -885,6 +886,28 @@ def test_folds_are_reused_only_for_the_same_lesions_patients_and_labels(demo, de
                 lambda rows: rows[:3] + [rows[3][:col] + ["IP_9999999"] + rows[3][col + 1:]] + rows[4:])
     err = one_error_line(stage_error(capsys, features.main, ["--data", data, "--work", work]))
     assert "folds.csv: made from other training data (patient_id of isic_id" in err and "new --work" in err
+
+
+@slow
+def test_a_measurement_whose_features_overflow_float32_is_one_error_line(demo, tmp_path, capsys):
+    """3e38 passes the CSV reader (float32 holds it), but the area times the distance does not."""
+    data = copy_demo(demo, tmp_path / "data")
+    path = os.path.join(data, "train-metadata.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    row = 7
+    rewrite_csv(path, lambda rows: [r if i != row else [("3e38" if h == "tbp_lv_areaMM2" else v)
+                                                        for h, v in zip(rows[0], r)] for i, r in enumerate(rows)])
+    work = str(tmp_path / "work")
+    with warnings.catch_warnings(record=True) as caught:  # a warning line would be printed before the error
+        warnings.simplefilter("always")
+        err = one_error_line(stage_error(capsys, features.main, ["--data", data, "--work", work]))
+    assert not caught, [str(w.message) for w in caught]
+    assert re.fullmatch(f"error: {path}: isic_id {rows[row][rows[0].index('isic_id')]}: feature "
+                        r"(\w*) is infinite \(1 lesion\(s\)\): one of its measurements is too large .*", err), err
+    assert re.fullmatch(r"error: .*: feature (\w*) is.*", err)[1] in features.engineered_features(
+        common.read_train(demo))[0]
+    assert not os.path.exists(os.path.join(work, "features", "train.npy"))
 
 
 @slow
