@@ -79,8 +79,10 @@ def run_main(main):
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST):
             raise
+        # the folder at fault, of --work or --models: the path itself where it is a file, else the folder holding it
+        folder = e.filename if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.path.dirname(e.filename or "") or "."
         what = ("free some space, or pass a --work on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "is --work a folder you can write to?")
+                else f"is {folder} a folder you can write to?")
         print(f"error: {e.filename}: {e.strerror}: {what}", file=sys.stderr)
         sys.exit(2)
 

@@ -423,6 +423,20 @@ def test_stage_files_from_another_run_are_refused(tmp_path):
         common.load_array(path, ["a", "b", "c", "d"])
 
 
+@pytest.mark.parametrize("error, folder", [
+    (OSError(errno.EACCES, "Permission denied", "/ro/models/tabular.partial/.args.json.tmp-x1"),
+     "/ro/models/tabular.partial"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/models/convnext/fold0.partial"), "/ro/models/convnext"),
+    (OSError(errno.EEXIST, "File exists", "/w/a_file"), "/w/a_file"),
+    (OSError(errno.ENOTDIR, "Not a directory", "/w/a_file/features"), "/w/a_file/features")])
+def test_an_unwritable_path_is_named_without_blaming_work(capsys, error, folder):
+    """The folder may be --models (read-only, as the README allows): the message names it."""
+    def fail():
+        raise error
+    err = one_error_line(stage_error(capsys, lambda _: fail(), None))
+    assert err == f"error: {error.filename}: {error.strerror}: is {folder} a folder you can write to?"
+
+
 # ---------------------------------------------------------------- common: HDF5 tiles
 
 def test_reads_real_images():
@@ -962,13 +976,13 @@ def test_an_unwritable_work_folder_is_one_error_line(demo, tmp_path, capsys, mon
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(a_file)]))
-    assert "a_file: File exists: is --work a folder you can write to?" in err
+    assert f"{a_file}: File exists: is {a_file} a folder you can write to?" in err
 
     def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(kwargs["dir"], kwargs["prefix"] + "x1y2"))
     monkeypatch.setattr(common.tempfile, "mkstemp", read_only)
     err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(tmp_path / "w1")]))
-    assert "Read-only file system: is --work a folder you can write to?" in err
+    assert f"Read-only file system: is {tmp_path / 'w1'} a folder you can write to?" in err
     monkeypatch.undo()
 
     def disk_full(*args, **kwargs):
