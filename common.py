@@ -220,8 +220,11 @@ def check_ids(path, ids, expected_ids):
     if len(ids) != len(expected) or (ids != expected).any():
         first = (int(np.flatnonzero(ids[:len(expected)] != expected[:len(ids)])[0])
                  if (ids[:len(expected)] != expected[:len(ids)]).any() else min(len(ids), len(expected)))
+        reordered = len(ids) == len(expected) and (np.sort(ids) == np.sort(expected)).all()
         raise DataError(f"{path}: its ids do not line up with this run's ({len(ids)} rows against "
-                        f"{len(expected)}; first difference at row {first}): is it from another run?")
+                        f"{len(expected)}; first difference at row {first}): "
+                        + ("the same lesions in another order: is it from a run on the metadata in another order?"
+                           if reordered else "is it from another run?"))
 
 
 def write_args(path, args):

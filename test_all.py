@@ -417,9 +417,12 @@ def test_stage_files_from_another_run_are_refused(tmp_path):
     path = str(tmp_path / "emb" / "x_train.npy")
     common.save_array(path, np.zeros((3, 2), np.float32), ["a", "b", "c"])
     np.testing.assert_array_equal(common.load_array(path, ["a", "b", "c"]), np.zeros((3, 2)))
-    with pytest.raises(common.DataError, match="do not line up.*first difference at row 1"):
+    with pytest.raises(common.DataError, match=r"do not line up.*first difference at row 1\): the same lesions in "
+                       r"another order: is it from a run on the metadata in another order\?$"):
         common.load_array(path, ["a", "c", "b"])
-    with pytest.raises(common.DataError, match="3 rows against 4"):
+    with pytest.raises(common.DataError, match=r"first difference at row 2\): is it from another run\?$"):
+        common.load_array(path, ["a", "b", "d"])
+    with pytest.raises(common.DataError, match=r"3 rows against 4; first difference at row 3\): is it from another"):
         common.load_array(path, ["a", "b", "c", "d"])
 
 
