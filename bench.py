@@ -530,16 +530,17 @@ def ablation_figures(cache, patients, test_patients):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=FULL_ROWS, help="train rows of the full-size runs")
+    parser.add_argument("--rows", type=common.positive(int), default=FULL_ROWS, help="train rows of the full-size runs")
     parser.add_argument("--cache", default="bench_data", help="folder for the generated CSVs (reused)")
-    parser.add_argument("--gbdt-rows", type=int, nargs="+",
+    parser.add_argument("--gbdt-rows", type=common.positive(int), nargs="+",
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
     parser.add_argument("--no-gbdt", action="store_true", help="without the gbdt.py scaling runs")
     parser.add_argument("--gpu-estimate", action="store_true",
                         help="only the projections for Kaggle's GPUs: time from counted FLOPs, training memory, "
                              "the submission notebook's time (no GPU needed)")
-    parser.add_argument("--test-lesions", type=int, default=500_000, help="with --gpu-estimate: hidden test size")
+    parser.add_argument("--test-lesions", type=common.positive(int), default=500_000,
+                        help="with --gpu-estimate: hidden test size")
     parser.add_argument("--gpu", action="store_true",
                         help="only the GPU measurements: training and extraction images/s, the predict loop, "
                              "the projected full run")
@@ -547,7 +548,8 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="with --gpu: eager mode only")
     parser.add_argument("--ablation", action="store_true",
                         help="only the tabular ablation (features and GBDT ingredients) on a larger demo set")
-    parser.add_argument("--ablation-patients", type=int, default=400, help="with --ablation: train patients")
+    parser.add_argument("--ablation-patients", type=common.positive(int), default=400,
+                        help="with --ablation: train patients")
     args = parser.parse_args(argv)
     if args.ablation:
         os.makedirs(args.cache, exist_ok=True)

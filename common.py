@@ -19,6 +19,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -78,23 +79,44 @@ def run_main(main):
     except OSError as e:
         if e.errno not in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST):
             raise
+        # the folder at fault, of --work or --models: the path itself where it is a file, else the folder holding it
+        folder = e.filename if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.path.dirname(e.filename or "") or "."
         what = ("free some space, or pass a --work on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else "is --work a folder you can write to?")
+                else f"is {folder} a folder you can write to?")
         print(f"error: {e.filename}: {e.strerror}: {what}", file=sys.stderr)
         sys.exit(2)
 
 
-def positive(kind):
-    """An argparse type: a number of type `kind` above 0."""
+def number(kind, low=None, high=None, low_open=False, high_open=False, also=()):
+    """An argparse type: a finite number of type `kind` from low to high (None: no bound; an open end
+    excludes its bound), or one of the values `also` (-1 for "no limit", say). The message names the
+    range: "inf" or "nan" would pass a bare comparison, or overflow later."""
+    span = " and ".join([f"{'above' if low_open else 'at least'} {low}"] * (low is not None)
+                        + [f"{'below' if high_open else 'at most'} {high}"] * (high is not None))
+    span = " or ".join([str(v) for v in also] + [span])
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number of type {kind.__name__}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+        if value in also:
+            return value
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number {span}, not {text}")
+        if (low is not None and not (value > low if low_open else value >= low)
+                or high is not None and not (value < high if high_open else value <= high)):
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
         return value
     return parse
+
+
+def positive(kind):
+    """An argparse type: a finite number of type `kind` above 0."""
+    return number(kind, 0, low_open=True)
+
+
+SEED = number(int, 0, 2 ** 30)  # NumPy refuses a negative seed; LightGBM's (seed + fold and bag) is a C int
 
 
 # ---------------------------------------------------------------- atomic writes, id-checked arrays
@@ -103,20 +125,35 @@ def atomic_write(path, write):
     """Calls write(file) on a temporary file beside `path`, then renames it: a crash or Ctrl-C leaves
     the old file or none, never half of one. A run killed outright leaves its temporary file
     (.NAME.tmp-*), which the next write of the same file removes. No fsync: it guards against power
-    loss only, and would double the time to save the largest feature matrix."""
+    loss only, and would double the time to save the largest feature matrix.
+
+    write gets a stand-in for the file that passes every write through f.write: given the real file,
+    np.save writes with tofile, which reports a full disk as an OSError without its errno, and
+    torch.save reports it as a RuntimeError. Through write, NumPy writes in 16 MiB pieces (no copy
+    of the array), and the first OSError of a write is the one raised, naming `path`."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     for leftover in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.tmp-*")):
         os.unlink(leftover)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
+    failed = []
+
+    def write_through(data):
+        try:
+            return f.write(data)
+        except OSError as e:
+            failed.append(e)
+            raise
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            write(types.SimpleNamespace(write=write_through, **{m: getattr(f, m) for m in (
+                "read", "readinto", "seek", "tell", "truncate", "flush")}))
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; outputs are for sharing
         fault_point(f"writing {tmp}")
         os.replace(tmp, path)
     except BaseException as e:
         os.unlink(tmp)
+        e = failed[0] if failed else e
         if isinstance(e, OSError) and e.filename is None:  # a full disk, say: name the file being written
             raise OSError(e.errno, e.strerror, path) from None
         raise
@@ -178,15 +215,21 @@ def save_array(path, array, ids):
     return [ids_path, path]
 
 
-def load_array(path, expected_ids):
-    """X.npy, checked against the ids beside it and against the rows the caller expects."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: file not found (run the stage that writes it first)")
-    array = np.load(path)
-    with open(path[:-4] + "_ids.txt") as f:
+def load_array(path, expected_ids, rebuild="the stage that writes it"):
+    """X.npy, checked against the ids beside it and against the rows the caller expects; a missing,
+    empty or truncated one is a DataError naming the file and `rebuild`, the command that writes it."""
+    ids_path = path[:-4] + "_ids.txt"
+    for p in (path, ids_path):
+        if not os.path.exists(p):
+            raise DataError(f"{p}: not found: run {rebuild}")
+    try:
+        array = np.load(path)
+    except (ValueError, EOFError) as e:  # empty, truncated, or not an .npy file
+        raise DataError(f"{path}: damaged ({e}): run {rebuild}") from None
+    with open(ids_path) as f:
         ids = f.read().split()
     if len(ids) != len(array):
-        raise DataError(f"{path}: {len(array)} rows but {len(ids)} ids beside it")
+        raise DataError(f"{path}: {len(array)} rows but {len(ids)} ids in {ids_path}: run {rebuild}")
     check_ids(path, ids, expected_ids)
     return array
 
@@ -196,8 +239,11 @@ def check_ids(path, ids, expected_ids):
     if len(ids) != len(expected) or (ids != expected).any():
         first = (int(np.flatnonzero(ids[:len(expected)] != expected[:len(ids)])[0])
                  if (ids[:len(expected)] != expected[:len(ids)]).any() else min(len(ids), len(expected)))
+        reordered = len(ids) == len(expected) and (np.sort(ids) == np.sort(expected)).all()
         raise DataError(f"{path}: its ids do not line up with this run's ({len(ids)} rows against "
-                        f"{len(expected)}; first difference at row {first}): is it from another run?")
+                        f"{len(expected)}; first difference at row {first}): "
+                        + ("the same lesions in another order: is it from a run on the metadata in another order?"
+                           if reordered else "is it from another run?"))
 
 
 def write_args(path, args):
@@ -554,6 +600,15 @@ def read_lesions(work, split, recorded=True):
         check_folds(path, lesions["target"], lesions["fold"])
     for c in numbers:
         lesions[c] = lesions[c].astype(int)
+    if split == "train":  # a patient in two folds would be scored by a model trained on its other lesions
+        _, first, patient = np.unique(codes(lesions["patient_id"]), return_index=True, return_inverse=True)
+        fold_of = lesions["fold"][first]  # each patient's fold at its first lesion
+        apart = np.flatnonzero(lesions["fold"] != fold_of[patient])
+        if len(apart):
+            i = apart[0]
+            raise DataError(f"{path}: patient_id {lesions['patient_id'][i]} is in fold {fold_of[patient[i]]} and in "
+                            f"fold {lesions['fold'][i]} (isic_id {lesions['isic_id'][i]}): each patient's lesions must "
+                            "be in one fold: delete folds.csv, then run features.py and every later stage again")
     return lesions
 
 

@@ -22,14 +22,15 @@ Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/triag
 import argparse
 import glob
 import itertools
-import json
 import os
+import re
+import sys
 
 import numpy as np
 
 from common import (DataError, add_path_flags, file_digest, log, models_folder, pauc, rank01, rank_in_patient,
-                    read_lesions, read_manifest, read_preds, run_main, stage_locks, write_args, write_csv, write_json,
-                    write_preds, write_record)
+                    read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks, write_args, write_csv,
+                    write_json, write_preds, write_record)
 
 
 def rank_average(preds, weights):
@@ -72,9 +73,10 @@ def parse_weights(text, names):
         w = np.array([float(v) for v in text.split(",")])
     except ValueError:
         w = np.zeros(0)
-    if len(w) != len(names) or (w < 0).any() or not w.sum() > 0:
-        raise DataError(f"--blend {text}: 'oof', 'equal', or {len(names)} non-negative numbers, one for each of "
-                        f"{', '.join(names)}")
+    if len(w) != len(names) or not (np.isfinite(w).all() and (w >= 0).all() and w.max() > 0):
+        raise DataError(f"--blend {text}: 'oof', 'equal', or {len(names)} finite non-negative numbers, not all 0, "
+                        f"one for each of {', '.join(names)}")
+    w = w / w.max()  # first: the sum of 1e308 and 1e308 is inf
     return w / w.sum()
 
 
@@ -95,10 +97,7 @@ def member_digests(models_dir, names):
 def read_ensemble_spec(models_dir, names):
     """The training run's names and weights, after checking that the models folder holds its models."""
     path = os.path.join(models_dir, "ensemble.json")
-    if not os.path.exists(path):
-        raise DataError(f"{path}: not found: run ensemble.py on the training data first")
-    with open(path) as f:
-        spec = json.load(f)
+    spec = read_json(path, "ensemble.py on the training data", ("names", "weights", "members"))
     if names and names != spec["names"]:
         raise DataError(f"{path}: the submission was built from {', '.join(spec['names'])}, not {', '.join(names)}")
     if member_digests(models_dir, spec["names"]) != spec["members"]:
@@ -161,6 +160,18 @@ def ensemble(args):
             + ", ".join(f"fold {k} {'/'.join(f'{v:g}' for v in w)}" for k, w in fold_weights.items()))
 
 
+def blend_joined(argv):
+    """argv with "--blend -1,2" as "--blend=-1,2": argparse would take -1,2 for an option, and say
+    only that --blend expects a value, where parse_weights names what is wrong."""
+    joined = []
+    for a in sys.argv[1:] if argv is None else argv:
+        if joined and joined[-1] == "--blend" and re.match(r"-[0-9.]", a):
+            joined[-1] = f"--blend={a}"
+        else:
+            joined.append(a)
+    return joined
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_path_flags(parser)
@@ -171,7 +182,7 @@ def main(argv=None):
                              "a model, in --names order")
     parser.add_argument("--predict-only", action="store_true",
                         help="only the submission, with the models and weights of --models/ensemble.json")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(blend_joined(argv))
     with stage_locks(args, ["ensemble"]):
         ensemble(args)
 

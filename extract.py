@@ -23,18 +23,18 @@ Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside the
 """
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
 
 from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
                     build_model, check_ids, check_image_ids, data_path, file_digest, image_loader, lesions_digest, log,
-                    models_folder, normalization, positive, predict, process_device, read_lesions, read_manifest,
-                    run_main, save_array, stage_locks, write_args, write_json, write_preds, write_record)
+                    models_folder, normalization, number, positive, predict, process_device, read_json, read_lesions,
+                    read_manifest, run_main, save_array, stage_locks, write_args, write_json, write_preds, write_record)
 
 
 def fold_manifests(args, models_dir, lesions):
@@ -106,13 +106,17 @@ def fold_part(args, models_dir, k, model_digest, images, rows, device, dtype):
     ids = {s: np.asarray(images[s].ids, str)[r] for s, r in rows.items()}
     model_id = np.array(f"{model_digest} {args.checkpoint}")
     if args.resume and os.path.exists(part):
-        p = dict(np.load(part))
-        if p["model"] == model_id:
+        try:
+            p = dict(np.load(part))
+            reuse, why = p["model"] == model_id, "was made by another model or checkpoint"
+        except (ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # truncated by a full disk, say
+            reuse, why = False, f"cannot be read ({type(e).__name__}: {e})"
+        if reuse:
             for s in rows:
                 check_ids(part, p[f"{s}_ids"], ids[s])
             log(f"{args.arch} fold {k}: reusing {part}")
             return p
-        log(f"{args.arch} fold {k}: {part} was made by another model or checkpoint; scoring again")
+        log(f"{args.arch} fold {k}: {part} {why}; scoring again")
     model = load_fold_model(models_dir, args.arch, k, device, args.checkpoint)
     p = {"model": model_id}
     for s, r in rows.items():
@@ -135,10 +139,7 @@ def logit_statistics(args, models_dir, made_with, train_logits):
         stats = {k: (float(np.nanmean(z)), float(np.nanstd(z)) or 1.0) for k, z in train_logits.items()}
         write_json(path, {**made_with, "logit_stats": {str(k): v for k, v in stats.items()}})
         return stats
-    if not os.path.exists(path):
-        raise DataError(f"{path}: not found: run extract.py --arch {args.arch} on the training data first")
-    with open(path) as f:
-        recorded = json.load(f)
+    recorded = read_json(path, f"extract.py --arch {args.arch} on the training data", ("logit_stats",))
     if {k: recorded.get(k) for k in made_with} != made_with:
         raise DataError(f"{path}: made from other fold models, or another --checkpoint, than these (models of two "
                         f"runs mixed?): run extract.py --arch {args.arch} on the training data")
@@ -244,7 +245,7 @@ def main(argv=None):
     parser.add_argument("--weights", help="with --frozen: pretrained weights file")
     parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")
     parser.add_argument("--batch-size", type=positive(int), default=256)
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
+    parser.add_argument("--workers", type=number(int, 0), default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     args = parser.parse_args(argv)
     device, rank, world = process_device()

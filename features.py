@@ -22,12 +22,13 @@ Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-group
 import argparse
 import os
 import re
+import warnings
 
 import numpy as np
 
 from common import (CATEGORICAL, NUMERIC, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
-                    file_digest, log, models_folder, patient_normalize, read_json, read_lesions, read_test, read_train,
-                    run_main, save_array, stage_locks, write_args, write_csv, write_json, write_record)
+                    data_path, file_digest, log, models_folder, patient_normalize, read_json, read_lesions, read_test,
+                    read_train, run_main, save_array, stage_locks, write_args, write_csv, write_json, write_record)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
@@ -258,6 +259,20 @@ def build_features(table, vocabularies, patient_norm=True, context=True, outlier
     return x.T, names
 
 
+def check_finite(x, names, ids, path, block=64):
+    """NaN is a missing value, but inf a measurement so large (near float32's 3.4e38) that a feature
+    made from it overflows: a DataError naming the metadata file, the first such lesion and feature.
+    A block of columns at a time (x is feature-major): a mask of all 400,000 x 860 would take 340 MB."""
+    bad = np.zeros(len(x), bool)
+    for j in range(0, x.shape[1], block):
+        bad |= np.isinf(x[:, j:j + block]).any(1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: isic_id {ids[i]}: feature {names[np.flatnonzero(np.isinf(x[i]))[0]]} is infinite "
+                        f"({bad.sum()} lesion(s)): one of its measurements is too large to compute with (near "
+                        "3.4e38): correct it, or leave it empty (missing)")
+
+
 def make_features(args):
     """The stage's work: read the metadata, record the lesions, build and save the features; last,
     WORK/records/features.json, the digests of what it wrote, which every reader checks."""
@@ -265,7 +280,8 @@ def make_features(args):
     test = read_test(args.data)
     written = []
     if args.predict_only:
-        spec = read_json(spec_path, "features.py on the training data", keys=("vocabularies", "patient_norm"))
+        spec = read_json(spec_path, "features.py on the training data (without --predict-only)",
+                         ("vocabularies", "patient_norm"))
         tables = [("test", test)]
     else:
         train = read_train(args.data)
@@ -285,8 +301,11 @@ def make_features(args):
             log(f"test {c}: {len(unseen)} value(s) never seen in train, encoded as all-zero: {unseen[:3]}")
     out = os.path.join(args.work, "features")
     for name, table in tables:
-        x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False),
-                                  spec.get("outlier", False))
+        with warnings.catch_warnings():  # NumPy's warning lines (from every thread): check_finite names the lesion
+            warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
+            x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False),
+                                      spec.get("outlier", False))
+        check_finite(x, names, table["isic_id"], data_path(args.data, f"{name}-metadata.csv"))
         written += save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
         log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
     written.append(os.path.join(out, "columns.txt"))

@@ -24,10 +24,10 @@ import shutil
 import lightgbm as lgb
 import numpy as np
 
-from common import (DataError, add_path_flags, atomic_write, check_ids, check_record, codes, commit_folder,
-                    file_digest, finish_commit, lesions_digest, load_array, log, models_folder, patient_normalize,
-                    pauc, pauc_or_nan, positive, read_csv, read_lesions, read_manifest, read_preds, run_main,
-                    stage_locks, write_args, write_csv, write_preds, write_record)
+from common import (SEED, DataError, add_path_flags, atomic_write, check_ids, check_record, codes, commit_folder,
+                    file_digest, finish_commit, lesions_digest, load_array, log, models_folder, number,
+                    patient_normalize, pauc, pauc_or_nan, positive, read_csv, read_lesions, read_manifest, read_preds,
+                    run_main, stage_locks, write_args, write_csv, write_preds, write_record)
 from features import CONTEXT, CONTEXT_STATS, group_normalize
 
 
@@ -60,10 +60,11 @@ def load_features(args, split, lesions, inputs):
     run used (inputs: their digests)."""
     fdir = os.path.join(args.work, "features")
     path = os.path.join(fdir, f"{split}.npy")
-    check_record(args.work, "features", [path, path[:-4] + "_ids.txt", os.path.join(fdir, "columns.txt")],
-                 "features.py", inputs["features.json"])
-    blocks = [load_array(path, lesions["isic_id"])]
-    with open(os.path.join(fdir, "columns.txt")) as f:
+    columns = os.path.join(fdir, "columns.txt")
+    check_record(args.work, "features", [path, path[:-4] + "_ids.txt", columns], "features.py",
+                 inputs["features.json"])
+    blocks = [load_array(path, lesions["isic_id"], "features.py")]
+    with open(columns) as f:
         names = f.read().splitlines()
     if len(names) != blocks[0].shape[1]:
         raise DataError(f"{fdir}: columns.txt names {len(names)} features, {split}.npy has {blocks[0].shape[1]}")
@@ -75,7 +76,7 @@ def load_features(args, split, lesions, inputs):
     for arch in args.embeddings:
         path = os.path.join(args.work, "emb", f"{arch}_{split}.npy")
         check_record(args.work, f"img_{arch}", [path, path[:-4] + "_ids.txt"], f"extract.py --arch {arch}")
-        blocks.append(load_array(path, lesions["isic_id"]))
+        blocks.append(load_array(path, lesions["isic_id"], f"extract.py --arch {arch}"))
         names += [f"emb_{arch}_{i}" for i in range(blocks[-1].shape[1])]
     return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
 
@@ -136,8 +137,6 @@ def lgb_params(args, seed):
 def training_weights(args, train):
     """LightGBM's row weights: --indeterminate-weight for the negatives whose diagnosis (iddx_1 in
     WORK/train_diagnosis.csv) is Indeterminate, 1 for every other lesion."""
-    if not 0 <= args.indeterminate_weight < np.inf:
-        raise DataError(f"--indeterminate-weight {args.indeterminate_weight}: a weight from 0 (drop) up")
     path = os.path.join(args.work, "train_diagnosis.csv")
     check_record(args.work, "features", [path], "features.py")
     diagnosis = read_csv(path, ["isic_id", "iddx_1"])
@@ -210,20 +209,22 @@ def main(argv=None):
     # defaults from bench.py --ablation (BENCHMARKS.md): the winners' regularisation, slower and no worse
     parser.add_argument("--rounds", type=positive(int), default=400)
     parser.add_argument("--lr", type=positive(float), default=0.03)
-    parser.add_argument("--num-leaves", type=positive(int), default=31)
-    parser.add_argument("--max-depth", type=int, default=6, help="-1: no limit")
+    parser.add_argument("--num-leaves", type=number(int, 2, 131072), default=31)  # LightGBM's range
+    parser.add_argument("--max-depth", type=number(int, 1, also=(-1,)), default=6, help="-1: no limit")
     parser.add_argument("--min-leaf", type=positive(int), default=80, help="LightGBM's min_data_in_leaf")
-    parser.add_argument("--colsample-bynode", type=positive(float), default=0.5,
+    parser.add_argument("--colsample-bynode", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
     parser.add_argument("--bags", type=positive(int), default=5)
-    parser.add_argument("--pos-rate", type=positive(float), default=0.003,
+    # at most 1: more would make a bag larger than twice the training rows (--pos-rate), or leave it
+    # fewer negatives than positives, none at all for a large one (--neg-rate)
+    parser.add_argument("--pos-rate", type=number(float, 0, 1, low_open=True), default=0.003,
                         help="positives oversampled to this share of the negatives")
-    parser.add_argument("--neg-rate", type=positive(float), default=0.01,
+    parser.add_argument("--neg-rate", type=number(float, 0, 1, low_open=True), default=0.01,
                         help="then negatives undersampled until positives are this share of them")
-    parser.add_argument("--indeterminate-weight", type=float, default=0.0,
+    parser.add_argument("--indeterminate-weight", type=number(float, 0), default=0.0,
                         help="training weight of negatives diagnosed Indeterminate (iddx_1; 0 drops them, 1 is off)")
     parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=SEED, default=42)
     args = parser.parse_args(argv)
     models_dir = models_folder(args)
     model_dir = os.path.join(models_dir, args.name)

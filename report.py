@@ -25,15 +25,15 @@ import base64
 import glob
 import html
 import itertools
-import json
 import os
 import re
 
 import numpy as np
 
-from common import (MIN_TPR, DataError, add_path_flags, atomic_write, check_ids, check_labels, check_record, file_digest,
-                    log, models_folder, open_h5, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv, read_image_bytes,
-                    read_lesions, read_preds, retrieval_sensitivity, roc_points, run_main, stage_locks, write_args)
+from common import (MIN_TPR, add_path_flags, atomic_write, check_ids, check_labels, check_record, file_digest, log,
+                    models_folder, open_h5, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv, read_image_bytes,
+                    read_json, read_lesions, read_preds, retrieval_sensitivity, roc_points, run_main, stage_locks,
+                    write_args)
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
@@ -420,10 +420,7 @@ def report(args):
     if not args.predict_only:
         train = read_lesions(args.work, "train")
         y, folds = train["target"], train["fold"]
-        if not os.path.exists(spec_path):
-            raise DataError(f"{spec_path}: not found: run ensemble.py first")
-        with open(spec_path) as f:
-            spec = json.load(f)
+        spec = read_json(spec_path, "ensemble.py", ("names", "weights", "fold_weights", "members"))
         images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
         oof, test_scores = {}, {}
         made_by = {**spec["members"], "ensemble": file_digest(spec_path)}

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 import types
+import warnings
 from html import unescape as html_unescape
 from html.parser import HTMLParser
 
@@ -109,6 +110,17 @@ def rewrite_csv(path, edit):
     rows = edit(rows)
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
+
+
+def damage(path, how):
+    """A state file as a killed run, a full disk or a stray copy leaves it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if how == "remove":
+        os.remove(path)
+        return
+    with open(path, "wb") as f:
+        f.write({"empty": b"", "truncate": raw[:len(raw) // 2], "foreign": b"[1, 2]\n"}[how])
 
 
 def run_script(script, args, timeout=600):
@@ -385,14 +397,56 @@ def test_a_killed_write_leaves_a_temporary_file_that_the_next_write_removes(tmp_
     assert sorted(p.name for p in path.parent.iterdir()) == ["train.npy", "train_ids.txt"]
 
 
+@pytest.mark.parametrize("writer", [
+    lambda path: common.save_array(path, np.zeros((100, 100), np.float32), [f"id{i}" for i in range(100)]),
+    lambda path: common.save_array(path, np.zeros((100, 100), np.float32, order="F"), [f"id{i}" for i in range(100)]),
+    lambda path: common.atomic_write(path, lambda f: np.savez(f, a=np.zeros(10000))),
+    lambda path: train_backbone.save_checkpoint(path, {"model": torch.zeros(10000)}),
+    lambda path: common.write_csv(path, ["a"], [np.arange(1000)])], ids=["save", "save_fortran", "savez", "torch",
+                                                                         "csv"])
+def test_a_full_disk_is_one_error_line_naming_the_file_from_every_writer(tmp_path, capsys, monkeypatch, writer):
+    """The disk fills after 1000 bytes of the file: each writer's OSError ENOSPC reaches run_main (not
+    NumPy's errno-less one from tofile, nor torch's RuntimeError), and no temporary file is left."""
+    room = [1000]
+
+    class FillingDisk(io.FileIO):
+        def write(self, data):
+            if memoryview(data).nbytes > room[0]:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            room[0] -= memoryview(data).nbytes
+            return super().write(data)
+    monkeypatch.setattr(common.os, "fdopen", lambda fd, mode: io.BufferedWriter(FillingDisk(fd, "w")))
+    path = str(tmp_path / "out" / "x.npy")
+    err = one_error_line(stage_error(capsys, lambda _: writer(path), None))
+    assert err == f"error: {path}: No space left on device: free some space, or pass a --work on another disk"
+    assert [p for p in os.listdir(tmp_path / "out") if p != "x_ids.txt"] == []
+
+
 def test_stage_files_from_another_run_are_refused(tmp_path):
     path = str(tmp_path / "emb" / "x_train.npy")
     common.save_array(path, np.zeros((3, 2), np.float32), ["a", "b", "c"])
     np.testing.assert_array_equal(common.load_array(path, ["a", "b", "c"]), np.zeros((3, 2)))
-    with pytest.raises(common.DataError, match="do not line up.*first difference at row 1"):
+    with pytest.raises(common.DataError, match=r"do not line up.*first difference at row 1\): the same lesions in "
+                       r"another order: is it from a run on the metadata in another order\?$"):
         common.load_array(path, ["a", "c", "b"])
-    with pytest.raises(common.DataError, match="3 rows against 4"):
+    with pytest.raises(common.DataError, match=r"first difference at row 2\): is it from another run\?$"):
+        common.load_array(path, ["a", "b", "d"])
+    with pytest.raises(common.DataError, match=r"3 rows against 4; first difference at row 3\): is it from another"):
         common.load_array(path, ["a", "b", "c", "d"])
+
+
+@pytest.mark.parametrize("error, folder", [
+    (OSError(errno.EACCES, "Permission denied", "/ro/models/tabular.partial/.args.json.tmp-x1"),
+     "/ro/models/tabular.partial"),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/models/convnext/fold0.partial"), "/ro/models/convnext"),
+    (OSError(errno.EEXIST, "File exists", "/w/a_file"), "/w/a_file"),
+    (OSError(errno.ENOTDIR, "Not a directory", "/w/a_file/features"), "/w/a_file/features")])
+def test_an_unwritable_path_is_named_without_blaming_work(capsys, error, folder):
+    """The folder may be --models (read-only, as the README allows): the message names it."""
+    def fail():
+        raise error
+    err = one_error_line(stage_error(capsys, lambda _: fail(), None))
+    assert err == f"error: {error.filename}: {error.strerror}: is {folder} a folder you can write to?"
 
 
 # ---------------------------------------------------------------- common: HDF5 tiles
@@ -861,6 +915,28 @@ def test_folds_are_reused_only_for_the_same_lesions_patients_and_labels(demo, de
 
 
 @slow
+def test_a_measurement_whose_features_overflow_float32_is_one_error_line(demo, tmp_path, capsys):
+    """3e38 passes the CSV reader (float32 holds it), but the area times the distance does not."""
+    data = copy_demo(demo, tmp_path / "data")
+    path = os.path.join(data, "train-metadata.csv")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    row = 7
+    rewrite_csv(path, lambda rows: [r if i != row else [("3e38" if h == "tbp_lv_areaMM2" else v)
+                                                        for h, v in zip(rows[0], r)] for i, r in enumerate(rows)])
+    work = str(tmp_path / "work")
+    with warnings.catch_warnings(record=True) as caught:  # a warning line would be printed before the error
+        warnings.simplefilter("always")
+        err = one_error_line(stage_error(capsys, features.main, ["--data", data, "--work", work]))
+    assert not caught, [str(w.message) for w in caught]
+    assert re.fullmatch(f"error: {path}: isic_id {rows[row][rows[0].index('isic_id')]}: feature "
+                        r"(\w*) is infinite \(1 lesion\(s\)\): one of its measurements is too large .*", err), err
+    assert re.fullmatch(r"error: .*: feature (\w*) is.*", err)[1] in features.engineered_features(
+        common.read_train(demo))[0]
+    assert not os.path.exists(os.path.join(work, "features", "train.npy"))
+
+
+@slow
 def test_a_test_csv_with_an_empty_target_column_is_fine(demo, demo_work, tmp_path):
     """An empty target column in the test file changes nothing: the same test features as without it."""
     data = copy_demo(demo, tmp_path / "data")
@@ -912,13 +988,13 @@ def test_an_unwritable_work_folder_is_one_error_line(demo, tmp_path, capsys, mon
     a_file = tmp_path / "a_file"
     a_file.write_text("")
     err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(a_file)]))
-    assert "a_file: File exists: is --work a folder you can write to?" in err
+    assert f"{a_file}: File exists: is {a_file} a folder you can write to?" in err
 
     def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
+        raise OSError(errno.EROFS, "Read-only file system", os.path.join(kwargs["dir"], kwargs["prefix"] + "x1y2"))
     monkeypatch.setattr(common.tempfile, "mkstemp", read_only)
     err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", str(tmp_path / "w1")]))
-    assert "Read-only file system: is --work a folder you can write to?" in err
+    assert f"Read-only file system: is {tmp_path / 'w1'} a folder you can write to?" in err
     monkeypatch.undo()
 
     def disk_full(*args, **kwargs):
@@ -1317,6 +1393,39 @@ def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, tr
     assert not (np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))[rows] == 7.0).any()
 
 
+def test_a_damaged_part_is_scored_again_on_resume(tmp_path, monkeypatch, capsys):
+    """A part that a full disk or a killed copy left unreadable is no traceback: it is scored again."""
+    args = types.SimpleNamespace(work=str(tmp_path), arch="convnext_atto", checkpoint="last", resume=True)
+    images, rows = {"test": types.SimpleNamespace(ids=["a", "b", "c"])}, {"test": np.arange(3)}
+    monkeypatch.setattr(extract, "load_fold_model", lambda *a: None)
+    monkeypatch.setattr(extract, "embed", lambda args, model, images, r, *rest: (np.ones((len(r), 4), np.float32),
+                                                                                  np.arange(len(r), dtype=float)))
+    part = tmp_path / "emb" / "parts" / "convnext_atto_fold0.npz"
+    extract.fold_part(args, str(tmp_path), 0, "digest", images, rows, torch.device("cpu"), None)
+    for how in ("truncate", "empty", "foreign"):
+        damage(part, how)
+        capsys.readouterr()
+        p = extract.fold_part(args, str(tmp_path), 0, "digest", images, rows, torch.device("cpu"), None)
+        out = capsys.readouterr().out
+        assert re.search(r"fold 0: .*convnext_atto_fold0.npz cannot be read \(.*\); scoring again", out), out
+        np.testing.assert_array_equal(p["test_logit"], [0, 1, 2])
+        np.testing.assert_array_equal(np.load(part)["test_logit"], [0, 1, 2])
+
+
+@pytest.mark.parametrize("how, match", [("empty", "damaged"), ("truncate", "damaged"), ("foreign", "no logit_stats"),
+                                        ("remove", "not found")])
+def test_a_damaged_scores_json_is_one_error_line_naming_it(tmp_path, capsys, how, match):
+    args = types.SimpleNamespace(arch="convnext_atto")
+    made_with = {"folds": {"0": "digest"}, "checkpoint": "last"}
+    path = tmp_path / "convnext_atto" / "scores.json"
+    extract.logit_statistics(args, str(tmp_path), made_with, {0: np.array([1.0, 3.0])})
+    assert extract.logit_statistics(args, str(tmp_path), made_with, {}) == {0: (2.0, 1.0)}
+    damage(path, how)
+    err = one_error_line(stage_error(capsys, lambda _: extract.logit_statistics(args, str(tmp_path), made_with, {}),
+                                     None))
+    assert re.search(f"{path}: .*{match}.*: run extract.py --arch convnext_atto on the training data", err), err
+
+
 @slow
 def test_fold_models_of_other_folds_or_incomplete_are_refused(demo, trained, tmp_path, capsys):
     work = copy_work(trained, tmp_path / "work")
@@ -1506,14 +1615,106 @@ def test_the_models_folder_is_one_consistent_unit(demo, demo_work, tmp_path, cap
         stage_error(capsys, gbdt.main, ["--work", other, "--predict-only"]))
 
 
+@pytest.mark.parametrize("script, option, value, match", [
+    (gbdt, "--rounds", "0", "must be above 0, not 0"),
+    (gbdt, "--rounds", "1.5", "'1.5' is not a number of type int"),
+    (gbdt, "--bags", "0", "must be above 0, not 0"),
+    (gbdt, "--lr", "inf", "must be a finite number above 0, not inf"),
+    (gbdt, "--lr", "nan", "must be a finite number above 0, not nan"),
+    (gbdt, "--num-leaves", "1", "must be at least 2 and at most 131072, not 1"),
+    (gbdt, "--max-depth", "0", "must be -1 or at least 1, not 0"),
+    (gbdt, "--min-leaf", "0", "must be above 0, not 0"),
+    (gbdt, "--colsample-bynode", "0", "must be above 0 and at most 1, not 0"),
+    (gbdt, "--colsample-bynode", "1.5", "must be above 0 and at most 1, not 1.5"),
+    (gbdt, "--pos-rate", "inf", "must be a finite number above 0 and at most 1, not inf"),
+    (gbdt, "--pos-rate", "2", "must be above 0 and at most 1, not 2"),
+    (gbdt, "--neg-rate", "0", "must be above 0 and at most 1, not 0"),
+    (gbdt, "--neg-rate", "inf", "must be a finite number above 0 and at most 1, not inf"),
+    (gbdt, "--indeterminate-weight", "-1", "must be at least 0, not -1"),
+    (gbdt, "--indeterminate-weight", "inf", "must be a finite number at least 0, not inf"),
+    (gbdt, "--threads", "0", "must be above 0, not 0"),
+    (gbdt, "--seed", "-1", "must be at least 0 and at most 1073741824, not -1"),
+    (train_backbone, "--epochs", "0", "must be above 0, not 0"),
+    (train_backbone, "--lr", "inf", "must be a finite number above 0, not inf"),
+    (train_backbone, "--head-lr", "nan", "must be a finite number above 0, not nan"),
+    (train_backbone, "--layer-decay", "1.5", "must be above 0 and at most 1, not 1.5"),
+    (train_backbone, "--weight-decay", "-0.1", "must be at least 0, not -0.1"),
+    (train_backbone, "--weight-decay", "inf", "must be a finite number at least 0, not inf"),
+    (train_backbone, "--warmup-epochs", "nan", "must be a finite number at least 0, not nan"),
+    (train_backbone, "--warmup-epochs", "41", r"must be at most --epochs \(40\), not 41"),
+    (train_backbone, "--drop-path", "1", "must be at least 0 and below 1, not 1"),
+    (train_backbone, "--ema", "1", "must be at least 0 and below 1, not 1"),
+    (train_backbone, "--val-neg-per-pos", "-1", "must be at least 0, not -1"),
+    (train_backbone, "--workers", "-1", "must be at least 0, not -1"),
+    (train_backbone, "--micro-batch", "0", "must be above 0, not 0"),
+    (train_backbone, "--seed", "2000000000", "must be at least 0 and at most 1073741824, not 2000000000"),
+    (extract, "--workers", "-1", "must be at least 0, not -1"),
+    (extract, "--batch-size", "inf", "'inf' is not a number of type int"),
+])
+def test_numeric_options_out_of_range_are_refused_naming_the_range(tmp_path, capsys, script, option, value, match):
+    """inf and nan would pass a bare comparison (no negatives in a bag, an overflow later); each is
+    refused by argparse, before any work, with the option's range."""
+    args = ["--arch", "convnext_atto"] if script in (train_backbone, extract) else []
+    err = stage_error(capsys, script.main, args + ["--work", str(tmp_path / "work"), option, value])
+    assert re.search(f"argument {option}: {match}$", err.strip()), err
+    assert not os.path.exists(tmp_path / "work")
+
+
 @slow
-@pytest.mark.parametrize("option", ["--rounds", "--bags", "--neg-rate"])
-def test_gbdt_options_of_zero_are_refused(demo_work, capsys, option):
-    assert f"argument {option}: must be above 0, not 0" in stage_error(capsys, gbdt.main,
-                                                                         ["--work", demo_work, option, "0"])
+@pytest.mark.parametrize("name, how, match", [
+    ("train.npy", "truncate", r"train.npy: damaged \(Failed to read all data.*\): run features.py$"),
+    ("test.npy", "empty", r"test.npy: damaged \(No data left in file\): run features.py$"),
+    ("test.npy", "foreign", r"test.npy: damaged \(.*\): run features.py$"),
+    ("train_ids.txt", "truncate", r"train.npy: \d+ rows but \d+ ids in .*train_ids.txt: run features.py$"),
+    ("test_ids.txt", "remove", r"test_ids.txt: not found: run features.py$"),
+    ("columns.txt", "remove", r"columns.txt: not found: run features.py$"),
+])
+def test_a_damaged_feature_matrix_is_one_error_line_naming_it(demo_work, tmp_path, capsys, name, how, match):
+    work = copy_work(demo_work, tmp_path / "work")
+    damage(os.path.join(work, "features", name), how)
+    err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "2", "--bags", "1"]))
+    assert re.search(os.path.join(work, "features", "") + match, err), err
+    assert not os.path.exists(os.path.join(work, "models", "tabular"))
+
+
+@slow
+def test_folds_csv_with_a_patient_in_two_folds_is_refused(demo_work, tmp_path, capsys):
+    work = copy_work(demo_work, tmp_path / "work")
+    lesions = common.read_lesions(work, "train")
+    row = int(np.flatnonzero(lesions["patient_id"] == lesions["patient_id"][-1])[-1])  # a patient's last lesion
+    first_fold, moved = lesions["fold"][row], (lesions["fold"][row] + 1) % 5
+
+    def move(rows):
+        rows[row + 1][rows[0].index("fold")] = str(moved)
+        return rows
+    rewrite_csv(os.path.join(work, "folds.csv"), move)
+    err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "2", "--bags", "1"]))
+    assert (f"folds.csv: patient_id {lesions['patient_id'][row]} is in fold {first_fold} and in fold {moved} "
+            f"(isic_id {lesions['isic_id'][row]}): each patient's lesions must be in one fold") in err, err
 
 
 # ---------------------------------------------------------------- ensemble.py
+
+@slow
+def test_a_damaged_json_state_file_is_one_error_line_naming_it(demo, demo_work, tmp_path, capsys):
+    """features.json and ensemble.json, empty, cut short, another file's or gone, where each stage reads them."""
+    work = copy_work(demo_work, tmp_path / "work")
+    gbdt.main(["--work", work, "--rounds", "2", "--bags", "1"])
+    ensemble.main(["--work", work])
+    for name, main, args, rebuild in [
+            ("features.json", features.main, ["--data", demo, "--predict-only"], "features.py on the training data"),
+            ("ensemble.json", ensemble.main, ["--predict-only"], "ensemble.py on the training data"),
+            ("ensemble.json", report.main, [], "ensemble.py")]:
+        path = os.path.join(work, "models", name)
+        with open(path, "rb") as f:
+            good = f.read()
+        for how in ("empty", "truncate", "foreign", "remove"):
+            damage(path, how)
+            err = one_error_line(stage_error(capsys, main, args + ["--work", work]))
+            assert err.startswith(f"error: {path}: ") and f": run {rebuild}" in err, (name, how, err)
+            with open(path, "wb") as f:
+                f.write(good)
+
 
 def test_rank_average_matches_loop():
     rng = np.random.default_rng(1)
@@ -1570,15 +1771,29 @@ def test_weights_for_a_fold_never_see_its_labels():
     assert common.pauc(y[fold2], honest[fold2]) < common.pauc(y[fold2], in_sample @ ranks[:, fold2]) - 0.02
 
 
-@pytest.mark.parametrize("text, want", [("equal", [0.5, 0.5]), ("1,3", [0.25, 0.75]), ("0,2", [0.0, 1.0])])
+@pytest.mark.parametrize("text, want", [("equal", [0.5, 0.5]), ("1,3", [0.25, 0.75]), ("0,2", [0.0, 1.0]),
+                                        ("1e308,1e308", [0.5, 0.5]), ("1e308,1.5e308", [0.4, 0.6]),
+                                        ("5e-324,0", [1.0, 0.0])])
 def test_weights_by_hand(text, want):
-    np.testing.assert_allclose(ensemble.parse_weights(text, ["a", "b"]), want)
+    """Hand-worked: 1e308 + 1e308 overflows a plain sum, 5e-324 is the smallest float above 0."""
+    np.testing.assert_allclose(ensemble.parse_weights(text, ["a", "b"]), want, rtol=1e-15)
 
 
-@pytest.mark.parametrize("text", ["1", "1,-1", "0,0", "a,b"])
+@pytest.mark.parametrize("text", ["1", "1,-1", "0,0", "a,b", "inf,1", "1e309,1", "nan,1"])
 def test_bad_weights_say_what_is_expected(text):
-    with pytest.raises(common.DataError, match="'oof', 'equal', or 2 non-negative numbers"):
+    with pytest.raises(common.DataError, match="'oof', 'equal', or 2 finite non-negative numbers, not all 0"):
         ensemble.parse_weights(text, ["a", "b"])
+
+
+@pytest.mark.parametrize("argv", [["--blend", "-1,2"], ["--blend=-1,2"], ["--blend", "-.5,2"]])
+def test_a_negative_first_weight_gets_the_weights_message_not_argparses(tmp_path, capsys, monkeypatch, argv):
+    """argparse takes "-1,2" for an option ("expected one argument"): main hands it to --blend."""
+    monkeypatch.setattr(ensemble, "ensemble", lambda args: ensemble.parse_weights(args.blend, ["a", "b"]))
+    err = one_error_line(stage_error(capsys, ensemble.main, ["--work", str(tmp_path)] + argv))
+    assert re.fullmatch(r"error: --blend -\.?[0-9.]+,2: 'oof', 'equal', or 2 finite non-negative numbers, not all 0, "
+                        "one for each of a, b", err), err
+    assert ensemble.blend_joined(["--names", "a,b", "--blend", "-1,2", "--blend", "1,2"]) == [
+        "--names", "a,b", "--blend=-1,2", "--blend", "1,2"]
 
 
 # ---------------------------------------------------------------- report.py, and the retrieval metrics it shows

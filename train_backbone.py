@@ -34,11 +34,11 @@ import time
 import numpy as np
 import torch
 
-from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write,
-                    autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, focal_loss,
-                    finish_commit, image_loader, lesions_digest, log, normalization, pauc_or_nan, positive, predict,
-                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, stage_locks,
-                    write_args, write_csv)
+from common import (AUGMENT_DRAWS, MODEL_CONFIGS, SEED, DataError, H5Images, add_path_flags, amp_settings,
+                    atomic_write, autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path,
+                    finish_commit, focal_loss, image_loader, lesions_digest, log, normalization, number, pauc_or_nan,
+                    positive, predict, prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken,
+                    stage_locks, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -354,17 +354,6 @@ def train(args):
         torch.distributed.destroy_process_group()
 
 
-def ema_decay(text):
-    """An argparse type: a decay in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, not {text}")
-    return value
-
-
 def build_parser():
     """The flags; bench.py projects the GPU time of their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,7 +368,7 @@ def build_parser():
     parser.add_argument("--neg-per-pos", type=positive(int), default=4,
                         help="negatives per positive in each epoch, drawn afresh each epoch (default 4 with 40 "
                              "epochs: 200 training images per positive)")
-    parser.add_argument("--val-neg-per-pos", type=int, default=50,
+    parser.add_argument("--val-neg-per-pos", type=number(int, 0), default=50,
                         help="validation negatives per positive, drawn once (0: all; all of a real fold is "
                              "about 80,000 tiles: 17 times the FLOPs of a training epoch at 1:4)")
     parser.add_argument("--batch-size", type=positive(int), default=64,
@@ -392,19 +381,19 @@ def build_parser():
     parser.add_argument("--lr", type=positive(float), default=5e-5, help="the backbone's peak learning rate")
     parser.add_argument("--head-lr", type=positive(float),
                         help="the classifier head's peak learning rate (default: 10 x --lr)")
-    parser.add_argument("--layer-decay", type=positive(float), default=1.0,
+    parser.add_argument("--layer-decay", type=number(float, 0, 1, low_open=True), default=1.0,
                         help="layer-wise learning rate decay: the backbone layer at depth i of L learns at "
                              "--lr x DECAY^(L - i) (default 1: every layer at --lr)")
-    parser.add_argument("--weight-decay", type=float, default=0.05)
-    parser.add_argument("--warmup-epochs", type=float, default=1.0)
-    parser.add_argument("--drop-path", type=float, default=0.1)
-    parser.add_argument("--ema", type=ema_decay, default=0.0, metavar="DECAY",
+    parser.add_argument("--weight-decay", type=number(float, 0), default=0.05)
+    parser.add_argument("--warmup-epochs", type=number(float, 0), default=1.0, help="at most --epochs")
+    parser.add_argument("--drop-path", type=number(float, 0, 1, high_open=True), default=0.1)
+    parser.add_argument("--ema", type=number(float, 0, 1, high_open=True), default=0.0, metavar="DECAY",
                         help="validate and save an exponential moving average of the weights, updated after "
                              "every optimizer step with this decay (e.g. 0.999; default 0: off)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count()))
+    parser.add_argument("--workers", type=number(int, 0), default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     parser.add_argument("--resume", action="store_true", help="continue from the resume.pt of fold{k}.partial/")
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=SEED, default=42)
     parser.add_argument("--save-weights", metavar="DIR",
                         help="only write DIR/ARCH.safetensors, timm's pretrained weights (run with internet and "
                              "HF_HUB_OFFLINE=0), for --weights and run.sh's WEIGHTS_DIR")
@@ -412,7 +401,10 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.warmup_epochs > args.epochs:  # the schedule would never reach its peak
+        parser.error(f"argument --warmup-epochs: must be at most --epochs ({args.epochs}), not {args.warmup_epochs:g}")
     if args.save_weights:
         save_weights(args.arch, args.save_weights, not args.no_pretrained)
         return
