@@ -1548,33 +1548,6 @@ def test_indeterminate_negatives_get_their_training_weight_and_nothing_else(demo
 
 
 @slow
-def test_sigkill_never_leaves_a_half_written_file(demo, demo_work, tmp_path):
-    """gbdt.py killed (SIGKILL) the moment the temporary file of a booster, the manifest or a
-    predictions file appears. The files the next stage reads are the old ones or the new ones,
-    whole; and kills land inside writes (their temporary files are left; a fast write can end
-    between the look and the kill, so not every one)."""
-    work = copy_work(demo_work, tmp_path / "work")
-    gbdt.main(["--work", work, "--rounds", "20", "--bags", "1"])
-    ids = common.read_lesions(work, "train")["isic_id"].tolist()
-    inside = 0
-    for target in ("fold2_bag0.txt", "manifest.json", "tabular_oof.csv", "tabular_test.csv"):
-        pattern = os.path.join(work, "**", f".{target}.tmp-*")
-        proc = subprocess.Popen([sys.executable, "gbdt.py", "--work", work, "--rounds", "30", "--bags", "2",
-                                 "--seed", "7"], cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None and not glob.glob(pattern, recursive=True):
-            pass
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        inside += bool(glob.glob(pattern, recursive=True))
-        oof = common.read_preds(work, "tabular", "train", ids)   # complete, old or new
-        assert np.isfinite(oof).all()
-        for name in os.listdir(os.path.join(work, "models", "tabular")):
-            if name.endswith(".txt") and not name.startswith("."):    # a whole booster loads
-                assert gbdt.lgb.Booster(model_file=os.path.join(work, "models", "tabular", name)).num_trees() >= 20
-    assert inside >= 1
-
-
-@slow
 def test_the_models_folder_is_one_consistent_unit(demo, demo_work, tmp_path, capsys):
     work = copy_work(demo_work, tmp_path / "work")
     model_dir = os.path.join(work, "models", "tabular")
