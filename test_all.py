@@ -960,6 +960,47 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     assert not os.path.exists(os.path.dirname(log_path))  # the finished fold replaced fold1/ whole
 
 
+@slow
+def test_a_resume_keeps_the_settings_of_the_run_it_continues(demo, demo_work, tmp_path, capsys, monkeypatch):
+    """A run stopped after the first of its 2 epochs: resumed with settings that change the weights,
+    or from a damaged resume.pt, it stops with one error line and keeps the first run's args.json;
+    with another --micro-batch (speed alone) it finishes the fold, with that record."""
+    work = copy_work(demo_work, tmp_path / "work")
+    args = ["--arch", "convnext_atto", "--fold", "1", "--data", demo, "--work", work] + tiny_train(2)
+    partial = os.path.join(work, "models", "convnext_atto", "fold1.partial")
+    write_epoch_log = train_backbone.write_epoch_log
+
+    def stopped_after_first_epoch(path, row):
+        write_epoch_log(path, row)
+        raise SystemExit("stopped after the first epoch")
+    monkeypatch.setattr(train_backbone, "write_epoch_log", stopped_after_first_epoch)
+    with pytest.raises(SystemExit):
+        train_backbone.main(args)
+    monkeypatch.undo()
+    capsys.readouterr()
+    with open(os.path.join(partial, "args.json"), "rb") as f:
+        recorded = f.read()
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume", "--epochs", "3", "--lr", "1e-4",
+                                                                         "--micro-batch", "4"]))
+    assert f"{partial}/args.json: " in err and "(--epochs 2 -> 3, --lr 0.0003 -> 0.0001)" in err, err
+    assert "resume with the recorded settings, or run without --resume to start the fold again" in err
+    resume_pt = os.path.join(partial, "resume.pt")
+    with open(resume_pt, "rb") as f:
+        saved = f.read()
+    with open(resume_pt, "wb") as f:
+        f.write(saved[:len(saved) // 2])
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume"]))
+    assert f"{resume_pt}: damaged (" in err and "run without --resume to start the fold again" in err, err
+    with open(resume_pt, "wb") as f:
+        f.write(saved)
+    train_backbone.main(args + ["--resume", "--micro-batch", "4"])
+    assert "resuming after epoch 0" in capsys.readouterr().out
+    fold = os.path.join(work, "models", "convnext_atto", "fold1")
+    assert [r["epoch"] for r in read_log(os.path.join(fold, "log.csv"))] == ["0", "1"]
+    with open(os.path.join(fold, "args.json"), "rb") as f:
+        assert f.read() == recorded
+
+
 def test_micro_batches_give_the_whole_batch_gradient():
     x, y = torch.randn(8, 3, 64, 64), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0])
     after = []

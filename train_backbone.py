@@ -14,8 +14,8 @@ Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
 Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (weights of the last),
         log.csv (one row per epoch), args.json, manifest.json: what a user uploads. A fold trains in
         fold{k}.partial/, whose resume.pt (weights, optimizer, scaler and average state, saved every epoch)
-        --resume continues from, and which replaces fold{k}/ whole, without resume.pt, once its last
-        epoch is done
+        --resume continues from, with the settings recorded in its args.json (others are an error), and
+        which replaces fold{k}/ whole, without resume.pt, once its last epoch is done
 
     python train_backbone.py --arch eva02_tiny --fold 0 --data demo_data --no-pretrained \\
         --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 5e-4 --workers 0             # tiny, CPU
@@ -27,6 +27,7 @@ import contextlib
 import copy
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -37,8 +38,8 @@ import torch
 from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write,
                     autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, focal_loss,
                     image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan, positive, predict,
-                    prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken, write_args,
-                    write_csv)
+                    prepare_batch, process_device, read_csv, read_json, read_lesions, run_main, split_broken,
+                    write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -198,6 +199,26 @@ def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, ar
     return loss, pauc_or_nan(yv, logits[ok])
 
 
+# flags a resume may change: they change the speed, the paths or which folds run, not the weights it ends
+# with (resume.pt holds the weights, so the pretrained ones are not read again)
+RESUME_MAY_CHANGE = ("resume", "workers", "micro_batch", "grad_checkpointing", "fold", "data", "work", "save_weights",
+                     "weights", "no_pretrained")
+
+
+def check_resume_settings(args, out_dir, fold):
+    """A resumed fold continues with the settings its interrupted run recorded in args.json, never
+    a mix of two runs' settings."""
+    path = os.path.join(out_dir, "args.json")
+    recorded = read_json(path, f"train_backbone.py --arch {args.arch} --fold {fold} without --resume (to start the "
+                         "fold again)", keys=("args",))["args"]
+    differ = [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}" for k, v in vars(args).items()
+              if k not in RESUME_MAY_CHANGE and recorded.get(k) != v]
+    if differ:
+        raise DataError(f"{path}: the interrupted run of fold {fold} was started with other settings "
+                        f"({', '.join(differ)}): resume with the recorded settings, or run without --resume to "
+                        "start the fold again")
+
+
 def train_fold(args, fold, train, images, device, rank, world):
     """Trains fold `fold` in MODEL_DIR/fold{k}.partial (resumable), which replaces MODEL_DIR/fold{k}
     whole, with its manifest, once the last epoch is done. Returns the best validation pAUC."""
@@ -208,9 +229,12 @@ def train_fold(args, fold, train, images, device, rank, world):
     if args.resume and not os.path.exists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
         log(f"{args.arch} fold {fold}: already trained ({final}); nothing to resume")
         return None
+    resuming = args.resume and os.path.exists(resume_path)
+    if resuming:
+        check_resume_settings(args, out_dir, fold)
     if rank == 0 and not args.resume:
         shutil.rmtree(out_dir, ignore_errors=True)  # what a killed run left
-    if rank == 0:
+    if rank == 0 and not resuming:  # a resume keeps the record of the run it continues
         write_args(os.path.join(out_dir, "args.json"), args)
     y = train["target"]
     trn, val = np.flatnonzero(train["fold"] != fold), np.flatnonzero(train["fold"] == fold)
@@ -237,8 +261,12 @@ def train_fold(args, fold, train, images, device, rank, world):
     steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) // world * world / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     start, best, step, score, skipped_in_row = 0, -1.0, 0, float("nan"), 0
-    if args.resume and os.path.exists(resume_path):
-        ck = torch.load(resume_path, map_location=device, weights_only=False)
+    if resuming:
+        try:  # to the CPU: a GPU out of memory here is not a damaged file
+            ck = torch.load(resume_path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise DataError(f"{resume_path}: damaged ({str(e).splitlines()[0]}): run without --resume to start the "
+                            "fold again") from None
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
