@@ -1162,6 +1162,24 @@ def test_no_fold_model_is_saved_from_data_it_cannot_learn(demo, demo_work, tmp_p
     assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
 
 
+@slow
+def test_no_fold_trains_without_a_positive_that_decodes(demo, demo_work, tmp_path, capsys):
+    """Every positive of fold 2's training rows broken: --fold all stops before any fold trains
+    (the other folds' training rows hold fold 2's positives, which decode)."""
+    data = copy_demo(demo, tmp_path / "data")
+    work = copy_work(demo_work, tmp_path / "work")
+    train = common.read_lesions(work, "train")
+    broken = train["isic_id"][(train["target"] == 1) & (train["fold"] != 2)]
+    for i in broken:
+        corrupt_image(os.path.join(data, "train-image.hdf5"), i, b"\xff\xd8\xff truncated")
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "all",
+                                                                   "--data", data, "--work", work] + tiny_train(1)))
+    assert f"train-image.hdf5: none of the {len(broken)} positives (target 1) of the training rows of fold 2 can " \
+           "be decoded" in err and "replace the broken tiles" in err, err
+    assert f"the first: isic_id {broken[0]}: the image cannot be decoded" in err, err
+    assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
+
+
 def torchrun(script, args, nproc=2, **env):
     """`torchrun --standalone --nproc_per_node=N SCRIPT ARGS` on the CPU (gloo), one thread a process."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

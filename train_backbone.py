@@ -199,6 +199,16 @@ def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, ar
     return loss, pauc_or_nan(yv, logits[ok])
 
 
+def check_a_positive_decodes(images, rows, fold):
+    """Training rows none of whose positives decodes would train a model that never sees one. Reads
+    the positives alone (a few hundred tiles), up to the first that decodes."""
+    pos = rows[images.labels[rows] == 1]
+    if not any(images[i][1][0] for i in pos):  # a broken tile's size is (0, 0)
+        raise DataError(f"{images.h5_path}: none of the {len(pos)} positives (target 1) of the training rows of "
+                        f"fold {fold} can be decoded, and a model trained on negatives alone learns nothing: "
+                        f"replace the broken tiles; the first: {images.problem(pos[0])}")
+
+
 # flags a resume may change: they change the speed, the paths or which folds run, not the weights it ends
 # with (resume.pt holds the weights, so the pretrained ones are not read again)
 RESUME_MAY_CHANGE = ("resume", "workers", "micro_batch", "grad_checkpointing", "fold", "data", "work", "save_weights",
@@ -367,7 +377,10 @@ def train(args):
     if args.fold != "all" and (not re.fullmatch(r"\d+", args.fold) or int(args.fold) not in known):
         raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}, "
                         "or 'all'")
-    for fold in known if args.fold == "all" else [int(args.fold)]:
+    folds = known if args.fold == "all" else [int(args.fold)]
+    for fold in folds:  # before any fold trains: not after hours of training the others
+        check_a_positive_decodes(images, np.flatnonzero(train["fold"] != fold), fold)
+    for fold in folds:
         with output_lock(args.work, f"train-{args.arch}-fold{fold}") if rank == 0 else contextlib.nullcontext():
             try:
                 best = train_fold(args, fold, train, images, device, rank, world)
