@@ -1,10 +1,10 @@
 """Image embeddings and image-model scores for every lesion.
 
 Train lesions get theirs from the model of the fold that held them out, never from a model that
-trained on them. Test lesions get theirs from the fold model with the best validation pAUC
-(`--test-models best`, the default: one model, whose GPU time on 500,000 test lesions is hours
-for eva02_base on GPU T4 x2, see BENCHMARKS.md), or from the mean over the fold models
-(`--test-models mean`, five times the GPU time). A score is the model's logit standardized by the
+trained on them. Test lesions get theirs from the fold model with the best validation pAUC, of
+those that have one (`--test-models best`, the default: one model, whose GPU time on 500,000
+test lesions is hours for eva02_base on GPU T4 x2, see BENCHMARKS.md), or from the mean over the
+fold models (`--test-models mean`, five times the GPU time). A score is the model's logit standardized by the
 mean and spread of that model's own out-of-fold logits, so that train and test scores mean the
 same whatever the fold model. `--frozen` embeds every lesion with the pretrained backbone instead (no scores).
 Under `torchrun --nproc_per_node=N` the lesions are split across the GPUs; process 0 writes.
@@ -60,6 +60,16 @@ def fold_manifests(args, models_dir, lesions):
         raise DataError(f"{arch_dir}: its fold models come from training runs on different folds: copy the "
                         "fold*/ folders of one run")
     return manifests
+
+
+def best_fold(manifests, checkpoint, arch_dir):
+    """The fold whose model scored the best validation pAUC at `checkpoint`, of {fold: manifest};
+    a fold without a positive in validation has NaN, which is no score, not a low or a high one."""
+    scores = {k: m["val_pauc"][checkpoint] for k, m in manifests.items() if not np.isnan(m["val_pauc"][checkpoint])}
+    if not scores:
+        raise DataError(f"{arch_dir}: no fold model has a validation pAUC at its {checkpoint} checkpoint (no "
+                        "positive in any fold's validation rows): pass --test-models mean")
+    return max(sorted(scores), key=scores.get)
 
 
 def load_fold_model(models_dir, arch, fold, device, checkpoint="last"):
@@ -156,8 +166,8 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
     returns the embeddings; None in torchrun processes other than the first."""
     manifests = fold_manifests(args, models_dir, lesions)
     folds = sorted(manifests)
-    test_folds = folds if args.test_models == "mean" else [max(
-        folds, key=lambda k: manifests[k]["val_pauc"][args.checkpoint])]
+    test_folds = (folds if args.test_models == "mean"
+                  else [best_fold(manifests, args.checkpoint, os.path.join(models_dir, args.arch))])
     dim = MODEL_CONFIGS[args.arch]["feature_dim"]
     emb = {s: np.zeros((len(t["isic_id"]), dim), np.float32) for s, t in lesions.items()}
     train_logits, test_logits = {}, {}

@@ -1280,6 +1280,20 @@ def test_test_scores_come_from_the_best_fold_model_or_the_mean_of_all(demo, trai
                                      rel=1e-4, abs=1e-4)
 
 
+def test_the_best_fold_model_is_chosen_among_those_with_a_validation_score():
+    """NaN (no positive in a fold's validation rows) neither wins nor loses, first or last; with none
+    scored, --test-models mean is the way."""
+    nan = float("nan")
+    manifests = {k: {"val_pauc": {"last": last, "best": best}} for k, last, best in
+                 [(0, nan, 0.01), (1, 0.10, 0.12), (2, 0.15, 0.11), (3, 0.05, 0.19), (4, nan, nan)]}
+    assert extract.best_fold(manifests, "last", "models/a") == 2
+    assert extract.best_fold(manifests, "best", "models/a") == 3
+    none = {k: {"val_pauc": {"last": nan}} for k in range(3)}
+    with pytest.raises(common.DataError, match=r"^models/a: no fold model has a validation pAUC at its last "
+                                               r"checkpoint .*: pass --test-models mean$"):
+        extract.best_fold(none, "last", "models/a")
+
+
 def ks_statistic(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution
     functions, by a loop over the pooled values."""
