@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
-                    build_model, check_ids, check_image_ids, data_path, image_loader, lesions_digest, log,
-                    models_folder, normalization, output_lock, positive, predict, process_device, read_lesions,
-                    read_manifest, run_main, save_array, write_args, write_json, write_preds)
+                    build_model, check_a_tile_decodes, check_ids, check_image_ids, data_path, image_loader,
+                    lesions_digest, log, models_folder, normalization, output_lock, positive, predict, process_device,
+                    read_lesions, read_manifest, run_main, save_array, write_args, write_json, write_preds)
 
 
 def fold_manifests(args, models_dir, lesions):
@@ -94,17 +94,18 @@ def embed(args, model, images, rows, device, dtype, what):
     loader = image_loader(images, np.array_split(rows, world)[rank], args.batch_size, args.workers)
     emb, logit = predict(model, loader, MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype,
                          progress=f"{args.arch} {what}" + (f", process {rank}" if world > 1 else ""))
-    if world == 1:
-        return emb, logit
-    shard = os.path.join(args.work, "emb", "parts", f"{args.arch}_{what.replace(' ', '_')}_process{{}}.npz")
-    atomic_write(shard.format(rank), lambda f: np.savez(f, emb=emb, logit=logit))
-    torch.distributed.barrier()
-    if rank:
-        return None, None
-    shards = [dict(np.load(shard.format(r))) for r in range(world)]
-    for r in range(world):
-        os.remove(shard.format(r))
-    return np.concatenate([s["emb"] for s in shards]), np.concatenate([s["logit"] for s in shards])
+    if world > 1:
+        shard = os.path.join(args.work, "emb", "parts", f"{args.arch}_{what.replace(' ', '_')}_process{{}}.npz")
+        atomic_write(shard.format(rank), lambda f: np.savez(f, emb=emb, logit=logit))
+        torch.distributed.barrier()
+        if rank:
+            return None, None
+        shards = [dict(np.load(shard.format(r))) for r in range(world)]
+        for r in range(world):
+            os.remove(shard.format(r))
+        emb, logit = np.concatenate([s["emb"] for s in shards]), np.concatenate([s["logit"] for s in shards])
+    check_a_tile_decodes(images, rows, logit, f"{args.arch} {what}")
+    return emb, logit
 
 
 def fold_part(args, models_dir, k, model_digest, images, rows, device, dtype):

@@ -1342,6 +1342,28 @@ def test_two_processes_extract_what_one_does(demo, trained, tmp_path):
     assert not os.path.exists(os.path.join(work, "emb", "parts"))
 
 
+@slow
+def test_two_processes_score_a_share_of_broken_tiles_as_one_does(demo, trained, tmp_path):
+    """Every test tile of process 1's share broken, process 0's fine: whether a tile of the split
+    decodes is decided on the whole split, so torchrun goes on with NaN for them, as one process does."""
+    data = copy_demo(demo, tmp_path / "data")
+    ids = common.read_lesions(trained, "test")["isic_id"]
+    broken = np.array_split(np.arange(len(ids)), 2)[1]
+    for i in ids[broken]:
+        corrupt_image(os.path.join(data, "test-image.hdf5"), i, b"\xff\xd8\xff not a jpeg")
+    one, two = copy_work(trained, tmp_path / "one"), copy_work(trained, tmp_path / "two")
+    args = ["--arch", "convnext_atto", "--data", data, "--workers", "0", "--predict-only"]
+    extract.main(args + ["--work", one])
+    r = torchrun("extract.py", args + ["--work", two])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"warning: {len(broken)} test image(s) cannot be decoded" in r.stdout
+    emb = [common.load_array(os.path.join(w, "emb", "convnext_atto_test.npy"), ids) for w in (one, two)]
+    assert np.isnan(emb[0][broken]).all() and not np.isnan(np.delete(emb[0], broken, 0)).any()
+    np.testing.assert_allclose(emb[1], emb[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(common.read_preds(two, "img_convnext_atto", "test", ids),
+                               common.read_preds(one, "img_convnext_atto", "test", ids), rtol=1e-4, atol=1e-4)
+
+
 def fake_part(work, fold, value):
     """A part of extract.py --resume's, as an interrupted run with the current fold model would leave it,
     holding a marker no recomputation gives."""

@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from common import (AUGMENT_DRAWS, MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write,
-                    autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path, focal_loss,
-                    image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan, positive, predict,
-                    prepare_batch, process_device, read_csv, read_json, read_lesions, run_main, split_broken,
-                    write_args, write_csv)
+                    autocast, broken_tiles, build_model, check_a_tile_decodes, check_image_ids, commit_folder,
+                    data_path, focal_loss, image_loader, lesions_digest, log, normalization, output_lock, pauc_or_nan,
+                    positive, predict, prepare_batch, process_device, read_csv, read_json, read_lesions, run_main,
+                    split_broken, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -182,7 +182,7 @@ def check_step(loss, skipped_in_row, where, dtype):
                         "bf16 (compute capability 8.0 and up)")
 
 
-def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank, world):
+def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, fold, rank, world):
     """Validation loss and pAUC of the fold's held-out rows (undecodable tiles left out). Under
     torchrun each process scores its share and every process gets all the logits: no process
     waits in a collective while another validates alone (NCCL times out after 10 minutes)."""
@@ -193,6 +193,7 @@ def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, ar
         shares = [None] * world
         torch.distributed.all_gather_object(shares, logits)
         logits = np.concatenate(shares)
+    check_a_tile_decodes(images, val, logits, f"{args.arch} fold {fold} validation")
     ok = ~np.isnan(logits)
     yv = y[val][ok]
     loss = loss_fn(torch.from_numpy(logits[ok]), torch.from_numpy(yv.astype(np.float32))).item()
@@ -323,8 +324,8 @@ def train_fold(args, fold, train, images, device, rank, world):
                             f"decoded; the first: {images.problem(rows[0])}")
         broken_tiles(images, skipped, "training", "skipped")
         train_loss = np.mean(losses)
-        val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
-                                   world)
+        val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, fold,
+                                   rank, world)
         if rank != 0:
             continue
         if score > best or best < 0:
