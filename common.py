@@ -1291,7 +1291,7 @@ def check_finite_outputs(embs, logits, ids, index, dtype, what):
 
 def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
     """Embeddings (N, D) and logits (N,) of every image of the loader, in its order; NaN for a tile
-    that cannot be decoded."""
+    that cannot be decoded (whether any of the split decodes is check_a_tile_decodes's to say)."""
     import torch
     model.eval()
     n = len(loader.sampler)
@@ -1310,8 +1310,13 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
             embs[rows], logits[rows] = f, z
         if progress and ((batch + 1) % 50 == 0 or seen == n):
             log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")
-    if n and np.isnan(logits).all():
-        images = loader.dataset
-        raise DataError(f"{images.h5_path}: none of the {n} images of {progress or 'this split'} can be decoded; "
-                        f"the first: {images.problem(next(iter(loader.sampler)))}")
     return embs, logits
+
+
+def check_a_tile_decodes(images, rows, logits, what):
+    """A split none of whose tiles `rows` decodes (all its logits NaN) is an error; some broken ones
+    are not. Called on the whole split, gathered from every process: under torchrun a process
+    whose share holds broken tiles alone is no error, as in one process."""
+    if len(rows) and np.isnan(logits).all():
+        raise DataError(f"{images.h5_path}: none of the {len(rows)} images of {what} can be decoded; "
+                        f"the first: {images.problem(rows[0])}")

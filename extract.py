@@ -1,10 +1,10 @@
 """Image embeddings and image-model scores for every lesion.
 
 Train lesions get theirs from the model of the fold that held them out, never from a model that
-trained on them. Test lesions get theirs from the fold model with the best validation pAUC
-(`--test-models best`, the default: one model, whose GPU time on 500,000 test lesions is hours
-for eva02_base on GPU T4 x2, see BENCHMARKS.md), or from the mean over the fold models
-(`--test-models mean`, five times the GPU time). A score is the model's logit standardized by the
+trained on them. Test lesions get theirs from the fold model with the best validation pAUC, of
+those that have one (`--test-models best`, the default: one model, whose GPU time on 500,000
+test lesions is hours for eva02_base on GPU T4 x2, see BENCHMARKS.md), or from the mean over the
+fold models (`--test-models mean`, five times the GPU time). A score is the model's logit standardized by the
 mean and spread of that model's own out-of-fold logits, so that train and test scores mean the
 same whatever the fold model. `--frozen` embeds every lesion with the pretrained backbone instead (no scores).
 Under `torchrun --nproc_per_node=N` the lesions are split across the GPUs; process 0 writes.
@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
-                    build_model, check_ids, check_image_ids, data_path, file_digest, image_loader, lesions_digest, log,
-                    models_folder, normalization, number, positive, predict, process_device, read_json, read_lesions,
-                    read_manifest, run_main, save_array, stage_locks, write_args, write_json, write_preds, write_record)
+                    build_model, check_a_tile_decodes, check_ids, check_image_ids, data_path, file_digest, image_loader,
+                    lesions_digest, log, models_folder, normalization, number, positive, predict, process_device,
+                    read_json, read_lesions, read_manifest, run_main, save_array, stage_locks, write_args, write_json,
+                    write_preds, write_record)
 
 
 def fold_manifests(args, models_dir, lesions):
@@ -62,6 +63,16 @@ def fold_manifests(args, models_dir, lesions):
     return manifests
 
 
+def best_fold(manifests, checkpoint, arch_dir):
+    """The fold whose model scored the best validation pAUC at `checkpoint`, of {fold: manifest};
+    a fold without a positive in validation has NaN, which is no score, not a low or a high one."""
+    scores = {k: m["val_pauc"][checkpoint] for k, m in manifests.items() if not np.isnan(m["val_pauc"][checkpoint])}
+    if not scores:
+        raise DataError(f"{arch_dir}: no fold model has a validation pAUC at its {checkpoint} checkpoint (no "
+                        "positive in any fold's validation rows): pass --test-models mean")
+    return max(sorted(scores), key=scores.get)
+
+
 def load_fold_model(models_dir, arch, fold, device, checkpoint="last"):
     model = build_model(arch, pretrained=False, drop_path=0.0)
     path = os.path.join(models_dir, arch, f"fold{fold}", f"{checkpoint}.pt")
@@ -84,17 +95,18 @@ def embed(args, model, images, rows, device, dtype, what):
     loader = image_loader(images, np.array_split(rows, world)[rank], args.batch_size, args.workers)
     emb, logit = predict(model, loader, MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype,
                          progress=f"{args.arch} {what}" + (f", process {rank}" if world > 1 else ""))
-    if world == 1:
-        return emb, logit
-    shard = os.path.join(args.work, "emb", "parts", f"{args.arch}_{what.replace(' ', '_')}_process{{}}.npz")
-    atomic_write(shard.format(rank), lambda f: np.savez(f, emb=emb, logit=logit))
-    torch.distributed.barrier()
-    if rank:
-        return None, None
-    shards = [dict(np.load(shard.format(r))) for r in range(world)]
-    for r in range(world):
-        os.remove(shard.format(r))
-    return np.concatenate([s["emb"] for s in shards]), np.concatenate([s["logit"] for s in shards])
+    if world > 1:
+        shard = os.path.join(args.work, "emb", "parts", f"{args.arch}_{what.replace(' ', '_')}_process{{}}.npz")
+        atomic_write(shard.format(rank), lambda f: np.savez(f, emb=emb, logit=logit))
+        torch.distributed.barrier()
+        if rank:
+            return None, None
+        shards = [dict(np.load(shard.format(r))) for r in range(world)]
+        for r in range(world):
+            os.remove(shard.format(r))
+        emb, logit = np.concatenate([s["emb"] for s in shards]), np.concatenate([s["logit"] for s in shards])
+    check_a_tile_decodes(images, rows, logit, f"{args.arch} {what}")
+    return emb, logit
 
 
 def fold_part(args, models_dir, k, model_digest, images, rows, device, dtype):
@@ -158,8 +170,8 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
     None in torchrun processes other than the first."""
     manifests = fold_manifests(args, models_dir, lesions)
     folds = sorted(manifests)
-    test_folds = folds if args.test_models == "mean" else [max(
-        folds, key=lambda k: manifests[k]["val_pauc"][args.checkpoint])]
+    test_folds = (folds if args.test_models == "mean"
+                  else [best_fold(manifests, args.checkpoint, os.path.join(models_dir, args.arch))])
     dim = MODEL_CONFIGS[args.arch]["feature_dim"]
     emb = {s: np.zeros((len(t["isic_id"]), dim), np.float32) for s, t in lesions.items()}
     train_logits, test_logits = {}, {}

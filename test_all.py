@@ -1045,6 +1045,47 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     assert not os.path.exists(os.path.dirname(log_path))  # the finished fold replaced fold1/ whole
 
 
+@slow
+def test_a_resume_keeps_the_settings_of_the_run_it_continues(demo, demo_work, tmp_path, capsys, monkeypatch):
+    """A run stopped after the first of its 2 epochs: resumed with settings that change the weights,
+    or from a damaged resume.pt, it stops with one error line and keeps the first run's args.json;
+    with another --micro-batch (speed alone) it finishes the fold, with that record."""
+    work = copy_work(demo_work, tmp_path / "work")
+    args = ["--arch", "convnext_atto", "--fold", "1", "--data", demo, "--work", work] + tiny_train(2)
+    partial = os.path.join(work, "models", "convnext_atto", "fold1.partial")
+    write_epoch_log = train_backbone.write_epoch_log
+
+    def stopped_after_first_epoch(path, row):
+        write_epoch_log(path, row)
+        raise SystemExit("stopped after the first epoch")
+    monkeypatch.setattr(train_backbone, "write_epoch_log", stopped_after_first_epoch)
+    with pytest.raises(SystemExit):
+        train_backbone.main(args)
+    monkeypatch.undo()
+    capsys.readouterr()
+    with open(os.path.join(partial, "args.json"), "rb") as f:
+        recorded = f.read()
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume", "--epochs", "3", "--lr", "1e-4",
+                                                                         "--micro-batch", "4"]))
+    assert f"{partial}/args.json: " in err and "(--epochs 2 -> 3, --lr 0.0003 -> 0.0001)" in err, err
+    assert "resume with the recorded settings, or run without --resume to start the fold again" in err
+    resume_pt = os.path.join(partial, "resume.pt")
+    with open(resume_pt, "rb") as f:
+        saved = f.read()
+    with open(resume_pt, "wb") as f:
+        f.write(saved[:len(saved) // 2])
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume"]))
+    assert f"{resume_pt}: damaged (" in err and "run without --resume to start the fold again" in err, err
+    with open(resume_pt, "wb") as f:
+        f.write(saved)
+    train_backbone.main(args + ["--resume", "--micro-batch", "4"])
+    assert "resuming after epoch 0" in capsys.readouterr().out
+    fold = os.path.join(work, "models", "convnext_atto", "fold1")
+    assert [r["epoch"] for r in read_log(os.path.join(fold, "log.csv"))] == ["0", "1"]
+    with open(os.path.join(fold, "args.json"), "rb") as f:
+        assert f.read() == recorded
+
+
 def test_micro_batches_give_the_whole_batch_gradient():
     x, y = torch.randn(8, 3, 64, 64), torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0])
     after = []
@@ -1207,6 +1248,24 @@ def test_no_fold_model_is_saved_from_data_it_cannot_learn(demo, demo_work, tmp_p
     assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
 
 
+@slow
+def test_no_fold_trains_without_a_positive_that_decodes(demo, demo_work, tmp_path, capsys):
+    """Every positive of fold 2's training rows broken: --fold all stops before any fold trains
+    (the other folds' training rows hold fold 2's positives, which decode)."""
+    data = copy_demo(demo, tmp_path / "data")
+    work = copy_work(demo_work, tmp_path / "work")
+    train = common.read_lesions(work, "train")
+    broken = train["isic_id"][(train["target"] == 1) & (train["fold"] != 2)]
+    for i in broken:
+        corrupt_image(os.path.join(data, "train-image.hdf5"), i, b"\xff\xd8\xff truncated")
+    err = one_error_line(stage_error(capsys, train_backbone.main, ["--arch", "convnext_atto", "--fold", "all",
+                                                                   "--data", data, "--work", work] + tiny_train(1)))
+    assert f"train-image.hdf5: none of the {len(broken)} positives (target 1) of the training rows of fold 2 can " \
+           "be decoded" in err and "replace the broken tiles" in err, err
+    assert f"the first: isic_id {broken[0]}: the image cannot be decoded" in err, err
+    assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
+
+
 def torchrun(script, args, nproc=2, **env):
     """`torchrun --standalone --nproc_per_node=N SCRIPT ARGS` on the CPU (gloo), one thread a process."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -1307,6 +1366,20 @@ def test_test_scores_come_from_the_best_fold_model_or_the_mean_of_all(demo, trai
                                      rel=1e-4, abs=1e-4)
 
 
+def test_the_best_fold_model_is_chosen_among_those_with_a_validation_score():
+    """NaN (no positive in a fold's validation rows) neither wins nor loses, first or last; with none
+    scored, --test-models mean is the way."""
+    nan = float("nan")
+    manifests = {k: {"val_pauc": {"last": last, "best": best}} for k, last, best in
+                 [(0, nan, 0.01), (1, 0.10, 0.12), (2, 0.15, 0.11), (3, 0.05, 0.19), (4, nan, nan)]}
+    assert extract.best_fold(manifests, "last", "models/a") == 2
+    assert extract.best_fold(manifests, "best", "models/a") == 3
+    none = {k: {"val_pauc": {"last": nan}} for k in range(3)}
+    with pytest.raises(common.DataError, match=r"^models/a: no fold model has a validation pAUC at its last "
+                                               r"checkpoint .*: pass --test-models mean$"):
+        extract.best_fold(none, "last", "models/a")
+
+
 def ks_statistic(a, b):
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical distribution
     functions, by a loop over the pooled values."""
@@ -1353,6 +1426,28 @@ def test_two_processes_extract_what_one_does(demo, trained, tmp_path):
         np.testing.assert_allclose(common.read_preds(work, "img_convnext_atto", split, ids),
                                    common.read_preds(trained, "img_convnext_atto", split, ids), rtol=1e-4, atol=1e-4)
     assert not os.path.exists(os.path.join(work, "emb", "parts"))
+
+
+@slow
+def test_two_processes_score_a_share_of_broken_tiles_as_one_does(demo, trained, tmp_path):
+    """Every test tile of process 1's share broken, process 0's fine: whether a tile of the split
+    decodes is decided on the whole split, so torchrun goes on with NaN for them, as one process does."""
+    data = copy_demo(demo, tmp_path / "data")
+    ids = common.read_lesions(trained, "test")["isic_id"]
+    broken = np.array_split(np.arange(len(ids)), 2)[1]
+    for i in ids[broken]:
+        corrupt_image(os.path.join(data, "test-image.hdf5"), i, b"\xff\xd8\xff not a jpeg")
+    one, two = copy_work(trained, tmp_path / "one"), copy_work(trained, tmp_path / "two")
+    args = ["--arch", "convnext_atto", "--data", data, "--workers", "0", "--predict-only"]
+    extract.main(args + ["--work", one])
+    r = torchrun("extract.py", args + ["--work", two])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"warning: {len(broken)} test image(s) cannot be decoded" in r.stdout
+    emb = [common.load_array(os.path.join(w, "emb", "convnext_atto_test.npy"), ids) for w in (one, two)]
+    assert np.isnan(emb[0][broken]).all() and not np.isnan(np.delete(emb[0], broken, 0)).any()
+    np.testing.assert_allclose(emb[1], emb[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(common.read_preds(two, "img_convnext_atto", "test", ids),
+                               common.read_preds(one, "img_convnext_atto", "test", ids), rtol=1e-4, atol=1e-4)
 
 
 def fake_part(work, fold, value):

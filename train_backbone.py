@@ -14,8 +14,8 @@ Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
 Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (weights of the last),
         log.csv (one row per epoch), args.json, manifest.json: what a user uploads. A fold trains in
         fold{k}.partial/, whose resume.pt (weights, optimizer, scaler and average state, saved every epoch)
-        --resume continues from, and which replaces fold{k}/ whole, without resume.pt, once its last
-        epoch is done
+        --resume continues from, with the settings recorded in its args.json (others are an error), and
+        which replaces fold{k}/ whole, without resume.pt, once its last epoch is done
 
     python train_backbone.py --arch eva02_tiny --fold 0 --data demo_data --no-pretrained \\
         --epochs 6 --neg-per-pos 4 --batch-size 32 --lr 5e-4 --workers 0             # tiny, CPU
@@ -27,6 +27,7 @@ import contextlib
 import copy
 import math
 import os
+import pickle
 import re
 import shutil
 import time
@@ -35,10 +36,10 @@ import numpy as np
 import torch
 
 from common import (AUGMENT_DRAWS, MODEL_CONFIGS, SEED, DataError, H5Images, add_path_flags, amp_settings,
-                    atomic_write, autocast, broken_tiles, build_model, check_image_ids, commit_folder, data_path,
-                    finish_commit, focal_loss, image_loader, lesions_digest, log, normalization, number, pauc_or_nan,
-                    positive, predict, prepare_batch, process_device, read_csv, read_lesions, run_main, split_broken,
-                    stage_locks, write_args, write_csv)
+                    atomic_write, autocast, broken_tiles, build_model, check_a_tile_decodes, check_image_ids,
+                    commit_folder, data_path, finish_commit, focal_loss, image_loader, lesions_digest, log,
+                    normalization, number, pauc_or_nan, positive, predict, prepare_batch, process_device, read_csv,
+                    read_json, read_lesions, run_main, split_broken, stage_locks, write_args, write_csv)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -181,7 +182,7 @@ def check_step(loss, skipped_in_row, where, dtype):
                         "bf16 (compute capability 8.0 and up)")
 
 
-def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank, world):
+def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, args, fold, rank, world):
     """Validation loss and pAUC of the fold's held-out rows (undecodable tiles left out). Under
     torchrun each process scores its share and every process gets all the logits: no process
     waits in a collective while another validates alone (NCCL times out after 10 minutes)."""
@@ -192,10 +193,41 @@ def validate(model, images, val, y, loss_fn, micro, mean, std, device, dtype, ar
         shares = [None] * world
         torch.distributed.all_gather_object(shares, logits)
         logits = np.concatenate(shares)
+    check_a_tile_decodes(images, val, logits, f"{args.arch} fold {fold} validation")
     ok = ~np.isnan(logits)
     yv = y[val][ok]
     loss = loss_fn(torch.from_numpy(logits[ok]), torch.from_numpy(yv.astype(np.float32))).item()
     return loss, pauc_or_nan(yv, logits[ok])
+
+
+def check_a_positive_decodes(images, rows, fold):
+    """Training rows none of whose positives decodes would train a model that never sees one. Reads
+    the positives alone (a few hundred tiles), up to the first that decodes."""
+    pos = rows[images.labels[rows] == 1]
+    if not any(images[i][1][0] for i in pos):  # a broken tile's size is (0, 0)
+        raise DataError(f"{images.h5_path}: none of the {len(pos)} positives (target 1) of the training rows of "
+                        f"fold {fold} can be decoded, and a model trained on negatives alone learns nothing: "
+                        f"replace the broken tiles; the first: {images.problem(pos[0])}")
+
+
+# flags a resume may change: they change the speed, the paths or which folds run, not the weights it ends
+# with (resume.pt holds the weights, so the pretrained ones are not read again)
+RESUME_MAY_CHANGE = ("resume", "workers", "micro_batch", "grad_checkpointing", "fold", "data", "work", "save_weights",
+                     "weights", "no_pretrained")
+
+
+def check_resume_settings(args, out_dir, fold):
+    """A resumed fold continues with the settings its interrupted run recorded in args.json, never
+    a mix of two runs' settings."""
+    path = os.path.join(out_dir, "args.json")
+    recorded = read_json(path, f"train_backbone.py --arch {args.arch} --fold {fold} without --resume (to start the "
+                         "fold again)", keys=("args",))["args"]
+    differ = [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}" for k, v in vars(args).items()
+              if k not in RESUME_MAY_CHANGE and recorded.get(k) != v]
+    if differ:
+        raise DataError(f"{path}: the interrupted run of fold {fold} was started with other settings "
+                        f"({', '.join(differ)}): resume with the recorded settings, or run without --resume to "
+                        "start the fold again")
 
 
 def train_fold(args, fold, train, images, device, rank, world):
@@ -207,12 +239,17 @@ def train_fold(args, fold, train, images, device, rank, world):
     resume_path = os.path.join(out_dir, "resume.pt")
     if rank == 0:
         finish_commit(final)  # a commit that a kill interrupted: finished, so that no trained fold is lost
+    if world > 1:
+        torch.distributed.barrier()  # every process decides on the folder as process 0 left it
     if args.resume and not os.path.exists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
         log(f"{args.arch} fold {fold}: already trained ({final}); nothing to resume")
         return None
+    resuming = args.resume and os.path.exists(resume_path)
+    if resuming:
+        check_resume_settings(args, out_dir, fold)
     if rank == 0 and not args.resume:
         shutil.rmtree(out_dir, ignore_errors=True)  # what a killed run left
-    if rank == 0:
+    if rank == 0 and not resuming:  # a resume keeps the record of the run it continues
         write_args(os.path.join(out_dir, "args.json"), args)
     y = train["target"]
     trn, val = np.flatnonzero(train["fold"] != fold), np.flatnonzero(train["fold"] == fold)
@@ -239,8 +276,12 @@ def train_fold(args, fold, train, images, device, rank, world):
     steps_per_epoch = math.ceil(len(epoch_rows(y[trn], args.neg_per_pos, 0)) // world * world / args.batch_size)
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     start, best, step, score, skipped_in_row = 0, -1.0, 0, float("nan"), 0
-    if args.resume and os.path.exists(resume_path):
-        ck = torch.load(resume_path, map_location=device, weights_only=False)
+    if resuming:
+        try:  # to the CPU: a GPU out of memory here is not a damaged file
+            ck = torch.load(resume_path, map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise DataError(f"{resume_path}: damaged ({str(e).splitlines()[0]}): run without --resume to start the "
+                            "fold again") from None
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         scaler.load_state_dict(ck["scaler"])
@@ -287,8 +328,8 @@ def train_fold(args, fold, train, images, device, rank, world):
                             f"decoded; the first: {images.problem(rows[0])}")
         broken_tiles(images, skipped, "training", "skipped")
         train_loss = np.mean(losses)
-        val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, rank,
-                                   world)
+        val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, fold,
+                                   rank, world)
         if rank != 0:
             continue
         if score > best or best < 0:
@@ -340,7 +381,10 @@ def train(args):
     if args.fold != "all" and (not re.fullmatch(r"\d+", args.fold) or int(args.fold) not in known):
         raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}, "
                         "or 'all'")
-    for fold in known if args.fold == "all" else [int(args.fold)]:
+    folds = known if args.fold == "all" else [int(args.fold)]
+    for fold in folds:  # before any fold trains: not after hours of training the others
+        check_a_positive_decodes(images, np.flatnonzero(train["fold"] != fold), fold)
+    for fold in folds:
         locks = stage_locks(args, [f"image-{args.arch}-fold{fold}"], ["features", f"image-{args.arch}"])
         with locks if rank == 0 else contextlib.nullcontext():
             try:
