@@ -13,7 +13,9 @@ Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/triag
         score,rank_in_patient: rank 1 = the patient's lesion to look at first; ties in metadata order),
         WORK/preds/ensemble_{oof,test}.csv,
         WORK/models/ensemble.json (the models, their digests, the weights; what --predict-only reads
-        back from --models, to rebuild the same submission), WORK/ensemble_args.json
+        back from --models, to rebuild the same submission; written first), WORK/ensemble_args.json,
+        and last WORK/records/ensemble.json (the digests of the submission, triage and predictions, and of
+        the ensemble.json they come from)
 
     python ensemble.py --work work --names tabular
     python ensemble.py --work work --names tabular,tab_eva02,tab_convnext

@@ -14,7 +14,8 @@ Reads:  WORK/folds.csv and WORK/test_lesions.csv (from features.py), DATA/{train
 Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside them,
         WORK/preds/img_ARCH_oof.csv (isic_id,target,fold,pred), WORK/preds/img_ARCH_test.csv (isic_id,pred),
         WORK/models/ARCH/scores.json (the fold models' digests and logit statistics, which --predict-only
-        reads back), WORK/emb/ARCH_args.json; with --predict-only, the test files alone, from --models;
+        reads back), WORK/emb/ARCH_args.json, and last WORK/records/img_ARCH.json (the digests of the
+        embeddings and scores, and of scores.json); with --predict-only, the test files alone, from --models;
         while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold, which --resume reuses)
 
     python extract.py --arch eva02_tiny --data demo_data --work work --workers 0     # tiny

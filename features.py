@@ -13,7 +13,8 @@ Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-group
         WORK/test_lesions.csv (isic_id,patient_id), WORK/features/{train,test}.npy (float32) with
         {train,test}_ids.txt beside them, WORK/features/columns.txt, WORK/features/args.json,
         WORK/models/features.json (the vocabularies, which --predict-only reads back from --models),
-        WORK/train_diagnosis.csv (isic_id,iddx_1: for gbdt.py's training weights, never a feature)
+        WORK/train_diagnosis.csv (isic_id,iddx_1: for gbdt.py's training weights, never a feature),
+        and last WORK/records/features.json (the digests of those files and of features.json)
 
     python features.py --data demo_data --work work                     # tiny: the demo set
     python features.py --data /kaggle/input/isic-2024-challenge --work work

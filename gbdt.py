@@ -12,7 +12,8 @@ Writes: WORK/preds/NAME_oof.csv (isic_id,target,fold,pred), WORK/preds/NAME_test
         WORK/models/NAME/: fold{k}_bag{b}.txt, importance.csv, args.json, and manifest.json (written last:
         the features, folds, boosters, each file's sha256, the digests of the inputs), in place at once
         With --predict-only: reads the boosters from --models (after checking the manifest), writes only
-        WORK/preds/NAME_test.csv
+        WORK/preds/NAME_test.csv. Last, WORK/records/NAME.json: the digests of the predictions and of the
+        model folder's manifest
 
     python gbdt.py --work work --name tabular --rounds 50 --bags 1             # tiny
     python gbdt.py --work work --name tab_eva02 --image eva02_base
