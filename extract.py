@@ -177,6 +177,9 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
     emb = {s: np.zeros((len(t["isic_id"]), dim), np.float32) for s, t in lesions.items()}
     train_logits, test_logits = {}, {}
     scored = folds if "train" in lesions else test_folds  # predict-only reads no other fold model
+    made_with = {"folds": {str(k): m["digest"] for k, m in manifests.items()}, "checkpoint": args.checkpoint}
+    # predict-only: the recorded statistics are read and checked before hours of scoring, not after
+    stats = None if "train" in lesions else logit_statistics(args, models_dir, made_with, {})
     for k in scored:  # before any work: a damaged copy fails now, not after hours of scoring
         read_manifest(os.path.join(models_dir, args.arch, f"fold{k}"), f"train_backbone.py --arch {args.arch} "
                       f"--fold {k}", files=[f"{args.checkpoint}.pt"])
@@ -195,8 +198,8 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
             test_logits[k] = p["test_logit"]
     if process_rank():
         return None, None, None
-    made_with = {"folds": {str(k): m["digest"] for k, m in manifests.items()}, "checkpoint": args.checkpoint}
-    stats = logit_statistics(args, models_dir, made_with, train_logits)
+    if stats is None:
+        stats = logit_statistics(args, models_dir, made_with, train_logits)
     score = {"test": np.mean(list(standardize(test_logits, stats).values()), axis=0)}
     if "train" in lesions:
         score["train"] = np.zeros(len(lesions["train"]["isic_id"]))

@@ -400,9 +400,10 @@ def report(args):
     test = read_lesions(args.work, "test")
     triage_path = os.path.join(args.work, "triage.csv")
     spec_path = os.path.join(models_folder(args), "ensemble.json")
-    # the ensemble of the models folder's ensemble.json (a --predict-only work folder has none beside it)
-    check_record(args.work, "ensemble", [triage_path], "ensemble.py",
-                 None if args.predict_only else file_digest(spec_path) if os.path.exists(spec_path) else "none")
+    spec = None if args.predict_only else read_json(spec_path, "ensemble.py", ("names", "weights", "fold_weights",
+                                                                               "members"))
+    # made by the models folder's ensemble.json (a --predict-only work folder has none beside it)
+    check_record(args.work, "ensemble", [triage_path], "ensemble.py", spec and file_digest(spec_path))
     triage = read_csv(triage_path, ["isic_id", "score"], ["score"])
     check_ids(triage_path, triage["isic_id"], test["isic_id"])
     ens_test = triage["score"]
@@ -420,7 +421,6 @@ def report(args):
     if not args.predict_only:
         train = read_lesions(args.work, "train")
         y, folds = train["target"], train["fold"]
-        spec = read_json(spec_path, "ensemble.py", ("names", "weights", "fold_weights", "members"))
         images = sorted(os.path.basename(p)[:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv")))
         oof, test_scores = {}, {}
         made_by = {**spec["members"], "ensemble": file_digest(spec_path)}

@@ -1522,6 +1522,17 @@ def test_a_damaged_scores_json_is_one_error_line_naming_it(tmp_path, capsys, how
 
 
 @slow
+def test_predict_only_checks_scores_json_before_scoring(demo, trained, tmp_path, capsys, monkeypatch):
+    work = copy_work(trained, tmp_path / "work")
+    with open(os.path.join(work, "models", "convnext_atto", "scores.json"), "w") as f:
+        f.write('{"folds": ')
+    monkeypatch.setattr(extract, "predict", lambda *a, **k: pytest.fail("scored before scores.json was checked"))
+    err = one_error_line(stage_error(capsys, extract.main, ["--arch", "convnext_atto", "--data", demo, "--work", work,
+                                                            "--predict-only", "--workers", "0"]))
+    assert "scores.json: damaged" in err
+
+
+@slow
 def test_fold_models_of_other_folds_or_incomplete_are_refused(demo, trained, tmp_path, capsys):
     work = copy_work(trained, tmp_path / "work")
     args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0"]
@@ -1740,13 +1751,15 @@ def test_numeric_options_out_of_range_are_refused_naming_the_range(tmp_path, cap
 def test_a_damaged_feature_matrix_is_one_error_line_naming_it(demo_work, tmp_path, capsys, name, how, match):
     work = copy_work(demo_work, tmp_path / "work")
     damage(os.path.join(work, "features", name), how)
+    if how != "remove":  # as recorded (a damaged copy with its record): load_array's own checks
+        rerecord(work, "features")
     err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "2", "--bags", "1"]))
     assert re.search(os.path.join(work, "features", "") + match, err), err
     assert not os.path.exists(os.path.join(work, "models", "tabular"))
 
 
 @slow
-def test_folds_csv_with_a_patient_in_two_folds_is_refused(demo_work, tmp_path, capsys):
+def test_folds_csv_with_a_patient_in_two_folds_is_refused(demo, demo_work, tmp_path, capsys):
     work = copy_work(demo_work, tmp_path / "work")
     lesions = common.read_lesions(work, "train")
     row = int(np.flatnonzero(lesions["patient_id"] == lesions["patient_id"][-1])[-1])  # a patient's last lesion
@@ -1755,8 +1768,8 @@ def test_folds_csv_with_a_patient_in_two_folds_is_refused(demo_work, tmp_path, c
     def move(rows):
         rows[row + 1][rows[0].index("fold")] = str(moved)
         return rows
-    rewrite_csv(os.path.join(work, "folds.csv"), move)
-    err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--rounds", "2", "--bags", "1"]))
+    rewrite_csv(os.path.join(work, "folds.csv"), move)  # a damaged folds.csv, which features.py reuses
+    err = one_error_line(stage_error(capsys, features.main, ["--data", demo, "--work", work]))
     assert (f"folds.csv: patient_id {lesions['patient_id'][row]} is in fold {first_fold} and in fold {moved} "
             f"(isic_id {lesions['isic_id'][row]}): each patient's lesions must be in one fold") in err, err
 
@@ -1805,7 +1818,7 @@ def test_the_submission_is_written_only_after_every_input_is_checked(demo_work, 
         before = f.read()
     os.remove(os.path.join(work, "preds", "b_oof.csv"))
     gbdt.main(["--work", work, "--name", "a", "--rounds", "10", "--bags", "1", "--seed", "4"])  # new test preds
-    assert "b_oof.csv: file not found" in one_error_line(stage_error(capsys, ensemble.main,
+    assert "b_oof.csv: not found: run gbdt.py --name b" in one_error_line(stage_error(capsys, ensemble.main,
                                                                      ["--work", work, "--names", "a,b"]))
     with open(os.path.join(work, "submission.csv"), "rb") as f:
         assert f.read() == before
@@ -2184,6 +2197,24 @@ def test_same_seed_gives_byte_identical_outputs(demo, tmp_path):
     assert outs[0] == outs[1]
 
 
+@slow
+def test_run_sh_takes_relative_paths_with_spaces_from_anywhere(demo, tmp_path):
+    """run.sh called from another folder, with relative DATA and WORK and a WEIGHTS_DIR holding
+    spaces: every path is resolved where it was given, and quoted."""
+    copy_demo(demo, tmp_path / "my data")
+    train_backbone.save_weights("convnext_atto", str(tmp_path / "my weights"), pretrained=False)
+    run = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "my data"], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "WORK": "my work", "WEIGHTS_DIR": "my weights", "NGPU": "1",
+                                         "ARCHS": "convnext_atto", "TRAIN": "convnext_atto:0", "FINISH": "0",
+                                         "PYTHON": sys.executable,
+                                         "TRAIN_ARGS": "--epochs 1 --neg-per-pos 3 --batch-size 16 --workers 0"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    fold = tmp_path / "my work" / "models" / "convnext_atto" / "fold0"
+    with open(fold / "args.json") as f:
+        assert json.load(f)["args"]["weights"] == str(tmp_path / "my weights" / "convnext_atto.safetensors")
+    assert not os.path.exists(os.path.join(HERE, "my work"))
+
+
 def run_notebook(path, cwd, **overrides):
     """Executes a generated notebook top to bottom in a real IPython kernel, as Kaggle's "Save & Run
     All" does, with `overrides` set after its parameters cell (as papermill injects them)."""
@@ -2322,6 +2353,7 @@ def kill_at_every_point(base, tmp_path, stage, next_stage):
         assert next_stage(work) == new, f"killed at point {n}, then rerun"
         shutil.rmtree(work)
     assert n > 5 and outcomes["refused"] + outcomes["new"] > 0
+    print(f"{n - 1} points: {outcomes}")  # pytest -s shows them
     return outcomes
 
 
@@ -2341,7 +2373,7 @@ def test_features_killed_at_any_point(demo, demo_work, tmp_path):
         inputs = gbdt.input_digests(args, os.path.join(work, "models"))
         train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
         x = [gbdt.load_features(args, s, t, inputs) for s, t in (("train", train), ("test", test))]
-        return pickle.dumps((train, test, x, gbdt.training_weights(args, train)))
+        return pickle.dumps((train, test, x, gbdt.training_weights(args, train), inputs))
     kill_at_every_point(demo_work, tmp_path, lambda w: features.main(["--data", demo, "--work", w, "--no-outlier"]),
                         next_stage)
 
@@ -2362,9 +2394,13 @@ def test_gbdt_killed_at_any_point(demo, tmp_path):
     base = small_work(demo, tmp_path)
     tiny_gbdt(base)
 
-    def next_stage(work):
+    def next_stage(work):  # the submission, and what the committed model predicts (as --predict-only would)
         ensemble.main(["--work", work, "--names", "tabular"])
-        return file_bytes(os.path.join(work, "submission.csv"))
+        args = types.SimpleNamespace(work=work, image=[], embeddings=[])
+        inputs = gbdt.input_digests(args, os.path.join(work, "models"))
+        x, names = gbdt.load_features(args, "test", common.read_lesions(work, "test"), inputs)
+        boosters, _ = gbdt.load_boosters(os.path.join(work, "models", "tabular"), names, inputs)
+        return file_bytes(os.path.join(work, "submission.csv")), np.mean([b.predict(x) for b in boosters], 0).tobytes()
     kill_at_every_point(base, tmp_path, lambda w: tiny_gbdt(w, "--seed", "7", "--rounds", "4"), next_stage)
 
 
@@ -2408,7 +2444,8 @@ def test_extract_killed_at_any_point(demo, trained, tmp_path):
     def next_stage(work):  # what gbdt.py --image --embeddings reads, through its readers
         a = types.SimpleNamespace(work=work, image=["convnext_atto"], embeddings=["convnext_atto"])
         inputs = gbdt.input_digests(a, os.path.join(work, "models"))
-        return pickle.dumps([gbdt.load_features(a, s, common.read_lesions(work, s), inputs) for s in ("train", "test")])
+        return pickle.dumps([inputs] + [gbdt.load_features(a, s, common.read_lesions(work, s), inputs)
+                                        for s in ("train", "test")])
     kill_at_every_point(base, tmp_path, lambda w: extract.main(args + ["--work", w]), next_stage)
 
 
