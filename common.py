@@ -309,7 +309,8 @@ def commit_folder(partial, final, manifest, leave_out=()):
 def finish_commit(final):
     """Completes a commit from wherever a kill stopped it: a FINAL.partial whose manifest is written
     and checks is complete, and goes in place of FINAL (which becomes FINAL.old on the way, then is
-    removed); a FINAL.old beside a FINAL is removed. A .partial without a manifest is a run still
+    removed); a complete FINAL.old with no FINAL (a second run killed after removing the .partial)
+    goes back; a FINAL.old beside a FINAL is removed. A .partial without a manifest is a run still
     in progress (or one to --resume), and is left alone. Every stage that uses a model folder calls
     this first (readers too, where they can write), so a kill at any instant loses no model."""
     partial, old = final + ".partial", final + ".old"
@@ -326,6 +327,9 @@ def finish_commit(final):
             fault_point(f"renaming {final} to {old}")
         os.rename(partial, final)
         fault_point(f"renaming {partial} to {final}")
+    elif not os.path.isdir(final) and folder_problem(old) is None:  # the new one gone before it was in: the old back
+        os.rename(old, final)
+        fault_point(f"renaming {old} to {final}")
     if os.path.isdir(old) and folder_problem(final) is None:
         shutil.rmtree(old)
         fault_point(f"removing {old}")

@@ -2328,12 +2328,14 @@ def result_or_error(run):
         return f"error: {e}"
 
 
-def kill_at_every_point(base, tmp_path, stage, next_stage):
+def kill_at_every_point(base, tmp_path, stage, next_stage, models=()):
     """The work folder `base` holds a complete run of a stage (old settings). stage(work) runs it again
     with new settings; next_stage(work) runs the stage after it and returns what it made. A copy of
     `base` is given stage() killed at its 1st, 2nd, ... point until it runs to the end: after each
     kill the next stage gives the old run's result, the new run's, or one error line, never anything
-    else; and after the stage's own next run, the new run's result. Returns {outcome: count}."""
+    else; and after the stage's own next run, the new run's result. The model folders `models`
+    hold a complete model (old or new) even after a second kill, before anything repaired the
+    first. Returns {outcome: count}."""
     def fresh(name):
         return copy_work(base, tmp_path / name)
     old = next_stage(fresh("old"))
@@ -2346,8 +2348,13 @@ def kill_at_every_point(base, tmp_path, stage, next_stage):
         work = fresh(f"killed{n}")
         if not killed_at(n, lambda: stage(work)):
             break
+        if models:
+            killed_at(1, lambda: stage(work))
+            for folder in models:
+                common.read_manifest(os.path.join(work, folder), "the stage")
         got = result_or_error(lambda: next_stage(work))
-        assert got in (old, new) or got.startswith("error: "), f"killed at point {n}: {got!r:.300}"
+        assert got in (old, new) or (isinstance(got, str) and got.startswith("error: ")), \
+            f"killed at point {n}: {got!r:.300}"
         outcomes["old" if got == old else "new" if got == new else "refused"] += 1
         stage(work)  # the stage's next run recovers whatever the kill left
         assert next_stage(work) == new, f"killed at point {n}, then rerun"
@@ -2401,7 +2408,8 @@ def test_gbdt_killed_at_any_point(demo, tmp_path):
         x, names = gbdt.load_features(args, "test", common.read_lesions(work, "test"), inputs)
         boosters, _ = gbdt.load_boosters(os.path.join(work, "models", "tabular"), names, inputs)
         return file_bytes(os.path.join(work, "submission.csv")), np.mean([b.predict(x) for b in boosters], 0).tobytes()
-    kill_at_every_point(base, tmp_path, lambda w: tiny_gbdt(w, "--seed", "7", "--rounds", "4"), next_stage)
+    kill_at_every_point(base, tmp_path, lambda w: tiny_gbdt(w, "--seed", "7", "--rounds", "4"), next_stage,
+                        models=["models/tabular"])
 
 
 def points_of(run):
@@ -2468,7 +2476,8 @@ def test_a_fold_commit_killed_at_any_point(demo, demo_work, tmp_path):
         common.read_manifest(folder, "train_backbone.py", files=["last.pt"])
         return file_bytes(os.path.join(folder, "last.pt"))
     outcomes = kill_at_every_point(base, tmp_path, lambda w: train_backbone.main(train + ["--work", w, "--seed", "7",
-                                                                                         "--resume"]), next_stage)
+                                                                                         "--resume"]), next_stage,
+                                   models=["models/convnext_atto/fold0"])
     assert outcomes["refused"] == 0  # a fold model is never lost: old or new, whole
 
 
