@@ -1266,10 +1266,10 @@ def test_no_fold_trains_without_a_positive_that_decodes(demo, demo_work, tmp_pat
     assert not os.path.exists(os.path.join(work, "models", "convnext_atto"))
 
 
-def torchrun(script, args, nproc=2, **env):
+def torchrun(script, args, nproc=2, timeout=600, **env):
     """`torchrun --standalone --nproc_per_node=N SCRIPT ARGS` on the CPU (gloo), one thread a process."""
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           script] + args, cwd=HERE, capture_output=True, text=True, timeout=600,
+                           script] + args, cwd=HERE, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
 
 
@@ -1296,6 +1296,23 @@ def test_two_processes_train_what_one_does(demo, demo_work, tmp_path):
     a, b = (torch.load(os.path.join(w, fold, "last.pt"), weights_only=False)["model"] for w in (one, two))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@slow
+def test_a_process_whose_share_is_all_broken_tiles_keeps_step_with_the_others(demo, demo_work, tmp_path):
+    """Two processes, one tile each a step, a tenth of the negatives broken: a step where either
+    process has only a broken tile is skipped by both, so neither waits for the other (a hang) nor
+    adds its gradients to another step's."""
+    data, work = copy_demo(demo, tmp_path / "data"), copy_work(demo_work, tmp_path / "work")
+    lesions = common.read_lesions(work, "train")
+    for isic_id in lesions["isic_id"][(lesions["target"] == 0) & (lesions["fold"] != 0)][::10]:
+        corrupt_image(os.path.join(data, "train-image.hdf5"), isic_id, b"not a jpeg")
+    r = torchrun("train_backbone.py", ["--arch", "convnext_atto", "--fold", "0", "--data", data, "--work", work]
+                 + tiny_train(1) + ["--batch-size", "2", "--val-neg-per-pos", "3"], timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training image(s) cannot be decoded (skipped)" in r.stdout
+    lines = [line for line in r.stdout.splitlines() if "weights differ between ranks by at most" in line]
+    assert len(lines) == 2 and all(line.endswith("at most 0") for line in lines)
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_refused(demo, demo_work, tmp_path, capsys, monkeypatch):

@@ -167,6 +167,17 @@ def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype, wor
     return total.item(), scaler.get_scale() < scale
 
 
+def steps_in_none(kept, device, world):
+    """Whether a batch left with `kept` decodable tiles is skipped: by every process together when any
+    process's share has none, as one that skipped alone would leave the others waiting in DDP's
+    gradient all-reduce, and their steps out of step from then on."""
+    if world == 1:
+        return kept == 0
+    least = torch.tensor(float(kept), device=device)
+    torch.distributed.all_reduce(least, torch.distributed.ReduceOp.MIN)
+    return least.item() == 0
+
+
 MAX_SKIPPED_STEPS = 20  # the scale halves at each skip: 20 in a row take it from 2^16 to 2^-4
 
 
@@ -309,7 +320,7 @@ def train_fold(args, fold, train, images, device, rank, world):
             draws = torch.rand(len(target) * world, AUGMENT_DRAWS, generator=gen)[rank::world]
             (canvas, sizes, target, draws), broken = split_broken(canvas, sizes, target, draws)
             skipped += index[broken].tolist()
-            if len(target) == 0:
+            if steps_in_none(len(target), device, world):
                 continue
             factor = lr_factor(step, total, warmup)
             set_lr(opt, factor)
