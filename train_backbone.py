@@ -167,7 +167,7 @@ def train_step(model, ddp, opt, scaler, loss_fn, x, y, micro, device, dtype, wor
     return total.item(), scaler.get_scale() < scale
 
 
-def steps_in_none(kept, device, world):
+def skip_step(kept, device, world):
     """Whether a batch left with `kept` decodable tiles is skipped: by every process together when any
     process's share has none, as one that skipped alone would leave the others waiting in DDP's
     gradient all-reduce, and their steps out of step from then on."""
@@ -320,7 +320,7 @@ def train_fold(args, fold, train, images, device, rank, world):
             draws = torch.rand(len(target) * world, AUGMENT_DRAWS, generator=gen)[rank::world]
             (canvas, sizes, target, draws), broken = split_broken(canvas, sizes, target, draws)
             skipped += index[broken].tolist()
-            if steps_in_none(len(target), device, world):
+            if skip_step(len(target), device, world):
                 continue
             factor = lr_factor(step, total, warmup)
             set_lr(opt, factor)
