@@ -1137,6 +1137,28 @@ def test_each_parameter_group_learns_at_its_base_rate_times_the_schedule():
                 assert g["weight_decay"] == (wd if p.ndim > 1 else 0.0), names[id(p)]
 
 
+@slow
+def test_with_ema_the_average_is_what_is_validated_and_saved(demo, demo_work, tmp_path, monkeypatch):
+    """--ema: validation scores the moving average (a frozen copy), and last.pt holds those very weights."""
+    work = copy_work(demo_work, tmp_path / "work")
+    validated = []
+
+    def spy(model, *args, **kw):
+        validated.append(({k: v.detach().clone() for k, v in model.state_dict().items()},
+                          any(p.requires_grad for p in model.parameters())))
+        return real_validate(model, *args, **kw)
+    real_validate = train_backbone.validate
+    monkeypatch.setattr(train_backbone, "validate", spy)
+    train_backbone.main(["--arch", "convnext_atto", "--fold", "0", "--data", demo, "--work", work, "--ema", "0.5"]
+                        + tiny_train(1))
+    state, trainable = validated[-1]
+    assert not trainable  # the average, not the model being trained
+    saved = torch.load(os.path.join(work, "models", "convnext_atto", "fold0", "last.pt"), weights_only=False)["model"]
+    assert saved.keys() == state.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], state[k], rtol=0, atol=0, msg=k)
+
+
 def test_ema_is_the_running_average_of_the_weights_after_each_step():
     """ema = 0.9 ema + 0.1 w after each of 5 SGD steps, worked out beside; the batch norm's running
     statistics (buffers, not learned) are the model's own."""
