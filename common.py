@@ -701,9 +701,9 @@ def within_patient(score, patients):
     """For each lesion: how many of its patient's lesions score higher, and how many score the same
     (itself included)."""
     n = len(score)
-    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
-    order = np.lexsort((-score, codes))
-    c, s = codes[order], score[order]
+    patient = codes(patients)
+    order = np.lexsort((-score, patient))
+    c, s = patient[order], score[order]
     new_patient = np.r_[True, c[1:] != c[:-1]]
     new_value = new_patient | np.r_[True, s[1:] != s[:-1]]
     patient_start = np.maximum.accumulate(np.where(new_patient, np.arange(n), 0))
@@ -720,21 +720,20 @@ def retrieval_sensitivity(y, score, patients, k):
     theirs that are). A lesion tied at the cut counts as (places left) / (lesions tied)."""
     above, tied = within_patient(score, patients)
     found = np.clip((k - above) / tied, 0, 1) * y
-    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
-    per_patient = np.bincount(codes, found) / np.maximum(np.bincount(codes, y), 1)
-    return found.sum() / y.sum(), per_patient[np.bincount(codes, y) > 0].mean()
+    patient = codes(patients)
+    per_patient = np.bincount(patient, found) / np.maximum(np.bincount(patient, y), 1)
+    return found.sum() / y.sum(), per_patient[np.bincount(patient, y) > 0].mean()
 
 
 def rank_in_patient(score, patients):
     """1 for each patient's highest-scored lesion, 2 for the next, ...; ties in the given order."""
     n = len(score)
-    codes = np.unique(np.asarray(patients, str), return_inverse=True)[1]
-    order = np.lexsort((np.arange(n), -score, codes))
-    first = np.r_[True, codes[order][1:] != codes[order][:-1]]
+    patient = codes(patients)
+    order = np.lexsort((np.arange(n), -score, patient))
+    first = np.r_[True, patient[order][1:] != patient[order][:-1]]
     rank = np.empty(n, int)
     rank[order] = np.arange(n) - np.maximum.accumulate(np.where(first, np.arange(n), 0)) + 1
     return rank
-
 
 
 # ---------------------------------------------------------------- patient normalization

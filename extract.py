@@ -4,9 +4,10 @@ Train lesions get theirs from the model of the fold that held them out, never fr
 trained on them. Test lesions get theirs from the fold model with the best validation pAUC, of
 those that have one (`--test-models best`, the default: one model, whose GPU time on 500,000
 test lesions is hours for eva02_base on GPU T4 x2, see BENCHMARKS.md), or from the mean over the
-fold models (`--test-models mean`, five times the GPU time). A score is the model's logit standardized by the
-mean and spread of that model's own out-of-fold logits, so that train and test scores mean the
-same whatever the fold model. `--frozen` embeds every lesion with the pretrained backbone instead (no scores).
+fold models (`--test-models mean`, five times the GPU time). A score is the model's logit
+standardized by the mean and spread of that model's own out-of-fold logits, so that train and
+test scores mean the same whatever the fold model. `--frozen` embeds every lesion with the
+pretrained backbone instead (no scores).
 Under `torchrun --nproc_per_node=N` the lesions are split across the GPUs; process 0 writes.
 
 Reads:  WORK/folds.csv and WORK/test_lesions.csv (from features.py), DATA/{train,test}-image.hdf5,
