@@ -140,43 +140,74 @@ def features_and_gbdt(data, work, extra=()):
     return t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt
 
 
-def feature_figures(data, tmp):
-    """Table rows (what, rows, features, seconds, note) of CSV to feature matrix, on data/train-metadata.csv."""
-    steps, train, shape = csv_to_matrix(data, tmp)
-    total = sum(steps.values())
-    table = [(what, *shape, steps[step], "") for step, what in (
-        ("read", "common.read_train (csv module, columns converted by NumPy)"),
-        ("build", "features.build_features (with patient normalization)"),
-        ("save", "common.save_array"))]
-    table += [("**CSV to saved matrix**", *shape, total, "")]
-    pn_shape, pn_times = bench_patient_normalize(train)
-    table += [("common.patient_normalize, first call", *pn_shape, pn_times[0], "5 statistics"),
-              ("common.patient_normalize, best of next calls", *pn_shape, min(pn_times[1:]), "")]
-    return table
+# gbdt.py's defaults before issue 26 (5 folds x 5 bags x 400 rounds, 255 bins): the side-by-side run
+FIVE_BAGS_400_ROUNDS = ["--rounds", "400", "--lr", "0.03", "--bags", "5", "--max-bin", "255"]
 
 
 def gbdt_figures(cache, rows, gbdt_rows, tmp):
-    """Table rows of the scaling runs: features.py and gbdt.py at each of gbdt_rows, the largest also with
-    --no-patient-norm --no-context; gbdt.py at `rows` extrapolated linearly when it is not among them."""
+    """Table rows of the scaling runs: features.py and gbdt.py at each of gbdt_rows; at the largest,
+    gbdt.py with the previous defaults beside the new ones, the levers one at a time
+    (gbdt_levers), and both stages with --no-patient-norm --no-context; gbdt.py at `rows`
+    extrapolated linearly when it is not among them."""
     table, fit = [], []
     for n in gbdt_rows:
-        t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}"))
+        work = os.path.join(tmp, f"w{n}")
+        t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), work)
         table.append(("features.py (train + test, folds)", n, n_feat, t_feat, f"peak memory {mem_feat:.1f} GiB"))
-        table.append(("**gbdt.py, default settings (5 folds x 5 bags x 400 rounds)**", n, n_feat, t_gbdt,
-                      f"peak memory {mem_gbdt:.1f} GiB"))
+        table.append(("**gbdt.py, default settings**", n, n_feat, t_gbdt, f"peak memory {mem_gbdt:.1f} GiB"))
         fit.append((n, t_gbdt, n_feat))
     for (n0, t0, _), (n1, t1, _) in zip(fit, fit[1:]):
         table.append((f"gbdt ratio {n1:,} / {n0:,} rows", "", "", t1 / t0, f"rows x{n1 / n0:.1f}"))
     if fit[-1][0] != rows:
         slope, icpt = np.polyfit([n for n, _, _ in fit], [t for _, t, _ in fit], 1)
         table.append(("**gbdt.py (extrapolated linearly)**", rows, fit[-1][2], slope * rows + icpt, "not measured"))
-    n = gbdt_rows[-1]
+    n, t_new, n_feat = fit[-1]
+    t_old, mem_old = run_stage("gbdt.py", ["--work", work, "--name", "bench_previous"] + FIVE_BAGS_400_ROUNDS)
+    table.append((f"**gbdt.py, the previous defaults ({' '.join(FIVE_BAGS_400_ROUNDS)})**", n, n_feat, t_old,
+                  f"peak memory {mem_old:.1f} GiB"))
+    table.append(("**gbdt.py time, default / previous defaults**", "", "", t_new / t_old, "same data, this run"))
+    table += gbdt_levers(work)
     t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}_nopn"),
                                                                    ["--no-patient-norm", "--no-context"])
     table.append(("features.py --no-patient-norm --no-context", n, n_feat, t_feat, f"peak memory {mem_feat:.1f} GiB"))
     table.append(("gbdt.py on those features", n, n_feat, t_gbdt, f"peak memory {mem_gbdt:.1f} GiB"))
     table.append((f"gbdt ratio {fit[-1][2]} / {n_feat} features", "", "", fit[-1][1] / t_gbdt,
                   f"features x{fit[-1][2] / n_feat:.1f}"))
+    return table
+
+
+def gbdt_levers(work, rounds=50):
+    """Table rows of gbdt.py's levers, one at a time, on fold 0 of a features.py work folder with
+    its default bags: each bag's rows binned on their own against gbdt.bag_datasets (the rows of
+    every bag binned once, each bag a subset); LightGBM's column-wise, row-wise or own choice of
+    histogram layout, `rounds` rounds; 255 against 63 bins; predicting the validation rows."""
+    train = common.read_lesions(work, "train")
+    x = np.asfortranarray(np.load(os.path.join(work, "features", "train.npy")))
+    y, fold, weight = train["target"], train["fold"], np.ones(len(x))
+    trn, val = np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
+    table = []
+
+    def add(what, rows, seconds, note):
+        table.append((f"gbdt lever: {what}", rows, x.shape[1], seconds, note))
+        common.log(" | ".join(str(c) for c in table[-1]))
+
+    for max_bin in (255, 63):
+        args = gbdt.build_parser().parse_args(["--work", work, "--max-bin", str(max_bin)])
+        seeds = range(args.bags)
+        bags = [trn[gbdt.bag_sample(y[trn], np.random.default_rng(s), args.pos_rate, args.neg_rate)] for s in seeds]
+        params = gbdt.lgb_params(args, 0)
+        t = sum(timed(lambda: gbdt.lgb.Dataset(x[rows], y[rows], params=params).construct())[0] for rows in bags)
+        add(f"{max_bin} bins, each of {args.bags} bags binned on its own", len(bags[0]), t, "seconds, all bags")
+        t, subsets = timed(lambda: [d.construct() for d in gbdt.bag_datasets(args, x, y, weight, trn, None, seeds)])
+        add(f"{max_bin} bins, gbdt.bag_datasets: every bag's rows binned once, each bag a subset", len(bags[0]), t,
+            "seconds, all bags")
+        for layout in ("force_col_wise", "force_row_wise", None):
+            p = {**params, **({layout: True} if layout else {})}
+            t, booster = timed(gbdt.lgb.train, p, subsets[0], rounds)
+            add(f"{max_bin} bins, {layout or 'LightGBM chooses the layout'}", len(bags[0]), 1000 * t / rounds,
+                "ms a round")
+        t, _ = timed(booster.predict, x[val])
+        add(f"{max_bin} bins, predicting the validation rows", len(val), 1000 * t / rounds, "ms a tree")
     return table
 
 
@@ -498,32 +529,46 @@ ABLATION = [("patient normalization only (the previous default)", ["--no-context
             ("+ Indeterminate negatives dropped (weight 0): the new default", [],
              WINNERS_GBDT + ["--indeterminate-weight", "0"]),
             ("body-site context off, winners' GBDT settings", ["--no-context"], WINNERS_GBDT)]
+# the speed levers, one at a time from the previous defaults to the new ones (BENCHMARKS.md)
+SPEED_ABLATION = [("the previous defaults: 5 bags x 400 rounds at lr 0.03, 255 bins", [], FIVE_BAGS_400_ROUNDS),
+                  ("63 bins", [], ["--rounds", "400", "--lr", "0.03", "--bags", "5", "--max-bin", "63"]),
+                  ("+ 200 rounds at lr 0.06", [], ["--rounds", "200", "--lr", "0.06", "--bags", "5", "--max-bin", "63"]),
+                  ("+ 3 bags: the new defaults", [], [])]
 
 
-def ablation_figures(cache, patients, test_patients):
-    """Table rows of the tabular ablation on a demo set of `patients` train patients (the default
-    demo's generator, its images unused): per variant gbdt.py's seconds, the OOF pAUC, the spread
-    (standard deviation) of its five fold pAUCs, the pAUC on the demo test lesions."""
+def ablation_figures(cache, patients, test_patients, variants, seeds):
+    """Table rows of an ablation on a demo set of `patients` train patients (the default demo's
+    generator, its images unused): per variant, over the folds of each of `seeds`, gbdt.py's mean
+    seconds, the OOF pAUC (mean, and each seed's), the spread (standard deviation) of its fold
+    pAUCs, the pAUC on the demo test lesions."""
     data = os.path.join(cache, f"ablation_demo{patients}")
     if not os.path.exists(os.path.join(data, "train-metadata.csv")):
         make_demo(data, patients, test_patients, seed=3)
     answers = common.read_csv(os.path.join(data, "demo_test_labels.csv"), ["isic_id", "target"], ["target"])
-    table = []
+    table, works = [], {}
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        for i, (what, feature_args, gbdt_args) in enumerate(ABLATION):
-            work = os.path.join(tmp, f"w{i}")
-            features.main(["--data", data, "--work", work] + feature_args)
-            t_gbdt, _ = timed(gbdt.main, ["--work", work, "--name", "tabular"] + gbdt_args)
-            train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
-            oof = common.read_preds(work, "tabular", "train", train["isic_id"])
-            fold_scores = [common.pauc_or_nan(train["target"][train["fold"] == k], oof[train["fold"] == k])
-                           for k in np.unique(train["fold"])]
-            test_score = common.pauc(answers["target"], common.read_preds(work, "tabular", "test", test["isic_id"]))
+        for i, (what, feature_args, gbdt_args) in enumerate(variants):
+            runs = []
+            for seed in seeds:
+                work = works.get((tuple(feature_args), seed))
+                if work is None:  # features.py once for each feature set and seed of the folds
+                    work = works[tuple(feature_args), seed] = os.path.join(tmp, f"w{len(works)}")
+                    features.main(["--data", data, "--work", work, "--seed", str(seed)] + feature_args)
+                name = f"variant{i}"
+                t_gbdt, _ = timed(gbdt.main, ["--work", work, "--name", name] + gbdt_args)
+                train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
+                oof = common.read_preds(work, name, "train", train["isic_id"])
+                fold_scores = [common.pauc_or_nan(train["target"][train["fold"] == k], oof[train["fold"] == k])
+                               for k in np.unique(train["fold"])]
+                test_score = common.pauc(answers["target"], common.read_preds(work, name, "test", test["isic_id"]))
+                runs.append((t_gbdt, common.pauc(train["target"], oof), np.nanstd(fold_scores), test_score))
             with open(os.path.join(work, "features", "columns.txt")) as f:
                 n_feat = len(f.read().split())
-            table.append((what, len(train["isic_id"]), n_feat, t_gbdt,
-                          f"gbdt.py seconds; OOF pAUC {common.pauc(train['target'], oof):.4f}, folds' spread "
-                          f"{np.nanstd(fold_scores):.3f}; demo test pAUC {test_score:.3f}"))
+            t, oof, spread, test = np.mean(runs, axis=0)
+            each = ", ".join(f"{r[1]:.4f}" for r in runs)
+            table.append((what, len(train["isic_id"]), n_feat, t,
+                          f"gbdt.py seconds; OOF pAUC {oof:.4f} (folds of seed {', '.join(map(str, seeds))}: {each}), "
+                          f"folds' spread {spread:.3f}; demo test pAUC {test:.3f}"))
             common.log(" | ".join(str(c) for c in table[-1]))
     return table
 
@@ -546,14 +591,19 @@ def main(argv=None):
                              "the projected full run")
     parser.add_argument("--archs", nargs="+", default=["eva02_base", "convnext"], help="with --gpu or --gpu-estimate")
     parser.add_argument("--no-compile", action="store_true", help="with --gpu: eager mode only")
-    parser.add_argument("--ablation", action="store_true",
-                        help="only the tabular ablation (features and GBDT ingredients) on a larger demo set")
+    parser.add_argument("--ablation", choices=["ingredients", "speed"],
+                        help="only an ablation on a larger demo set: the tabular ingredients (features and GBDT "
+                             "settings), or gbdt.py's speed levers from the previous defaults to the new ones")
+    parser.add_argument("--ablation-seeds", type=common.SEED, nargs="+", default=[42, 7],
+                        help="with --ablation: the seeds of the folds, each a features.py run")
     parser.add_argument("--ablation-patients", type=common.positive(int), default=400,
                         help="with --ablation: train patients")
     args = parser.parse_args(argv)
     if args.ablation:
         os.makedirs(args.cache, exist_ok=True)
-        print_table(ablation_figures(args.cache, args.ablation_patients, args.ablation_patients // 4))
+        print_table(ablation_figures(args.cache, args.ablation_patients, args.ablation_patients // 4,
+                                     ABLATION if args.ablation == "ingredients" else SPEED_ABLATION,
+                                     args.ablation_seeds))
         return
     if args.gpu_estimate or args.gpu:
         print_table(gpu_estimate(args.archs, args.test_lesions, args.cache) if args.gpu_estimate else

@@ -27,7 +27,7 @@ import warnings
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
+from common import (CATEGORICAL, NUMERIC, SEED, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
                     data_path, file_digest, log, models_folder, patient_normalize, read_json, read_lesions, read_test,
                     read_train, run_main, save_array, stage_locks, write_args, write_csv, write_json, write_record)
 
@@ -286,7 +286,7 @@ def make_features(args):
         tables = [("test", test)]
     else:
         train = read_train(args.data)
-        record_folds(args.work, train)
+        record_folds(args.work, train, seed=args.seed)
         written.append(os.path.join(args.work, "folds.csv"))
         # the first-level diagnosis, for gbdt.py's training weights only: never a feature
         written.append(os.path.join(args.work, "train_diagnosis.csv"))
@@ -322,6 +322,8 @@ def main(argv=None):
     add_path_flags(parser)
     parser.add_argument("--predict-only", action="store_true",
                         help="only the test features, with the vocabularies saved in --models at training")
+    parser.add_argument("--seed", type=SEED, default=42,
+                        help="seed of the patient-grouped folds (used when folds.csv is made, not on reuse)")
     parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
     parser.add_argument("--no-context", action="store_true",
                         help="leave out the features within patient x site and patient x location")

@@ -127,11 +127,22 @@ def bag_sample(y, rng, pos_rate, neg_rate):
     return np.sort(np.r_[pos, rng.choice(neg, n_neg, replace=False)])
 
 
+def bag_datasets(args, x, y, weight, trn, names, seeds):
+    """The LightGBM Dataset of each bag of a fold whose training rows are `trn`, one bag a seed: the
+    rows that bag_sample draws, as a subset of one Dataset that bins the rows of every bag once
+    (binning each bag anew took most of its time besides the trees)."""
+    bags = [trn[bag_sample(y[trn], np.random.default_rng(seed), args.pos_rate, args.neg_rate)] for seed in seeds]
+    used = np.unique(np.concatenate(bags))
+    fold_data = lgb.Dataset(x[used], y[used], weight=weight[used], feature_name=names,
+                            params=lgb_params(args, args.seed)).construct()
+    return [fold_data.subset(np.searchsorted(used, rows)) for rows in bags]
+
+
 def lgb_params(args, seed):
     return {"objective": "binary", "learning_rate": args.lr, "num_leaves": args.num_leaves,
-            "max_depth": args.max_depth, "min_child_samples": args.min_leaf, "feature_fraction": 0.5,
+            "max_depth": args.max_depth, "min_child_samples": args.min_leaf, "feature_fraction": args.colsample_bytree,
             "feature_fraction_bynode": args.colsample_bynode, "bagging_fraction": 0.8, "bagging_freq": 1,
-            "lambda_l1": 0.1, "lambda_l2": 1.0,
+            "lambda_l1": 0.1, "lambda_l2": 1.0, "max_bin": args.max_bin,
             "seed": seed, "deterministic": True, "num_threads": args.threads, "verbose": -1}
 
 
@@ -167,12 +178,9 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
     for k in np.unique(folds):
         trn, val = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         fold_pred = np.zeros(len(val))
-        for b in range(args.bags):
-            seed = args.seed + 100 * int(k) + b
-            rows = trn[bag_sample(y[trn], np.random.default_rng(seed), args.pos_rate, args.neg_rate)]
-            booster = lgb.train(lgb_params(args, seed), lgb.Dataset(x_train[rows], y[rows], weight=weight[rows],
-                                                                     feature_name=names, free_raw_data=True),
-                                args.rounds)
+        seeds = [args.seed + 100 * int(k) + b for b in range(args.bags)]
+        for b, (seed, bag) in enumerate(zip(seeds, bag_datasets(args, x_train, y, weight, trn, names, seeds))):
+            booster = lgb.train(lgb_params(args, seed), bag, args.rounds)
             fold_pred += booster.predict(x_train[val]) / args.bags
             if len(x_test):
                 test_pred += booster.predict(x_test)
@@ -197,7 +205,7 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
                  file_digest(os.path.join(model_dir, "manifest.json")))
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_path_flags(parser)
     parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
@@ -213,9 +221,13 @@ def main(argv=None):
     parser.add_argument("--num-leaves", type=number(int, 2, 131072), default=31)  # LightGBM's range
     parser.add_argument("--max-depth", type=number(int, 1, also=(-1,)), default=6, help="-1: no limit")
     parser.add_argument("--min-leaf", type=positive(int), default=80, help="LightGBM's min_data_in_leaf")
+    parser.add_argument("--colsample-bytree", type=number(float, 0, 1, low_open=True), default=0.5,
+                        help="share of the features each tree may use (LightGBM's feature_fraction)")
     parser.add_argument("--colsample-bynode", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
     parser.add_argument("--bags", type=positive(int), default=5)
+    parser.add_argument("--max-bin", type=number(int, 2, 1023), default=255,
+                        help="histogram bins a feature (LightGBM's max_bin): fewer are faster")
     # at most 1: more would make a bag larger than twice the training rows (--pos-rate), or leave it
     # fewer negatives than positives, none at all for a large one (--neg-rate)
     parser.add_argument("--pos-rate", type=number(float, 0, 1, low_open=True), default=0.003,
@@ -226,7 +238,11 @@ def main(argv=None):
                         help="training weight of negatives diagnosed Indeterminate (iddx_1; 0 drops them, 1 is off)")
     parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
     parser.add_argument("--seed", type=SEED, default=42)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     models_dir = models_folder(args)
     model_dir = os.path.join(models_dir, args.name)
     reads = ["features"] + [f"image-{a}" for a in sorted(set(args.image + args.embeddings))]

@@ -1673,6 +1673,31 @@ def test_one_gbdt_takes_every_image_models_score_with_its_site_context(demo, tra
     assert len(common.read_preds(work, "tab_all", "test", common.read_lesions(work, "test")["isic_id"])) > 0
 
 
+def test_each_bag_trains_on_its_own_rows_with_their_labels_and_weights():
+    """gbdt.bag_datasets bins the rows of every bag once and takes each bag as a subset. On features
+    of a few integer values every binning puts each value in a bin of its own, so a booster trained
+    on a bag's subset must equal one trained on a Dataset built from the bag's rows alone
+    (positives repeated by the oversampling, labels, weights)."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (600, 3)).astype(np.float32)
+    y = ((x[:, 0] + rng.random(600) * 3) > 6.5).astype(float)
+    weight = rng.choice([0.0, 0.5, 1.0], 600)
+    trn = np.sort(rng.choice(600, 450, replace=False))
+    args = gbdt.build_parser().parse_args(["--pos-rate", "0.3", "--neg-rate", "0.5", "--min-leaf", "5",
+                                           "--rounds", "8", "--threads", "1"])
+    names = ["a", "b", "c"]
+    bags = gbdt.bag_datasets(args, x, y, weight, trn, names, [3, 4])
+    for seed, bag in zip([3, 4], bags):
+        rows = trn[gbdt.bag_sample(y[trn], np.random.default_rng(seed), args.pos_rate, args.neg_rate)]
+        assert len(rows) > len(np.unique(rows))  # positives repeated
+        alone = gbdt.lgb.Dataset(x[rows], y[rows], weight=weight[rows], feature_name=names,
+                                 params=gbdt.lgb_params(args, seed))
+        want = gbdt.lgb.train(gbdt.lgb_params(args, seed), alone, args.rounds).predict(x)
+        got = gbdt.lgb.train(gbdt.lgb_params(args, seed), bag, args.rounds).predict(x)
+        assert np.array_equal(got, want)
+        assert np.array_equal(bag.get_label(), y[rows]) and np.array_equal(bag.get_weight(), weight[rows])
+
+
 @slow
 def test_indeterminate_negatives_get_their_training_weight_and_nothing_else(demo, demo_work, tmp_path):
     """The weight reaches LightGBM's rows of Indeterminate negatives only (counted from the metadata by
