@@ -142,7 +142,7 @@ def lgb_params(args, seed):
     return {"objective": "binary", "learning_rate": args.lr, "num_leaves": args.num_leaves,
             "max_depth": args.max_depth, "min_child_samples": args.min_leaf, "feature_fraction": args.colsample_bytree,
             "feature_fraction_bynode": args.colsample_bynode, "bagging_fraction": 0.8, "bagging_freq": 1,
-            "lambda_l1": 0.1, "lambda_l2": 1.0, "max_bin": args.max_bin,
+            "lambda_l1": 0.1, "lambda_l2": 1.0, "max_bin": args.max_bin, "bin_construct_sample_cnt": args.bin_sample,
             "seed": seed, "deterministic": True, "num_threads": args.threads, "verbose": -1}
 
 
@@ -215,9 +215,10 @@ def build_parser():
                         help="image models' --arch names, comma-separated: add their embeddings (emb/ARCH_*.npy)")
     parser.add_argument("--predict-only", action="store_true",
                         help="only test predictions, from the boosters in --models: no training")
-    # defaults from bench.py --ablation (BENCHMARKS.md): the winners' regularisation, slower and no worse
-    parser.add_argument("--rounds", type=positive(int), default=400)
-    parser.add_argument("--lr", type=positive(float), default=0.03)
+    # defaults from bench.py --ablation (BENCHMARKS.md): the winners' regularisation; 3 bags x 170
+    # rounds at lr 0.06 and 63 bins (--ablation speed) were as good as 5 x 400 at 0.03 and 255 bins
+    parser.add_argument("--rounds", type=positive(int), default=170)
+    parser.add_argument("--lr", type=positive(float), default=0.06)
     parser.add_argument("--num-leaves", type=number(int, 2, 131072), default=31)  # LightGBM's range
     parser.add_argument("--max-depth", type=number(int, 1, also=(-1,)), default=6, help="-1: no limit")
     parser.add_argument("--min-leaf", type=positive(int), default=80, help="LightGBM's min_data_in_leaf")
@@ -225,9 +226,12 @@ def build_parser():
                         help="share of the features each tree may use (LightGBM's feature_fraction)")
     parser.add_argument("--colsample-bynode", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
-    parser.add_argument("--bags", type=positive(int), default=5)
-    parser.add_argument("--max-bin", type=number(int, 2, 1023), default=255,
+    parser.add_argument("--bags", type=positive(int), default=3)
+    parser.add_argument("--max-bin", type=number(int, 2, 1023), default=63,
                         help="histogram bins a feature (LightGBM's max_bin): fewer are faster")
+    # LightGBM's default of 200,000 took half of a fold's binning at 400,000 rows
+    parser.add_argument("--bin-sample", type=number(int, 1000, 10 ** 9), default=50_000,
+                        help="training rows whose values place the bins (LightGBM's bin_construct_sample_cnt)")
     # at most 1: more would make a bag larger than twice the training rows (--pos-rate), or leave it
     # fewer negatives than positives, none at all for a large one (--neg-rate)
     parser.add_argument("--pos-rate", type=number(float, 0, 1, low_open=True), default=0.003,
