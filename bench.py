@@ -155,21 +155,18 @@ def feature_figures(data, tmp):
     return table
 
 
-# gbdt.py's defaults before issue 26 (5 folds x 5 bags x 400 rounds, 255 bins): the side-by-side run
-FIVE_BAGS_400_ROUNDS = ["--rounds", "400", "--lr", "0.03", "--bags", "5", "--max-bin", "255", "--bin-sample", "200000"]
-
-
-def gbdt_figures(cache, rows, gbdt_rows, tmp):
+def gbdt_figures(cache, rows, gbdt_rows, tmp, before=None):
     """Table rows of the scaling runs: features.py and gbdt.py at each of gbdt_rows; at the largest,
-    gbdt.py with the previous defaults beside the new ones, the levers one at a time
-    (gbdt_levers), and both stages with --no-patient-norm --no-context; gbdt.py at `rows`
-    extrapolated linearly when it is not among them."""
+    gbdt.py as it was at commit `before` (its code and defaults) beside today's when given, the
+    levers one at a time (gbdt_levers), and both stages with --no-patient-norm --no-context;
+    gbdt.py at `rows` extrapolated linearly when it is not among them."""
     table, fit = [], []
     for n in gbdt_rows:
         work = os.path.join(tmp, f"w{n}")
         t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), work)
         table.append(("features.py (train + test, folds)", n, n_feat, t_feat, f"peak memory {mem_feat:.1f} GiB"))
-        table.append(("**gbdt.py, default settings**", n, n_feat, t_gbdt, f"peak memory {mem_gbdt:.1f} GiB"))
+        table.append(("**gbdt.py, default settings**", n, n_feat, t_gbdt,
+                      f"peak memory {mem_gbdt:.1f} GiB; OOF pAUC {oof_pauc(work, 'bench'):.4f}"))
         fit.append((n, t_gbdt, n_feat))
     for (n0, t0, _), (n1, t1, _) in zip(fit, fit[1:]):
         table.append((f"gbdt ratio {n1:,} / {n0:,} rows", "", "", t1 / t0, f"rows x{n1 / n0:.1f}"))
@@ -177,10 +174,15 @@ def gbdt_figures(cache, rows, gbdt_rows, tmp):
         slope, icpt = np.polyfit([n for n, _, _ in fit], [t for _, t, _ in fit], 1)
         table.append(("**gbdt.py (extrapolated linearly)**", rows, fit[-1][2], slope * rows + icpt, "not measured"))
     n, t_new, n_feat = fit[-1]
-    t_old, mem_old = run_stage("gbdt.py", ["--work", work, "--name", "bench_previous"] + FIVE_BAGS_400_ROUNDS)
-    table.append((f"**gbdt.py, the previous defaults ({' '.join(FIVE_BAGS_400_ROUNDS)})**", n, n_feat, t_old,
-                  f"peak memory {mem_old:.1f} GiB"))
-    table.append(("**gbdt.py time, default / previous defaults**", "", "", t_new / t_old, "same data, this run"))
+    if before:
+        script = os.path.join(tmp, "gbdt_before.py")  # run from this folder: it imports today's common.py
+        with open(script, "w") as f:
+            f.write(subprocess.run(["git", "show", f"{before}:gbdt.py"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                   capture_output=True, text=True, check=True).stdout)
+        t_old, mem_old = run_stage(script, ["--work", work, "--name", "bench_before"])
+        table.append((f"**gbdt.py of commit {before}, its default settings**", n, n_feat, t_old,
+                      f"peak memory {mem_old:.1f} GiB; OOF pAUC {oof_pauc(work, 'bench_before'):.4f}"))
+        table.append((f"**gbdt.py time, today / commit {before}**", "", "", t_new / t_old, "same data, this run"))
     table += gbdt_levers(work)
     t_feat, t_gbdt, n_feat, mem_feat, mem_gbdt = features_and_gbdt(data_dir(cache, n), os.path.join(tmp, f"w{n}_nopn"),
                                                                    ["--no-patient-norm", "--no-context"])
@@ -189,6 +191,11 @@ def gbdt_figures(cache, rows, gbdt_rows, tmp):
     table.append((f"gbdt ratio {fit[-1][2]} / {n_feat} features", "", "", fit[-1][1] / t_gbdt,
                   f"features x{fit[-1][2] / n_feat:.1f}"))
     return table
+
+
+def oof_pauc(work, name):
+    train = common.read_lesions(work, "train")
+    return common.pauc(train["target"], common.read_preds(work, name, "train", train["isic_id"]))
 
 
 def gbdt_levers(work, rounds=50):
@@ -350,8 +357,8 @@ def memory_figures(archs, costs):
 
 def cpu_minutes(test_lesions, cache):
     """Minutes of the submission notebook's CPU stages for test_lesions lesions, measured here on
-    40,000 rows and scaled: features.py --predict-only, the prediction of four GBDTs of 5 folds x
-    5 bags x 400 rounds, ensemble.py."""
+    40,000 rows and scaled: features.py --predict-only, the prediction of four GBDTs of 5 folds and
+    gbdt.py's default bags and rounds, ensemble.py."""
     n = 40_000
     data = os.path.join(cache, f"submission{n}")
     if not os.path.exists(os.path.join(data, "test-metadata.csv")):
@@ -365,9 +372,10 @@ def cpu_minutes(test_lesions, cache):
     t_features = (time.perf_counter() - t0) * test_lesions / n
     rng = np.random.default_rng(0)
     y = (rng.random(20_000) < 0.02).astype(int)
+    defaults = gbdt.build_parser().parse_args([])
     booster = gbdt.lgb.train({"objective": "binary", "num_leaves": 31, "max_depth": 6, "verbose": -1},
-                             gbdt.lgb.Dataset(x[:20_000], y), 400)
-    t_gbdt = 4 * 5 * 5 * timed(booster.predict, x)[0] * test_lesions / n
+                             gbdt.lgb.Dataset(x[:20_000], y), defaults.rounds)
+    t_gbdt = 4 * 5 * defaults.bags * timed(booster.predict, x)[0] * test_lesions / n
     t_ensemble = timed(ensemble.rank_average, [rng.random(test_lesions) for _ in range(3)], [0.2, 0.3, 0.5])[0]
     return (t_features + t_gbdt + t_ensemble) / 60
 
@@ -546,6 +554,8 @@ ABLATION = [("patient normalization only (the previous default)", ["--no-context
             ("+ Indeterminate negatives dropped (weight 0): the new default", [],
              WINNERS_GBDT + ["--indeterminate-weight", "0"]),
             ("body-site context off, winners' GBDT settings", ["--no-context"], WINNERS_GBDT)]
+# gbdt.py's defaults before issue 26 (5 folds x 5 bags x 400 rounds, 255 bins on LightGBM's default sample)
+FIVE_BAGS_400_ROUNDS = ["--rounds", "400", "--lr", "0.03", "--bags", "5", "--max-bin", "255", "--bin-sample", "200000"]
 # the speed levers, one at a time from the previous defaults to the new ones (BENCHMARKS.md), then
 # two that were left out. --bin-sample changes nothing here: the demo set has fewer rows than it.
 SPEED_ABLATION = [
@@ -602,6 +612,8 @@ def main(argv=None):
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
     parser.add_argument("--no-gbdt", action="store_true", help="without the gbdt.py scaling runs")
+    parser.add_argument("--gbdt-before", metavar="COMMIT",
+                        help="also time gbdt.py as it was at this git commit (code and defaults), side by side")
     parser.add_argument("--gpu-estimate", action="store_true",
                         help="only the projections for Kaggle's GPUs: time from counted FLOPs, training memory, "
                              "the submission notebook's time (no GPU needed)")
@@ -643,7 +655,7 @@ def main(argv=None):
         table += image_figures(args.cache)
         if gbdt_rows:
             common.log("gbdt.py against rows and feature count")
-            table += gbdt_figures(args.cache, args.rows, gbdt_rows, tmp)
+            table += gbdt_figures(args.cache, args.rows, gbdt_rows, tmp, args.gbdt_before)
 
     print(f"\n{os.cpu_count()} CPU cores, load average {load} at the start, {os.getloadavg()[0]:.1f} at the end "
           "(1 min; other processes shared the cores if above 0 at the start); "

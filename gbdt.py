@@ -79,7 +79,9 @@ def load_features(args, split, lesions, inputs):
         check_record(args.work, f"img_{arch}", [path, path[:-4] + "_ids.txt"], f"extract.py --arch {arch}")
         blocks.append(load_array(path, lesions["isic_id"], f"extract.py --arch {arch}"))
         names += [f"emb_{arch}_{i}" for i in range(blocks[-1].shape[1])]
-    return np.asfortranarray(np.hstack(blocks), dtype=np.float32), names  # LightGBM reads feature-major directly
+    # row-major: each bag's and the validation rows are gathered as whole rows (gathering rows of a
+    # feature-major matrix took a third of a run at 400,000 rows)
+    return np.ascontiguousarray(np.hstack(blocks) if len(blocks) > 1 else blocks[0], dtype=np.float32), names
 
 
 def input_digests(args, models_dir):
@@ -177,11 +179,11 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
     boosters = []
     for k in np.unique(folds):
         trn, val = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
-        fold_pred = np.zeros(len(val))
+        x_val, fold_pred = x_train[val], np.zeros(len(val))
         seeds = [args.seed + 100 * int(k) + b for b in range(args.bags)]
         for b, (seed, bag) in enumerate(zip(seeds, bag_datasets(args, x_train, y, weight, trn, names, seeds))):
             booster = lgb.train(lgb_params(args, seed), bag, args.rounds)
-            fold_pred += booster.predict(x_train[val]) / args.bags
+            fold_pred += booster.predict(x_val) / args.bags
             if len(x_test):
                 test_pred += booster.predict(x_test)
             gain += booster.feature_importance("gain")

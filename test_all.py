@@ -820,6 +820,15 @@ def test_make_folds_grouped_balanced_deterministic():
     assert (features.make_folds(patients, y, 5, seed=8) != folds).any()
 
 
+def test_features_seed_makes_the_folds_of_that_seed(demo, tmp_path):
+    work = str(tmp_path / "work")
+    features.main(["--data", demo, "--work", work, "--seed", "7", "--no-context", "--no-outlier"])
+    lesions = common.read_lesions(work, "train")
+    want = features.make_folds(lesions["patient_id"], lesions["target"], 5, seed=7)
+    assert np.array_equal(lesions["fold"], want)
+    assert not np.array_equal(want, features.make_folds(lesions["patient_id"], lesions["target"], 5, seed=42))
+
+
 def test_site_context_matches_a_loop_over_groups():
     """z and percentile within patient x site against the loop oracle run on (patient, site) groups:
     one-lesion groups, missing sites (no context), ties; shifting one group leaves it unchanged."""
@@ -1010,15 +1019,15 @@ def test_an_unwritable_work_folder_is_one_error_line(demo, tmp_path, capsys, mon
 @slow
 def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, demo_work, tmp_path):
     """With --ema, so that the average saved as the fold model must resume where it was too."""
-    args = ["--arch", "eva02_tiny", "--fold", "1", "--data", demo, "--ema", "0.9"] + tiny_train(3)
+    args = ["--arch", "convnext_atto", "--fold", "1", "--data", demo, "--ema", "0.9"] + tiny_train(2)
     straight, killed = copy_work(demo_work, tmp_path / "straight"), copy_work(demo_work, tmp_path / "killed")
     r = run_script("train_backbone.py", args + ["--work", straight])
     assert r.returncode == 0, r.stderr
-    log_rows = read_log(os.path.join(straight, "models", "eva02_tiny", "fold1", "log.csv"))
-    assert [int(r["epoch"]) for r in log_rows] == [0, 1, 2]
+    log_rows = read_log(os.path.join(straight, "models", "convnext_atto", "fold1", "log.csv"))
+    assert [int(r["epoch"]) for r in log_rows] == [0, 1]
     assert all(0 <= float(r["val_pauc"]) <= 0.2 for r in log_rows)
     # the same run, killed (SIGKILL) once its first epoch is logged, then resumed
-    log_path = os.path.join(killed, "models", "eva02_tiny", "fold1.partial", "log.csv")
+    log_path = os.path.join(killed, "models", "convnext_atto", "fold1.partial", "log.csv")
     proc = subprocess.Popen([sys.executable, "train_backbone.py"] + args + ["--work", killed], cwd=HERE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -1035,13 +1044,13 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     r = run_script("train_backbone.py", args + ["--work", killed, "--resume"])
     assert r.returncode == 0, r.stderr
     assert "resuming after epoch" in r.stdout
-    a = torch.load(os.path.join(straight, "models", "eva02_tiny", "fold1", "last.pt"), weights_only=False)
-    b = torch.load(os.path.join(killed, "models", "eva02_tiny", "fold1", "last.pt"), weights_only=False)
-    assert a["epoch"] == b["epoch"] == 2
+    a = torch.load(os.path.join(straight, "models", "convnext_atto", "fold1", "last.pt"), weights_only=False)
+    b = torch.load(os.path.join(killed, "models", "convnext_atto", "fold1", "last.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
-    assert [r["epoch"] for r in read_log(os.path.join(killed, "models", "eva02_tiny", "fold1", "log.csv"))] == \
-        ["0", "1", "2"]
+    assert [r["epoch"] for r in read_log(os.path.join(killed, "models", "convnext_atto", "fold1", "log.csv"))] == \
+        ["0", "1"]
     assert not os.path.exists(os.path.dirname(log_path))  # the finished fold replaced fold1/ whole
 
 
@@ -2299,15 +2308,17 @@ def run_notebook(path, cwd, **overrides):
 @slow
 def test_kaggle_notebooks_run_as_kernels_and_the_submission_notebook_reproduces_the_training_run(tmp_path):
     """Both demo notebooks in one folder, the training one on two processes (torchrun, gloo) as on two
-    T4s: the submission notebook reads the training notebook's models and writes its submission
-    byte for byte."""
+    T4s, with one image model (run.sh's demo runs both): the submission notebook reads the training
+    notebook's models and writes its submission byte for byte."""
     notebooks.main([str(tmp_path / "nb"), "--demo"])
     kernel = str(tmp_path / "kaggle_working")
     os.makedirs(kernel)
-    out = run_notebook(str(tmp_path / "nb" / "train" / "isic-2024-train.ipynb"), kernel, NGPU=2)
+    one_model = dict(ARCHS="convnext_atto", NGPU=2)
+    out = run_notebook(str(tmp_path / "nb" / "train" / "isic-2024-train.ipynb"), kernel,
+                       PLAN={1: dict(TRAIN="convnext_atto:all", FINISH=True)}, **one_model)
     assert "torch.distributed.run --standalone --nproc_per_node=2 train_backbone.py" in out
     assert "(2 processes of 8)" in out and "run 1 of 1 done" in out
-    out = run_notebook(str(tmp_path / "nb" / "submit" / "isic-2024-submit.ipynb"), kernel, NGPU=2)
+    out = run_notebook(str(tmp_path / "nb" / "submit" / "isic-2024-submit.ipynb"), kernel, **one_model)
     assert "wrote submission.csv" in out
     with open(os.path.join(kernel, "work", "submission.csv"), "rb") as a:
         with open(os.path.join(kernel, "submission.csv"), "rb") as b:
