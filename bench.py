@@ -331,7 +331,7 @@ def counted(arch):
 # 70 W card; training at three times the forward's FLOPs)
 T4_PEAK, T4_COUNT, SHARES = 65.0, 2, (0.10, 0.25)
 KAGGLE_CORES, DECODES_PER_CORE = 4, 7100  # a Kaggle notebook's CPU cores; JPEG decodes a second on one core
-GBDT_TRAIN_S = 2048  # gbdt.py at 400,000 rows, default settings, measured by `python bench.py` on 2 shared cores
+GBDT_TRAIN_S = 233  # gbdt.py at 400,000 rows, default settings: `python bench.py --gbdt-rows 400000` on 2 idle cores
 
 
 def memory_figures(archs, costs):
@@ -542,9 +542,9 @@ def gpu_figures(cache, archs=("eva02_base", "convnext"), compile_modes=(False, T
 
 # the tabular ablation: each ingredient's features.py and gbdt.py options, added one at a time
 PREVIOUS_GBDT = ["--min-leaf", "20", "--colsample-bynode", "1", "--lr", "0.05", "--rounds", "250", "--bags", "3",
-                 "--indeterminate-weight", "1"]
+                 "--indeterminate-weight", "1", "--max-bin", "255"]
 WINNERS_GBDT = ["--min-leaf", "80", "--colsample-bynode", "0.5", "--lr", "0.03", "--rounds", "400", "--bags", "5",
-                "--indeterminate-weight", "1"]
+                "--indeterminate-weight", "1", "--max-bin", "255"]
 ABLATION = [("patient normalization only (the previous default)", ["--no-context", "--no-outlier"], PREVIOUS_GBDT),
             ("+ z-score summary and outlier distance", ["--no-context"], PREVIOUS_GBDT),
             ("+ body-site context", [], PREVIOUS_GBDT),
