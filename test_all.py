@@ -1514,15 +1514,16 @@ def fake_part(work, fold, value):
 
 
 @slow
-def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, trained, tmp_path):
+def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, trained, tmp_path, capsys):
     work = copy_work(trained, tmp_path / "work")
     want = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     folds = common.read_lesions(work, "train")["fold"]
     part, rows = fake_part(work, 0, 7.0)
     args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--test-models", "mean"]
-    r = run_script("extract.py", args + ["--resume"])
-    assert r.returncode == 0, r.stderr
-    assert "fold 0: reusing" in r.stdout and "fold 1 held-out train" in r.stdout
+    capsys.readouterr()
+    extract.main(args + ["--resume"])
+    out = capsys.readouterr().out
+    assert "fold 0: reusing" in out and "fold 1 held-out train" in out
     got = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     assert (got[rows] == 7.0).all()
     np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-4, atol=1e-4)
@@ -1530,9 +1531,10 @@ def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, tr
     # fold 0 retrained after its part was written: the part is scored again, not reused
     part, rows = fake_part(work, 0, 7.0)
     train_backbone.main(["--arch", "convnext_atto", "--fold", "0", "--data", demo, "--work", work] + tiny_train(1))
-    r = run_script("extract.py", args + ["--resume"])
-    assert r.returncode == 0, r.stderr
-    assert "fold 0: " in r.stdout and "made by another model" in r.stdout and "fold 0: reusing" not in r.stdout
+    capsys.readouterr()
+    extract.main(args + ["--resume"])
+    out = capsys.readouterr().out
+    assert "fold 0: " in out and "made by another model" in out and "fold 0: reusing" not in out
     assert not (np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))[rows] == 7.0).any()
 
 
@@ -2216,7 +2218,7 @@ def test_missing_data_dir_says_how_to_pass_it(tmp_path):
 
 
 @slow
-def test_broken_images_skipped_in_training_and_scored_without_image(demo, trained, tmp_path):
+def test_broken_images_skipped_in_training_and_scored_without_image(demo, trained, tmp_path, capsys):
     data = copy_demo(demo, tmp_path / "data")
     train, test = common.read_lesions(trained, "train"), common.read_lesions(trained, "test")
     bad_train = train["isic_id"][np.flatnonzero(train["target"] == 1)[0]]   # a positive: in every epoch
@@ -2225,13 +2227,13 @@ def test_broken_images_skipped_in_training_and_scored_without_image(demo, traine
     corrupt_image(os.path.join(data, "test-image.hdf5"), bad_test, b"")
     work = copy_work(trained, tmp_path / "work")
     fold = (int(train["fold"][list(train["isic_id"]).index(bad_train)]) + 1) % 5
-    r = run_script("train_backbone.py", ["--arch", "convnext_atto", "--fold", str(fold), "--data", data,
-                                         "--work", work] + tiny_train(1))
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("warning: 1 training image(s) cannot be decoded (skipped): " + bad_train) == 1
-    r = run_script("extract.py", ["--arch", "convnext_atto", "--data", data, "--work", work, "--workers", "0"])
-    assert r.returncode == 0, r.stderr
-    warnings = [line for line in (r.stdout + r.stderr).splitlines() if "warning" in line]
+    capsys.readouterr()
+    train_backbone.main(["--arch", "convnext_atto", "--fold", str(fold), "--data", data, "--work", work]
+                        + tiny_train(1))
+    assert capsys.readouterr().out.count("warning: 1 training image(s) cannot be decoded (skipped): " + bad_train) == 1
+    extract.main(["--arch", "convnext_atto", "--data", data, "--work", work, "--workers", "0"])
+    out, err = capsys.readouterr()
+    warnings = [line for line in (out + err).splitlines() if "warning" in line]
     assert len(warnings) == 2 and bad_train in warnings[0] and bad_test in warnings[1], warnings
     emb = common.load_array(os.path.join(work, "emb", "convnext_atto_test.npy"), test["isic_id"])
     assert np.isnan(emb[3]).all() and not np.isnan(emb[[0, 1, 2, 4]]).any()
