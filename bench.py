@@ -12,7 +12,9 @@ each run took.
     python bench.py --rows 40000    # a quick run
     python bench.py --gpu-estimate  # GPU T4 x2 time and memory projected from counted FLOPs (no GPU needed)
     python bench.py --gpu           # measured on this machine's GPU
-    python bench.py --ablation      # the tabular ingredients one at a time, on a larger demo set
+    python bench.py --ablation ingredients  # the tabular ingredients one at a time, on a larger demo set
+    python bench.py --ablation speed        # gbdt.py's speed levers, over the folds of two seeds
+    python bench.py --gbdt-rows 400000 --gbdt-before 9bc826e  # gbdt.py today beside that commit's
 
 Prints a markdown table of every figure.
 """

@@ -27,9 +27,10 @@ import warnings
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, SEED, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids, codes,
-                    data_path, file_digest, log, models_folder, patient_normalize, read_json, read_lesions, read_test,
-                    read_train, run_main, save_array, stage_locks, write_args, write_csv, write_json, write_record)
+from common import (CATEGORICAL, NUMERIC, SEED, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids,
+                    codes, data_path, file_digest, log, models_folder, patient_normalize, read_json, read_lesions,
+                    read_test, read_train, run_main, save_array, stage_locks, write_args, write_csv, write_json,
+                    write_record)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
