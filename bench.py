@@ -38,6 +38,7 @@ import common  # noqa: E402
 import ensemble  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
+import notebooks  # noqa: E402
 import train_backbone  # noqa: E402
 from demo import demo_lesions, make_demo, write_metadata  # noqa: E402
 
@@ -383,11 +384,37 @@ def cpu_minutes(test_lesions, cache):
     return (t_features + t_gbdt + t_ensemble) / 60
 
 
+def notebook_runs(folds, finish_h):
+    """The runs of the training notebook (notebooks.train_until_done) for folds [(arch, fold, hours)]
+    in plan order, as (what it runs, hours): a fold starts only if it would end within BUDGET_HOURS
+    of the run's start, and the finishing stages only if FINISH_HOURS are left of the 12."""
+    runs, run, t = [], [], 0.0
+    for arch, k, h in folds:
+        if run and t + h > notebooks.BUDGET_HOURS:
+            runs.append((run, t))
+            run, t = [], 0.0
+        run, t = run + [(arch, k)], t + h
+    if t + notebooks.FINISH_HOURS > notebooks.KAGGLE_HOURS:
+        runs.append((run, t))
+        run, t = [], 0.0
+    runs.append((run + [("finishing stages", None)], t + finish_h))
+    described = []
+    for run, h in runs:
+        parts = []  # [(arch, [folds])], in order
+        for arch, k in run:
+            if parts and parts[-1][0] == arch:
+                parts[-1][1].append(k)
+            else:
+                parts.append((arch, [k]))
+        described.append((", ".join(a if ks == [None] else f"{a} folds {','.join(map(str, ks))}"
+                                    for a, ks in parts), h))
+    return described
+
+
 def gpu_estimate(archs, test_lesions, cache):
     """Table rows of the GPU cost on Kaggle's GPU T4 x2, projected from counted FLOPs at each share
-    of SHARES: per architecture, training and extraction; the training memory; each run of
-    notebooks.PLAN and the submission notebook for test_lesions lesions. Estimates, not measurements."""
-    import notebooks
+    of SHARES: per architecture, training and extraction; the training memory; each run of the
+    training notebook and the submission notebook for test_lesions lesions. Estimates, not measurements."""
     costs = {arch: counted(arch) for arch in archs}
     rates = {share: T4_PEAK * 1e12 * T4_COUNT * share for share in SHARES}
     hours = {}  # (share, arch): (training hours per fold, extraction hours of every train tile)
@@ -397,22 +424,21 @@ def gpu_estimate(archs, test_lesions, cache):
         for arch in archs:
             train_h, extract_h = projected_hours(rate / (3 * costs[arch][0]), rate / costs[arch][0])
             hours[share, arch] = train_h / 5, extract_h
-            table += [(f"T4 x2 at {share:.0%}: {arch} training, hours per fold ({RECIPE.epochs} epochs)", "", "", train_h / 5,
-                       "projected"),
+            table += [(f"T4 x2 at {share:.0%}: {arch} training, hours per fold ({RECIPE.epochs} epochs)", "", "",
+                       train_h / 5, "projected"),
                       (f"T4 x2 at {share:.0%}: {arch} extraction of every train tile, hours", REAL_TILES, "",
                        extract_h, "projected")]
     table += memory_figures(archs, costs)
     cpu = cpu_minutes(test_lesions, cache) / 60
     decode_h = test_lesions / (KAGGLE_CORES * DECODES_PER_CORE) / 3600
-    for run, part in notebooks.PLAN.items():
-        specs = [spec.split(":") for spec in part["TRAIN"].split()]
-        for share in SHARES:
-            h = sum(hours[share, arch][0] * (5 if folds == "all" else len(folds.split(","))) for arch, folds in specs)
-            if part["FINISH"]:
-                h += sum(hours[share, arch][1] for arch in archs) + (len(archs) + 2) * GBDT_TRAIN_S / 3600
-            table.append((f"**training notebook run {run} ({part['TRAIN'] or 'no training'}"
-                          f"{', then every later stage' if part['FINISH'] else ''}), T4 x2 at {share:.0%}, hours**",
-                          "", "", h, "projected; Kaggle's limit 12 h, the plan's 8 h"))
+    for share in SHARES:
+        folds = [(arch, k, hours[share, arch][0]) for arch in archs for k in range(5)]
+        finish_h = sum(hours[share, arch][1] for arch in archs) + (len(archs) + 2) * GBDT_TRAIN_S / 3600
+        for i, (what, h) in enumerate(notebook_runs(folds, finish_h), 1):
+            table.append((f"**training notebook, run {i} ({what}), T4 x2 at {share:.0%}, hours**", "", "", h,
+                          f"projected; a fold starts if it ends within {notebooks.BUDGET_HOURS:g} h, the finishing "
+                          f"stages ({finish_h:.2f} h) if {notebooks.FINISH_HOURS:g} h are left of "
+                          f"{notebooks.KAGGLE_HOURS} h"))
     for share, rate in rates.items():
         gpu_h = sum(max(test_lesions * costs[arch][0] / rate / 3600, decode_h) for arch in archs)
         table.append((f"**submission notebook ({test_lesions:,} lesions, one fold model an architecture), T4 x2 at "

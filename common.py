@@ -13,6 +13,7 @@ import copy
 import csv
 import errno
 import fcntl
+import functools
 import gc
 import glob
 import hashlib
@@ -33,7 +34,8 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait on the network for weights
 
-KAGGLE_DATA = "/kaggle/input/isic-2024-challenge"
+KAGGLE_INPUT = "/kaggle/input"  # where Kaggle mounts a notebook's inputs, at a depth that has changed over time
+DATA_FILES = ("train-metadata.csv", "train-image.hdf5", "test-metadata.csv", "test-image.hdf5")
 
 TRAIN_ONLY = ["target", "lesion_id", "iddx_full", "iddx_1", "iddx_2", "iddx_3", "iddx_4", "iddx_5",
               "mel_mitotic_index", "mel_thick_mm", "tbp_lv_dnn_lesion_confidence"]
@@ -158,6 +160,33 @@ def atomic_write(path, write):
             raise OSError(e.errno, e.strerror, path) from None
         raise
     fault_point(f"renaming it to {path}")
+
+
+def kaggle_user():
+    """The Kaggle user name as the kaggle CLI finds it (KAGGLE_USERNAME, else its kaggle.json), or a
+    placeholder to replace."""
+    if os.environ.get("KAGGLE_USERNAME"):
+        return os.environ["KAGGLE_USERNAME"]
+    for path in ("~/.kaggle/kaggle.json", "~/.config/kaggle/kaggle.json"):
+        try:
+            with open(os.path.expanduser(path)) as f:
+                return json.load(f)["username"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return "YOUR-KAGGLE-NAME"
+
+
+def write_dataset_metadata(folder, slug, title, user=None):
+    """FOLDER/dataset-metadata.json, which `kaggle datasets create -p FOLDER` (and `version`) reads."""
+    user = user or kaggle_user()
+    write_json(os.path.join(folder, "dataset-metadata.json"),
+               {"title": title, "id": f"{user}/{slug}", "licenses": [{"name": "other"}]})
+    log(f"wrote {folder}/dataset-metadata.json: the dataset {user}/{slug}")
+
+
+def atomic_copy(src, dst):
+    with open(src, "rb") as f:
+        atomic_write(dst, lambda out: shutil.copyfileobj(f, out))
 
 
 KILL_AT = "PIPELINE_KILL_AT"
@@ -347,6 +376,9 @@ def folder_problem(folder, files=None):
         listed = manifest["files"].items()
     except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
         return "its manifest.json is damaged"
+    absent = [name for name in files or () if name not in manifest["files"]]
+    if absent:
+        return f"{absent[0]} is not one of the files it was made with"
     for name, digest in listed:
         if files is not None and name not in files:
             continue
@@ -519,14 +551,58 @@ def read_metadata(path, required, numbers=METADATA_NUMBERS, only_required=False)
     return table
 
 
+def input_folders(root, holds, max_depth=6):
+    """The folders under `root`, at any depth down to max_depth, that hold(folder, names) accepts
+    (names: the files and folders in it), shallowest first, each once (Kaggle may link one input
+    under two paths)."""
+    found, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs.sort()
+        if os.path.relpath(folder, root).count(os.sep) + 1 >= max_depth:
+            dirs[:] = []
+        real = os.path.realpath(folder)
+        if real not in seen and holds(folder, set(files) | set(dirs)):
+            seen.add(real)
+            found.append(folder)
+    return sorted(found, key=lambda f: (f.count(os.sep), f))
+
+
+def find_input(root, what, holds, required=True):
+    """The one folder under `root` (at any depth) that holds `what`, printed. None found: a DataError
+    that says what was searched for and where (None when not `required`); more than one: a
+    DataError naming them all."""
+    found = input_folders(root, holds) if os.path.isdir(root) else []
+    if len(found) > 1:
+        raise DataError(f"{len(found)} folders under {root} hold {what}: {', '.join(found)}: set the one to use "
+                        "in the settings")
+    if not found:
+        if required:
+            raise DataError(f"no folder under {root}, at any depth, holds {what}: add it as an input, or set its "
+                            "path in the settings")
+        return None
+    log(f"found {what} in {found[0]}")
+    return found[0]
+
+
+def holds_data(folder, names):
+    return all(f in names for f in DATA_FILES)
+
+
 def default_data_dir():
-    return KAGGLE_DATA if os.path.isdir(KAGGLE_DATA) else None
+    """The competition's folder where no --data is given: on Kaggle, the one under KAGGLE_INPUT that
+    holds its four files (searched once a process); elsewhere None."""
+    return found_data_dir(KAGGLE_INPUT) if os.path.isdir(KAGGLE_INPUT) else None
+
+
+@functools.lru_cache
+def found_data_dir(root):
+    return find_input(root, f"the competition's files ({', '.join(DATA_FILES)})", holds_data)
 
 
 def add_path_flags(parser, models=True):
     """--data, --work and (models=True) --models: one meaning and one default in every stage."""
-    parser.add_argument("--data", default=default_data_dir(),
-                        help=f"folder with the Kaggle files (default: {KAGGLE_DATA} where it exists)")
+    parser.add_argument("--data", help=f"folder with the Kaggle files (default: on Kaggle, the folder under "
+                                       f"{KAGGLE_INPUT} that holds them)")
     parser.add_argument("--work", default="work", help="folder of the stages' outputs (default: work)")
     if models:
         parser.add_argument("--models", help="folder of trained models (default: WORK/models); may be read-only")
@@ -537,6 +613,7 @@ def models_folder(args):
 
 
 def data_path(data_dir, name):
+    data_dir = data_dir or default_data_dir()
     if data_dir is None:
         raise DataError("no --data given: pass --data DIR (a folder holding train-metadata.csv, "
                         "train-image.hdf5, test-metadata.csv, test-image.hdf5), or make the demo set "
@@ -886,16 +963,24 @@ def open_h5(path):
                         "file?") from None
 
 
-def check_image_ids(h5_path, ids):
-    """Every metadata isic_id must have an image, and the reverse."""
+def check_image_ids(h5_path, ids, lenient=False):
+    """Every metadata isic_id must have an image, and the reverse. lenient (a submission): images
+    that the metadata does not list are ignored, and lesions without an image are scored without
+    image features (NaN), each with one warning line."""
     with open_h5(h5_path) as h5:
         stored = set(h5.keys())
     lacking = [i for i in ids if i not in stored]
-    if lacking:
+    extra = sorted(stored - set(ids))
+    if lacking and lenient:
+        log(f"warning: {h5_path}: no image for {len(lacking)} isic_id(s) of the metadata (scored without image "
+            f"features): {', '.join(lacking[:5])}")
+    elif lacking:
         raise DataError(f"{h5_path}: no image for {len(lacking)} isic_id(s) of the metadata, "
                         f"e.g. {', '.join(lacking[:5])}")
-    extra = sorted(stored - set(ids))
-    if extra:
+    if extra and lenient:
+        log(f"warning: {h5_path}: {len(extra)} image(s) whose isic_id is not in the metadata, ignored: "
+            f"{', '.join(extra[:5])}")
+    elif extra:
         raise DataError(f"{h5_path}: {len(extra)} image(s) whose isic_id is not in the metadata, "
                         f"e.g. {', '.join(extra[:5])}")
 
@@ -1016,17 +1101,22 @@ def focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     return (alpha_t * one_minus_pt ** gamma * bce).mean()
 
 
+MISSING_IMAGE = (None, 0)  # H5Images' location of an image that the file lacks
+
+
 class H5Images:
     """Tiles of an HDF5 file as uint8 canvases (CANVAS x CANVAS x 3, the tile top-left) with their
     height and width: a map-style dataset for torch's DataLoader. The file is opened in the process
     that reads it, so DataLoader workers started by fork or spawn each get their own handle."""
 
-    def __init__(self, h5_path, ids, labels=None):
+    def __init__(self, h5_path, ids, labels=None, missing_ok=False):
         self.h5_path, self.ids = h5_path, list(ids)
         self.labels = np.zeros(len(self.ids), np.float32) if labels is None else np.asarray(labels, np.float32)
         self.h5, self.pid = None, None
         with open_h5(h5_path) as h5:  # found once, here: a missing image stops the run before it starts
-            self.locations = [image_location(h5, i) for i in self.ids]
+            stored = set(h5.keys()) if missing_ok else ()  # missing_ok: a missing image is a broken tile
+            self.locations = [image_location(h5, i) if not missing_ok or i in stored else MISSING_IMAGE
+                              for i in self.ids]
 
     def __len__(self):
         return len(self.ids)
@@ -1035,7 +1125,7 @@ class H5Images:
         if self.pid != os.getpid():
             self.h5, self.pid = open_h5(self.h5_path), os.getpid()
         isic_id = self.ids[i]
-        raw = read_image_bytes(self.h5, isic_id, self.locations[i])
+        raw = b"" if self.locations[i] is MISSING_IMAGE else read_image_bytes(self.h5, isic_id, self.locations[i])
         # left uninitialized: prepare_batch never samples outside the tile, and zero-filling the
         # 192 KB canvas was a large share of the loader's time per tile (BENCHMARKS.md)
         canvas = np.empty((CANVAS, CANVAS, 3), np.uint8)
@@ -1056,6 +1146,8 @@ class H5Images:
 
     def problem(self, i):
         """Why tile i cannot be decoded."""
+        if self.locations[i] is MISSING_IMAGE:
+            return f"isic_id {self.ids[i]}: no image in the file"
         with open_h5(self.h5_path) as h5:
             try:
                 decode_image(read_image_bytes(h5, self.ids[i], self.locations[i]), self.ids[i])
@@ -1064,12 +1156,12 @@ class H5Images:
         return f"isic_id {self.ids[i]}: decodes"
 
 
-def broken_tiles(images, positions, what, consequence):
+def broken_tiles(images, positions, what, consequence, problem="cannot be decoded"):
     """One warning line for the tiles (positions in images.ids) that cannot be decoded."""
     if len(positions) == 0:
         return
     ids = [images.ids[i] for i in positions[:5]]
-    log(f"warning: {len(positions)} {what} image(s) cannot be decoded ({consequence}): {', '.join(ids)}"
+    log(f"warning: {len(positions)} {what} image(s) {problem} ({consequence}): {', '.join(ids)}"
         + (", ..." if len(positions) > 5 else ""))
 
 
@@ -1277,12 +1369,28 @@ def split_broken(canvas, sizes, *rest):
     return [t[~broken] for t in (canvas, sizes) + rest], broken
 
 
-def check_finite_outputs(embs, logits, ids, index, dtype, what):
+NONFINITE_AT = "PIPELINE_NONFINITE"  # fault injection, as PIPELINE_KILL_AT: see forced_nonfinite
+
+
+def forced_nonfinite(ids, index, reduced):
+    """Fault injection for the tests of a hidden test set: with PIPELINE_NONFINITE="ID1 ID2!" the
+    output for tile ID1 is made inf in reduced precision (as an fp16 overflow would), that for ID2
+    in every precision. The mask of the batch rows affected."""
+    spec = os.environ.get(NONFINITE_AT, "").split()
+    return np.array([ids[i] in spec and reduced or ids[i] + "!" in spec for i in index], bool)
+
+
+def check_finite_outputs(embs, logits, ids, index, dtype, what, lenient=False):
     """A tile that decodes must get a finite embedding and logit: NaN means "no image" downstream.
-    ids[index[i]] names row i of the batch; looked up only for the message."""
+    lenient (a submission): the tiles whose outputs are not finite get NaN, with one warning line.
+    ids[index[i]] names row i of the batch."""
     import torch
     bad = ~(np.isfinite(logits) & np.isfinite(embs).all(1))
-    if bad.any():
+    if bad.any() and lenient:
+        log(f"warning: {what or 'prediction'}: the model's output for {bad.sum()} tile(s) that decode is not finite, "
+            f"in float32 too: scored without image features (NaN): {', '.join(ids[i] for i in index[bad][:5])}")
+        embs[bad], logits[bad] = np.nan, np.nan
+    elif bad.any():
         first = np.flatnonzero(bad)[0]
         fp16 = (": retrain with a lower --lr, or score on a GPU with bf16 (compute capability 8.0 and up)"
                 if dtype == torch.float16 else "")
@@ -1292,24 +1400,38 @@ def check_finite_outputs(embs, logits, ids, index, dtype, what):
                         f"overflows{fp16}")
 
 
-def predict(model, loader, out_size, mean, std, device, dtype, progress=""):
+def score_batch(model, x, device, dtype, ids, index):
+    """Embeddings and logits of one prepared batch (the tiles ids[index]), as float32 NumPy arrays."""
+    import torch
+    with torch.no_grad(), autocast(device, dtype):
+        f, z = forward_features_and_logit(model, x)
+    f, z = f.float().cpu().numpy(), z.float().cpu().numpy()
+    z[forced_nonfinite(ids, index, dtype is not None)] = np.inf
+    return f, z
+
+
+def predict(model, loader, out_size, mean, std, device, dtype, progress="", lenient=False):
     """Embeddings (N, D) and logits (N,) of every image of the loader, in its order; NaN for a tile
-    that cannot be decoded (whether any of the split decodes is check_a_tile_decodes's to say)."""
+    that cannot be decoded (whether any of the split decodes is check_a_tile_decodes's to say). A
+    tile whose output in reduced precision is not finite (an fp16 overflow) is scored again in
+    float32; one still not finite is an error, or with `lenient` (a submission) NaN and a warning."""
     import torch
     model.eval()
     n = len(loader.sampler)
     embs, logits = np.full((n, model.num_features), np.nan, np.float32), np.full(n, np.nan, np.float32)
-    seen, t0 = 0, time.time()
+    seen, t0, ids = 0, time.time(), loader.dataset.ids
     for batch, (canvas, sizes, _, index) in enumerate(loader):
         (canvas, sizes, index), broken = split_broken(canvas, sizes, index)
         rows = np.arange(seen, seen + len(broken))[~broken.numpy()]
         seen += len(broken)
         if len(rows):
+            index = index.numpy()
             x = prepare_batch(canvas, sizes, out_size, mean, std, device)
-            with torch.no_grad(), autocast(device, dtype):
-                f, z = forward_features_and_logit(model, x)
-            f, z = f.float().cpu().numpy(), z.float().cpu().numpy()
-            check_finite_outputs(f, z, loader.dataset.ids, index, dtype, progress)
+            f, z = score_batch(model, x, device, dtype, ids, index)
+            bad = ~(np.isfinite(z) & np.isfinite(f).all(1))
+            if bad.any() and dtype is not None:
+                f[bad], z[bad] = score_batch(model, x[torch.from_numpy(bad).to(device)], device, None, ids, index[bad])
+            check_finite_outputs(f, z, ids, index, dtype, progress, lenient)
             embs[rows], logits[rows] = f, z
         if progress and ((batch + 1) % 50 == 0 or seen == n):
             log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")

@@ -96,7 +96,8 @@ def embed(args, model, images, rows, device, dtype, what):
     mean, std = normalization(model)
     loader = image_loader(images, np.array_split(rows, world)[rank], args.batch_size, args.workers)
     emb, logit = predict(model, loader, MODEL_CONFIGS[args.arch]["img_size"], mean, std, device, dtype,
-                         progress=f"{args.arch} {what}" + (f", process {rank}" if world > 1 else ""))
+                         progress=f"{args.arch} {what}" + (f", process {rank}" if world > 1 else ""),
+                         lenient=args.predict_only)
     if world > 1:
         shard = os.path.join(args.work, "emb", "parts", f"{args.arch}_{what.replace(' ', '_')}_process{{}}.npz")
         atomic_write(shard.format(rank), lambda f: np.savez(f, emb=emb, logit=logit))
@@ -183,7 +184,7 @@ def fold_model_outputs(args, models_dir, images, lesions, device, dtype):
     stats = None if "train" in lesions else logit_statistics(args, models_dir, made_with, {})
     for k in scored:  # before any work: a damaged copy fails now, not after hours of scoring
         read_manifest(os.path.join(models_dir, args.arch, f"fold{k}"), f"train_backbone.py --arch {args.arch} "
-                      f"--fold {k}", files=[f"{args.checkpoint}.pt"])
+                      f"--fold {k}" + " --keep-best" * (args.checkpoint == "best"), files=[f"{args.checkpoint}.pt"])
     for k in scored:
         rows = {"test": np.arange(len(lesions["test"]["isic_id"]) if k in test_folds else 0)}
         if "train" in lesions:
@@ -217,7 +218,8 @@ def save_embeddings(args, emb, lesions, images):
     written = []
     for split, e in emb.items():
         broken_tiles(images[split], np.flatnonzero(np.isnan(e).any(axis=1)), split,
-                     "no image features: the GBDTs score them from their other features")
+                     "no image features: the GBDTs score them from their other features",
+                     "missing, or that cannot be decoded" + ", or not finite" * args.predict_only)
         written += save_array(os.path.join(args.work, "emb", f"{args.arch}_{split}.npy"), e,
                               list(lesions[split]["isic_id"]))
     log(f"{args.arch}: wrote emb/{args.arch}_{{{','.join(emb)}}}.npy")
@@ -232,8 +234,8 @@ def extract(args, device):
     images = {}
     for split, t in lesions.items():
         path = data_path(args.data, f"{split}-image.hdf5")
-        check_image_ids(path, list(t["isic_id"]))
-        images[split] = H5Images(path, t["isic_id"])
+        check_image_ids(path, list(t["isic_id"]), lenient=args.predict_only)
+        images[split] = H5Images(path, t["isic_id"], missing_ok=args.predict_only)
     if args.frozen:
         model = build_model(args.arch, args.weights, pretrained=True, drop_path=0.0).to(device).eval()
         emb = {s: embed(args, model, images[s], None, device, dtype, f"frozen {s}")[0] for s in lesions}
@@ -256,8 +258,8 @@ def main(argv=None):
     parser.add_argument("--test-models", choices=["best", "mean"], default="best",
                         help="test scores from the fold model of best validation pAUC, or the mean over all")
     parser.add_argument("--checkpoint", choices=["last", "best"], default="last",
-                        help="last: the fixed epoch count; best: the epoch of best validation pAUC, whose "
-                             "OOF scores are optimistic, having been chosen on those very rows")
+                        help="last: the fixed epoch count; best: the epoch of best validation pAUC (trained with "
+                             "--keep-best), whose OOF scores are optimistic, having been chosen on those very rows")
     parser.add_argument("--frozen", action="store_true", help="pretrained backbone, no fine-tuning")
     parser.add_argument("--weights", help="with --frozen: pretrained weights file")
     parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")

@@ -9,10 +9,12 @@ This is the one stage that parses the Kaggle CSVs: it records the lesions of eac
 work directory, where every later stage reads them.
 
 Reads:  DATA/train-metadata.csv, DATA/test-metadata.csv
-Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-grouped; checked on reruns),
+Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-grouped, or taken from the models
+        folder's copy when it has one; checked on reruns),
         WORK/test_lesions.csv (isic_id,patient_id), WORK/features/{train,test}.npy (float32) with
         {train,test}_ids.txt beside them, WORK/features/columns.txt, WORK/features/args.json,
-        WORK/models/features.json (the vocabularies, which --predict-only reads back from --models),
+        WORK/models/features.json (the vocabularies, which --predict-only reads back from --models) and
+        WORK/models/folds.csv (a copy: the folds travel with the fold models, to the next run of a notebook),
         WORK/train_diagnosis.csv (isic_id,iddx_1: for gbdt.py's training weights, never a feature),
         and last WORK/records/features.json (the digests of those files and of features.json)
 
@@ -27,10 +29,10 @@ import warnings
 
 import numpy as np
 
-from common import (CATEGORICAL, NUMERIC, SEED, STATS, DataError, add_path_flags, atomic_write, check_folds, check_ids,
-                    codes, data_path, file_digest, log, models_folder, patient_normalize, read_json, read_lesions,
-                    read_test, read_train, run_main, save_array, stage_locks, write_args, write_csv, write_json,
-                    write_record)
+from common import (CATEGORICAL, NUMERIC, SEED, STATS, DataError, add_path_flags, atomic_copy, atomic_write,
+                    check_folds, check_ids, codes, data_path, file_digest, log, models_folder, number,
+                    patient_normalize, read_json, read_lesions, read_test, read_train, run_main, save_array,
+                    stage_locks, write_args, write_csv, write_json, write_record)
 
 
 def make_folds(patient_ids, targets, n_folds=5, seed=42):
@@ -53,10 +55,14 @@ def make_folds(patient_ids, targets, n_folds=5, seed=42):
     return patient_fold[patient_codes]
 
 
-def record_folds(work, train, n_folds=5, seed=42):
-    """The folds of WORK/folds.csv, made on first use. A folds.csv made from other training data is
-    refused: reused, it could put one patient in two folds."""
-    path = os.path.join(work, "folds.csv")
+def record_folds(work, train, models_dir, n_folds=5, seed=42):
+    """The folds of WORK/folds.csv, made on first use, or copied from MODELS/folds.csv where the fold
+    models of an earlier run came with it. A folds.csv made from other training data is refused:
+    reused, it could put one patient in two folds."""
+    path, travelled = os.path.join(work, "folds.csv"), os.path.join(models_dir, "folds.csv")
+    if not os.path.exists(path) and os.path.exists(travelled):
+        atomic_copy(travelled, path)
+        log(f"{path}: the folds of {travelled}, which the fold models there were trained on")
     if not os.path.exists(path):
         folds = make_folds(train["patient_id"], train["target"], n_folds, seed)
         check_folds(path, train["target"], folds)
@@ -287,8 +293,11 @@ def make_features(args):
         tables = [("test", test)]
     else:
         train = read_train(args.data)
-        record_folds(args.work, train, seed=args.seed)
+        record_folds(args.work, train, models_folder(args), args.folds, args.seed)
         written.append(os.path.join(args.work, "folds.csv"))
+        copy = os.path.join(models_folder(args), "folds.csv")
+        if not os.path.exists(copy) or file_digest(copy) != file_digest(written[-1]):
+            atomic_copy(written[-1], copy)
         # the first-level diagnosis, for gbdt.py's training weights only: never a feature
         written.append(os.path.join(args.work, "train_diagnosis.csv"))
         write_csv(written[-1], ["isic_id", "iddx_1"], [train["isic_id"], train["iddx_1"]])
@@ -325,6 +334,8 @@ def main(argv=None):
                         help="only the test features, with the vocabularies saved in --models at training")
     parser.add_argument("--seed", type=SEED, default=42,
                         help="seed of the patient-grouped folds (used when folds.csv is made, not on reuse)")
+    parser.add_argument("--folds", type=number(int, 2, 20), default=5,
+                        help="patient-grouped folds (used when folds.csv is made, not on reuse)")
     parser.add_argument("--no-patient-norm", action="store_true", help="leave the patient-normalized features out")
     parser.add_argument("--no-context", action="store_true",
                         help="leave out the features within patient x site and patient x location")

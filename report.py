@@ -30,10 +30,10 @@ import re
 
 import numpy as np
 
-from common import (MIN_TPR, add_path_flags, atomic_write, check_ids, check_labels, check_record, file_digest, log,
-                    models_folder, open_h5, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv, read_image_bytes,
-                    read_json, read_lesions, read_preds, retrieval_sensitivity, roc_points, run_main, stage_locks,
-                    write_args)
+from common import (MIN_TPR, add_path_flags, atomic_write, check_ids, check_labels, check_record, default_data_dir,
+                    file_digest, log, models_folder, open_h5, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv,
+                    read_image_bytes, read_json, read_lesions, read_preds, retrieval_sensitivity, roc_points, run_main,
+                    stage_locks, write_args)
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
@@ -294,6 +294,7 @@ def tiles_html(h5, items, budget):
 def galleries_html(data, split, lesions, score, y, budget):
     """The tiles of one split: for train (y given), the misses, the false alarms and three patients'
     top 15; for test, three patients' top 15 (malignant ones marked where y is given)."""
+    data = data or default_data_dir()
     if not data:
         return '<p class="note">No tiles: pass --data DIR, the folder of the HDF5 files, to see the lesions.</p>'
     rank = rank_in_patient(score, lesions["patient_id"])

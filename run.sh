@@ -12,14 +12,18 @@
 #                of every model in ARCHS; "" trains nothing: fold models already in WORK/models)
 #   FINISH       0: stop after training (a training run in parts); default 1: extraction, GBDTs,
 #                ensemble, report
+#   RESUME       1: continue the folds that an earlier run left unfinished (train_backbone.py --resume)
+#   DEADLINE     start no fold or epoch that would end after this time (seconds since 1970, `date +%s`)
 #   NGPU         processes per image stage (default: the GPUs visible); above 1 they run under torchrun
-#   DEMO_ARGS, TRAIN_ARGS, EXTRACT_ARGS, GBDT_ARGS: extra options for demo.py and those stages
+#   SUBMISSION   also copy the submission here as soon as it is written, before the report
+#   DEMO_ARGS, FEATURES_ARGS, TRAIN_ARGS, EXTRACT_ARGS, GBDT_ARGS: extra options for demo.py and those stages
 #   PYTHON       the interpreter (default python)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # paths are taken from where run.sh is called, then the scripts run from their own folder
 WORK=$(realpath -m "${WORK:-work}")
 [ -n "${WEIGHTS_DIR:-}" ] && WEIGHTS_DIR=$(realpath -m "$WEIGHTS_DIR")
+[ -n "${SUBMISSION:-}" ] && SUBMISSION=$(realpath -m "$SUBMISSION")
 PREDICT=()
 if [ "${1:-}" = "--predict-only" ]; then
     PREDICT=(--predict-only --models "$(realpath -m "$2")"); shift 2
@@ -51,21 +55,22 @@ TIMES=()
 stage() {  # stage NAME COMMAND...: runs it, records its time
     local name=$1; shift
     echo "=== $name: $*"
-    local t0=$SECONDS
-    "$@"
+    local t0=$SECONDS rc=0
+    "$@" || rc=$?  # explicit: under `stage ... || ...` bash would not stop at a failure inside
     TIMES+=("$(printf '%-24s %6ds' "$name" $((SECONDS - t0)))")
+    return $rc
 }
-stage features "$PY" features.py --data "$DATA" --work "$WORK" "${PREDICT[@]}"
+stage features "$PY" features.py --data "$DATA" --work "$WORK" ${FEATURES_ARGS:-} "${PREDICT[@]}"
 if [ ${#PREDICT[@]} -eq 0 ]; then
     for spec in $TRAIN; do
         ARCH=${spec%%:*}
         W=()  # pretrained weights: WEIGHTS_DIR/ARCH.safetensors when given, else timm's local cache
         [ -n "${WEIGHTS_DIR:-}" ] && W=(--weights "$WEIGHTS_DIR/$ARCH.safetensors")
-        FOLDS=${spec#*:}
-        for FOLD in ${FOLDS//,/ }; do
-            stage "train $ARCH $FOLD" "${LAUNCH[@]}" train_backbone.py --arch "$ARCH" --fold "$FOLD" --data "$DATA" \
-                --work "$WORK" ${TRAIN_ARGS:-$DEFAULT_TRAIN} "${W[@]}"
-        done
+        [ "${RESUME:-0}" = 1 ] && W+=(--resume)
+        [ -n "${DEADLINE:-}" ] && W+=(--deadline "$DEADLINE")
+        # one process for the folds of one model: each fold's start is judged from the epochs before it
+        stage "train $ARCH ${spec#*:}" "${LAUNCH[@]}" train_backbone.py --arch "$ARCH" --fold "${spec#*:}" \
+            --data "$DATA" --work "$WORK" ${TRAIN_ARGS:-$DEFAULT_TRAIN} "${W[@]}"
     done
 fi
 if [ "${FINISH:-1}" = 1 ]; then
@@ -84,7 +89,13 @@ if [ "${FINISH:-1}" = 1 ]; then
         NAMES=$NAMES,tab_all
     fi
     stage ensemble "$PY" ensemble.py --work "$WORK" --names "$NAMES" "${PREDICT[@]}"
-    stage report "$PY" report.py --work "$WORK" --data "$DATA" "${LABELS[@]}" ${PREDICT:+--predict-only}
+    [ -n "${SUBMISSION:-}" ] && cp "$WORK/submission.csv" "$SUBMISSION"
+    if [ ${#PREDICT[@]} -eq 0 ]; then
+        stage report "$PY" report.py --work "$WORK" --data "$DATA" "${LABELS[@]}"
+    else  # the submission is complete: a failing report must not void it
+        stage report "$PY" report.py --work "$WORK" --data "$DATA" --predict-only \
+            || echo "warning: the report failed (its error is above); $WORK/submission.csv is complete"
+    fi
 fi
 echo "=== stage times"
 printf '%s\n' "${TIMES[@]}"

@@ -8,11 +8,12 @@ colour, blur, noise, a cutout that spares the tile's centre) and resizing on the
 mixed precision (bf16, or fp16 with a gradient scaler on GPUs without bf16); optionally a moving
 average of the weights (--ema), which is then what is validated and saved. Validation pAUC on the
 fold's held-out patients picks the best checkpoint. Under `torchrun --nproc_per_node=N` it trains
-with DistributedDataParallel, rank 0 writing.
+with DistributedDataParallel, rank 0 writing. With --deadline it starts no fold or epoch that would
+end after that time (a Kaggle notebook's 12 hours): the next run continues with --resume.
 
 Reads:  WORK/folds.csv (from features.py), DATA/train-image.hdf5
-Writes: WORK/models/ARCH/fold{k}/: best.pt (weights of the best epoch), last.pt (weights of the last),
-        log.csv (one row per epoch), args.json, manifest.json: what a user uploads. A fold trains in
+Writes: WORK/models/ARCH/fold{k}/: last.pt (weights of the last epoch), with --keep-best best.pt (of the
+        best), log.csv (one row per epoch), args.json, manifest.json: what a user uploads. A fold trains in
         fold{k}.partial/, whose resume.pt (weights, optimizer, scaler and average state, saved every epoch)
         --resume continues from, with the settings recorded in its args.json (others are an error), and
         which replaces fold{k}/ whole, without resume.pt, once its last epoch is done
@@ -39,7 +40,8 @@ from common import (AUGMENT_DRAWS, MODEL_CONFIGS, SEED, DataError, H5Images, add
                     atomic_write, autocast, broken_tiles, build_model, check_a_tile_decodes, check_image_ids,
                     commit_folder, data_path, finish_commit, focal_loss, image_loader, lesions_digest, log,
                     normalization, number, pauc_or_nan, positive, predict, prepare_batch, process_device, read_csv,
-                    read_json, read_lesions, run_main, split_broken, stage_locks, write_args, write_csv)
+                    read_json, read_lesions, run_main, split_broken, stage_locks, write_args, write_csv,
+                    write_dataset_metadata)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -224,7 +226,7 @@ def check_a_positive_decodes(images, rows, fold):
 # flags a resume may change: they change the speed, the paths or which folds run, not the weights it ends
 # with (resume.pt holds the weights, so the pretrained ones are not read again)
 RESUME_MAY_CHANGE = ("resume", "workers", "micro_batch", "grad_checkpointing", "fold", "data", "work", "save_weights",
-                     "weights", "no_pretrained")
+                     "weights", "no_pretrained", "deadline")
 
 
 def check_resume_settings(args, out_dir, fold):
@@ -241,9 +243,26 @@ def check_resume_settings(args, out_dir, fold):
                         "start the fold again")
 
 
-def train_fold(args, fold, train, images, device, rank, world):
+def out_of_time(args, measured, epochs, device, world):
+    """Whether `epochs` more epochs would end past --deadline, judged from the longest epoch measured
+    in this process: the first epoch of a process starts unjudged (an earlier run's times may come
+    from another machine). Every process takes the same decision: one that stopped alone would
+    leave the others waiting."""
+    if args.deadline is None:
+        return False
+    late = bool(measured) and time.time() + epochs * max(measured) > args.deadline
+    if world > 1:
+        flag = torch.tensor(float(late), device=device)
+        torch.distributed.all_reduce(flag, torch.distributed.ReduceOp.MAX)
+        late = flag.item() > 0
+    return late
+
+
+def train_fold(args, fold, train, images, device, rank, world, measured):
     """Trains fold `fold` in MODEL_DIR/fold{k}.partial (resumable), which replaces MODEL_DIR/fold{k}
-    whole, with its manifest, once the last epoch is done. Returns the best validation pAUC."""
+    whole, with its manifest, once the last epoch is done. Returns the best validation pAUC (None:
+    nothing trained, or stopped for --deadline). measured: the seconds of this process's epochs, to
+    which the fold adds its own."""
     size = MODEL_CONFIGS[args.arch]["img_size"]
     final = os.path.join(args.work, "models", args.arch, f"fold{fold}")
     out_dir = final + ".partial"
@@ -258,6 +277,11 @@ def train_fold(args, fold, train, images, device, rank, world):
     resuming = args.resume and os.path.exists(resume_path)
     if resuming:
         check_resume_settings(args, out_dir, fold)
+    # a fold starts only if all its epochs would end before --deadline; a resumed one, if its next epoch would
+    if out_of_time(args, measured, 1 if resuming else args.epochs, device, world):
+        log(f"{args.arch} fold {fold}: not {'resumed' if resuming else 'started'}: "
+            f"{'its next epoch' if resuming else f'its {args.epochs} epochs'} would end after --deadline")
+        return None
     if rank == 0 and not args.resume:
         shutil.rmtree(out_dir, ignore_errors=True)  # what a killed run left
     if rank == 0 and not resuming:  # a resume keeps the record of the run it continues
@@ -307,6 +331,10 @@ def train_fold(args, fold, train, images, device, rank, world):
         f"{f' ({world} processes of {args.batch_size // world})' if world > 1 else ''} in micro-batches of {micro}"
         f"{' with gradient checkpointing' if checkpointing else ''}, device {device}")
     for epoch in range(start, args.epochs):
+        if epoch > start and out_of_time(args, measured, 1, device, world):
+            log(f"{args.arch} fold {fold}: stopped after epoch {epoch} of {args.epochs}, as the next would end after "
+                f"--deadline: --resume continues from {resume_path}")
+            return None
         t0 = time.time()
         torch.manual_seed(args.seed * 1000 + epoch)  # drop path: the same draws after a resume
         gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
@@ -342,11 +370,13 @@ def train_fold(args, fold, train, images, device, rank, world):
         val_loss, score = validate(scored, images, val, y, loss_fn, micro, mean, std, device, dtype, args, fold,
                                    rank, world)
         if rank != 0:
+            measured.append(time.time() - t0)
             continue
         if score > best or best < 0:
             best = score
-            save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
-                                                               "val_pauc": score, "model": scored.state_dict()})
+            if args.keep_best:
+                save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
+                                                                   "val_pauc": score, "model": scored.state_dict()})
         save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
                                     "model": model.state_dict(), "optimizer": opt.state_dict(),
                                     "scaler": scaler.state_dict(), "best": best, "step": step,
@@ -354,6 +384,7 @@ def train_fold(args, fold, train, images, device, rank, world):
         row = [epoch, train_loss, val_loss, score, args.lr * factor, round(time.time() - t0, 1),
                round(len(rows) / train_s, 1)]
         write_epoch_log(os.path.join(out_dir, "log.csv"), row)
+        measured.append(time.time() - t0)
         log(f"{args.arch} fold {fold} epoch {epoch + 1}/{args.epochs}: train loss {row[1]:.4f}, val loss "
             f"{val_loss:.4f}, val pAUC {score:.4f} (best {best:.4f}), {row[6]:.0f} train images/s, {row[5]:.0f}s")
     if world > 1:
@@ -376,6 +407,7 @@ def save_weights(arch, out_dir, pretrained=True):
     path = os.path.join(out_dir, f"{arch}.safetensors")
     atomic_write(path, lambda f: f.write(data))
     log(f"wrote {path}: {MODEL_CONFIGS[arch]['model_name']}, {len(data) / 2 ** 20:.0f} MiB")
+    write_dataset_metadata(out_dir, "isic-2024-weights", "ISIC 2024 pretrained weights")
 
 
 def train(args):
@@ -389,23 +421,26 @@ def train(args):
         raise DataError(f"--batch-size {args.batch_size} does not split evenly over {world} processes: pass a "
                         f"multiple of {world}")
     known = sorted(set(train["fold"].tolist()))
-    if args.fold != "all" and (not re.fullmatch(r"\d+", args.fold) or int(args.fold) not in known):
-        raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}, "
-                        "or 'all'")
-    folds = known if args.fold == "all" else [int(args.fold)]
+    asked = args.fold.split(",")
+    if args.fold != "all" and not all(re.fullmatch(r"\d+", k) and int(k) in known for k in asked):
+        raise DataError(f"--fold {args.fold}: the folds of {args.work}/folds.csv are {known[0]} to {known[-1]}: one "
+                        "fold, several comma-separated, or 'all'")
+    folds = known if args.fold == "all" else list(dict.fromkeys(int(k) for k in asked))
+    measured = []  # the seconds of each epoch of this process: the time left for --deadline is judged from them
     for fold in folds:  # before any fold trains: not after hours of training the others
         check_a_positive_decodes(images, np.flatnonzero(train["fold"] != fold), fold)
     for fold in folds:
         locks = stage_locks(args, [f"image-{args.arch}-fold{fold}"], ["features", f"image-{args.arch}"])
         with locks if rank == 0 else contextlib.nullcontext():
             try:
-                best = train_fold(args, fold, train, images, device, rank, world)
+                best = train_fold(args, fold, train, images, device, rank, world, measured)
             except torch.cuda.OutOfMemoryError:
                 raise DataError(f"{device}: out of GPU memory training {args.arch}: pass a smaller --micro-batch, "
                                 "or --grad-checkpointing") from None
         if rank == 0 and best is not None:
             log(f"{args.arch} fold {fold}: best validation pAUC {best:.4f}")
     if world > 1:
+        torch.distributed.barrier()  # right after a collective, gloo could abort a process at destroy
         torch.distributed.destroy_process_group()
 
 
@@ -413,7 +448,8 @@ def build_parser():
     """The flags; bench.py projects the GPU time of their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, choices=sorted(MODEL_CONFIGS))
-    parser.add_argument("--fold", default="all", help="a fold number, or 'all' for every fold in turn")
+    parser.add_argument("--fold", default="all",
+                        help="a fold number, several comma-separated (0,2,3), or 'all': each in turn")
     add_path_flags(parser, models=False)
     parser.add_argument("--weights", help="pretrained weights file (.safetensors or .pth)")
     parser.add_argument("--no-pretrained", action="store_true", help="random initialization")
@@ -448,6 +484,13 @@ def build_parser():
     parser.add_argument("--workers", type=number(int, 0), default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     parser.add_argument("--resume", action="store_true", help="continue from the resume.pt of fold{k}.partial/")
+    parser.add_argument("--deadline", type=positive(float), metavar="UNIX_TIME",
+                        help="start no fold, and no epoch of a resumed or started one, that would end after this "
+                             "time (seconds since 1970, as `date +%%s` prints), judged from the longest epoch "
+                             "measured; the fold's resume.pt stays for --resume")
+    parser.add_argument("--keep-best", action="store_true",
+                        help="also keep best.pt, the weights of the epoch with the best validation pAUC (extract.py "
+                             "--checkpoint best): as large again as last.pt, in every upload")
     parser.add_argument("--seed", type=SEED, default=42)
     parser.add_argument("--save-weights", metavar="DIR",
                         help="only write DIR/ARCH.safetensors, timm's pretrained weights (run with internet and "
