@@ -335,7 +335,7 @@ def counted(arch):
 # 70 W card; training at three times the forward's FLOPs)
 T4_PEAK, T4_COUNT, SHARES = 65.0, 2, (0.10, 0.25)
 KAGGLE_CORES, DECODES_PER_CORE = 4, 7100  # a Kaggle notebook's CPU cores; JPEG decodes a second on one core
-GBDT_TRAIN_S = 233  # gbdt.py at 400,000 rows, default settings: `python bench.py --gbdt-rows 400000` on 2 idle cores
+GBDT_TRAIN_S = 190  # gbdt.py at 400,000 rows, default settings: `python bench.py --gbdt-rows 400000` on 2 idle cores
 
 
 def memory_figures(archs, costs):
