@@ -2488,9 +2488,10 @@ def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninte
 
 @slow
 def test_a_hidden_test_set_with_odd_and_broken_lesions_gets_a_full_submission(demo, trained, tmp_path, monkeypatch):
-    """The submission notebook in a real kernel, its inputs found under a 2026-layout input folder,
-    extraction on two processes (torchrun, as on two T4s), on a hidden-like test set: patients never
-    seen in train, a one-lesion patient, an unseen body site, missing values, an image the metadata
+    """The submission notebook in a real kernel, its inputs found under an input folder in Kaggle's
+    older layout (the training notebook's test has the 2026 one), extraction on two processes
+    (torchrun, as on two T4s), on a hidden-like test set: patients never seen in train, a one-lesion
+    patient, an unseen body site, missing values, a lesion without an image, an image the metadata
     does not list, a tile that cannot be decoded, one whose output is not finite even in float32,
     and a report that fails. Every lesion gets a finite score, in metadata order, and each problem
     one warning line."""
@@ -2499,7 +2500,7 @@ def test_a_hidden_test_set_with_odd_and_broken_lesions_gets_a_full_submission(de
         gbdt.main(["--work", work, "--name", name, "--rounds", "10", "--bags", "1"] + image)
     ensemble.main(["--work", work, "--names", "tabular,tab_convnext_atto"])
     root = str(tmp_path / "input")
-    data, _, _ = kaggle_inputs(root, "2026", demo, archs=(), models=(os.path.join(work, "models"), "models"))
+    data, _, _ = kaggle_inputs(root, "old", demo, archs=(), models=(os.path.join(work, "models"), "models"))
     path = os.path.join(data, "test-metadata.csv")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
@@ -2508,7 +2509,9 @@ def test_a_hidden_test_set_with_odd_and_broken_lesions_gets_a_full_submission(de
     alone[col["isic_id"]], alone[col["patient_id"]] = "ISIC_9000001", "IP_9000001"
     rows[2][col["anatom_site_general"]] = "left little toe"  # a body site train never had
     rows[3][col["age_approx"]] = rows[3][col["clin_size_long_diam_mm"]] = ""  # missing values
-    rows.append(alone)
+    imageless = list(rows[1])  # a lesion whose image the file lacks
+    imageless[col["isic_id"]], imageless[col["patient_id"]] = "ISIC_9000002", "IP_9000002"
+    rows += [alone, imageless]
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     ids = [r[0] for r in rows[1:]]
@@ -2529,8 +2532,9 @@ def test_a_hidden_test_set_with_odd_and_broken_lesions_gets_a_full_submission(de
     assert f"found the competition's files ({', '.join(common.DATA_FILES)}) in {data}" in out
     assert "torch.distributed.run --standalone --nproc_per_node=2 extract.py" in out
     for problem in ("1 image(s) whose isic_id is not in the metadata, ignored: ISIC_9999999",
+                    "no image for 1 isic_id(s) of the metadata (scored without image features): ISIC_9000002",
                     f"missing, or that cannot be decoded, or not finite (no image features: the GBDTs score them "
-                    f"from their other features): {ids[4]}, {ids[5]}", f"float32 too: scored without image features "
+                    f"from their other features): {ids[4]}, {ids[5]}, ISIC_9000002", f"float32 too: scored without image features "
                     f"(NaN): {ids[5]}", "test anatom_site_general: 1 value(s) never seen in train",
                     "warning: the report failed"):
         assert problem in out, (problem, out[-4000:])
