@@ -2325,7 +2325,27 @@ def test_run_sh_takes_relative_paths_with_spaces_from_anywhere(demo, tmp_path):
     assert not os.path.exists(os.path.join(HERE, "my work"))
 
 
-def run_notebook(path, cwd, **overrides):
+def read_only_kernel(folder, tmp, monkeypatch):
+    """The name of a kernel spec (under tmp, put on JUPYTER_PATH) whose kernel, and everything it
+    starts, sees `folder` mounted read-only, as Kaggle mounts its inputs; None where this machine
+    cannot make a private mount (no `unshare -m`)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {folder} {folder} && "
+                            f"mount -o remount,bind,ro {folder} {folder} && ! touch {folder}/.probe"],
+                           capture_output=True)
+    if probe.returncode:
+        return None
+    spec = os.path.join(tmp, "kernels", "read_only_input")
+    os.makedirs(spec, exist_ok=True)
+    command = (f'mount --bind {folder} {folder} && mount -o remount,bind,ro {folder} {folder} && '
+               f'exec {sys.executable} -m ipykernel_launcher -f "$0"')
+    with open(os.path.join(spec, "kernel.json"), "w") as f:
+        json.dump({"argv": ["unshare", "-m", "sh", "-c", command, "{connection_file}"], "language": "python",
+                   "display_name": "Python 3, read-only input"}, f)
+    monkeypatch.setenv("JUPYTER_PATH", tmp)
+    return "read_only_input"
+
+
+def run_notebook(path, cwd, kernel_name="python3", **overrides):
     """Executes a generated notebook top to bottom in a real IPython kernel, as Kaggle's "Save & Run
     All" does, with `overrides` set after its settings cell (as papermill injects them)."""
     nb = nbformat.read(path, as_version=4)
@@ -2334,7 +2354,7 @@ def run_notebook(path, cwd, **overrides):
     assert at == 2  # the start time, then the settings
     nb.cells[at].source += "".join(f"\n{k} = {v!r}" for k, v in overrides.items())
     os.makedirs(cwd, exist_ok=True)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}})
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name=kernel_name, resources={"metadata": {"path": cwd}})
     try:
         client.execute()
     finally:  # what the cells printed, for the message of a failing test
@@ -2436,7 +2456,7 @@ def test_the_projected_notebook_runs_start_no_fold_past_the_budget():
 
 
 @slow
-def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninterrupted_run(tmp_path):
+def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninterrupted_run(tmp_path, monkeypatch):
     """The demo training notebook in a real kernel, run after run on 3 folds with no time to spare
     (each run trains one fold: its first epoch, unmeasured, is the one it may start), each reading
     the previous run's models through a models dataset in the 2026 layout, left unchanged; its
@@ -2452,17 +2472,18 @@ def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninte
     assert "found no models dataset: a first run" in out and "done: every fold model" in out
     root = str(tmp_path / "input")
     dataset = os.path.join(root, "datasets", "me", "isic-2024-models")
+    os.makedirs(dataset)
+    read_only = read_only_kernel(root, str(tmp_path / "jupyter"), monkeypatch) or "python3"  # else the digests below
     outputs = []
     for run in range(1, 4):
         kernel = tmp_path / f"run{run}"  # each run starts in an empty working folder, as on Kaggle
-        before = tree_digest(root) if os.path.isdir(root) else {}
-        out = run_notebook(train_nb, str(kernel), INPUT=root, BUDGET_HOURS=0.0, **settings)
-        if before:
-            assert tree_digest(root) == before  # the input is read, never written
+        before = tree_digest(root)
+        out = run_notebook(train_nb, str(kernel), read_only, INPUT=root, BUDGET_HOURS=0.0, **settings)
+        assert tree_digest(root) == before  # the input is read, never written
         found = f"found {run - 1} of 3 fold models in {dataset}" if run > 1 else "found no models dataset"
         assert found in out, out[-3000:]
         outputs.append(out)
-        shutil.rmtree(dataset, ignore_errors=True)  # the models folder becomes the dataset's new version
+        shutil.rmtree(dataset)  # the models folder becomes the dataset's new version
         shutil.copytree(kernel / "work" / "models", dataset)
     assert "1 of 3 fold models are in" in outputs[0] and "convnext_atto fold 2: not started" in outputs[1]
     assert "train_backbone.py --arch convnext_atto --fold 1,2 " in outputs[1] and "--resume --deadline" in outputs[1]
@@ -2534,8 +2555,9 @@ def test_a_hidden_test_set_with_odd_and_broken_lesions_gets_a_full_submission(de
     for problem in ("1 image(s) whose isic_id is not in the metadata, ignored: ISIC_9999999",
                     "no image for 1 isic_id(s) of the metadata (scored without image features): ISIC_9000002",
                     f"missing, or that cannot be decoded, or not finite (no image features: the GBDTs score them "
-                    f"from their other features): {ids[4]}, {ids[5]}, ISIC_9000002", f"float32 too: scored without image features "
-                    f"(NaN): {ids[5]}", "test anatom_site_general: 1 value(s) never seen in train",
+                    f"from their other features): {ids[4]}, {ids[5]}, ISIC_9000002",
+                    f"float32 too: scored without image features (NaN): {ids[5]}",
+                    "test anatom_site_general: 1 value(s) never seen in train",
                     "warning: the report failed"):
         assert problem in out, (problem, out[-4000:])
     with open(kernel / "submission.csv") as f:
