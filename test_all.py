@@ -2329,6 +2329,8 @@ def read_only_kernel(folder, tmp, monkeypatch):
     """The name of a kernel spec (under tmp, put on JUPYTER_PATH) whose kernel, and everything it
     starts, sees `folder` mounted read-only, as Kaggle mounts its inputs; None where this machine
     cannot make a private mount (no `unshare -m`)."""
+    if shutil.which("unshare") is None:
+        return None
     probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind {folder} {folder} && "
                             f"mount -o remount,bind,ro {folder} {folder} && ! touch {folder}/.probe"],
                            capture_output=True)
