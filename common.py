@@ -120,6 +120,33 @@ def positive(kind):
 
 SEED = number(int, 0, 2 ** 30)  # NumPy refuses a negative seed; LightGBM's (seed + fold and bag) is a C int
 
+# the names that other stages' outputs already take, in WORK/models, WORK/preds and WORK/records:
+# the image models keep their --arch name (models/ARCH/) and extract.py writes img_ARCH; features.py
+# and ensemble.py write under their own names
+TAKEN_NAMES = ("features", "ensemble")
+
+
+def gbdt_name(text):
+    """An argparse type: the name of a GBDT model, a plain word (letters, digits, _ and -) that no
+    other stage's outputs take: models/NAME/, preds/NAME_*.csv and records/NAME.json are its own."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a GBDT name is a plain word of letters, digits, _ and - "
+                                         "(64 at most), as the names of its files are")
+    taken = ("an image model's --arch name (its fold models are models/ARCH/)" if text in MODEL_CONFIGS
+             else "extract.py's name for an image model's scores" if text.startswith("img_")
+             else f"{text}.py's name for its outputs" if text in TAKEN_NAMES else None)
+    if taken:
+        raise argparse.ArgumentTypeError(f"{text!r} is {taken}: choose another name")
+    return text
+
+
+def gbdt_names(text):
+    """An argparse type: distinct GBDT names, comma-separated."""
+    names = [gbdt_name(n) for n in text.split(",")]
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a name twice")
+    return names
+
 
 # ---------------------------------------------------------------- atomic writes, id-checked arrays
 

@@ -30,9 +30,9 @@ import sys
 
 import numpy as np
 
-from common import (DataError, add_path_flags, file_digest, log, models_folder, pauc, rank01, rank_in_patient,
-                    read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks, write_args, write_csv,
-                    write_json, write_preds, write_record)
+from common import (DataError, add_path_flags, file_digest, gbdt_names, log, models_folder, pauc, rank01,
+                    rank_in_patient, read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks,
+                    write_args, write_csv, write_json, write_preds, write_record)
 
 
 def rank_average(preds, weights):
@@ -113,7 +113,7 @@ def ensemble(args):
     models_dir = models_folder(args)
     spec_path = os.path.join(models_dir, "ensemble.json")
     test = read_lesions(args.work, "test")
-    names = args.names.split(",") if args.names else None
+    names = args.names
     if args.predict_only:
         names, weights, members = read_ensemble_spec(models_dir, names)
     names = names or sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
@@ -177,8 +177,9 @@ def blend_joined(argv):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_path_flags(parser)
-    parser.add_argument("--names", help="comma-separated model names in preds/; default: every model there "
-                        "except the image models (img_*), which the GBDTs already use")
+    parser.add_argument("--names", type=gbdt_names,
+                        help="comma-separated GBDT names (gbdt.py --name); default: every model in preds/ except "
+                             "the image models (img_*), which the GBDTs already use")
     parser.add_argument("--blend", default="oof",
                         help="oof: chosen on the out-of-fold predictions (a grid of tenths); equal; or one number "
                              "a model, in --names order")

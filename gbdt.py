@@ -26,7 +26,7 @@ import lightgbm as lgb
 import numpy as np
 
 from common import (SEED, DataError, add_path_flags, atomic_write, check_ids, check_record, codes, commit_folder,
-                    file_digest, finish_commit, lesions_digest, load_array, log, models_folder, number,
+                    file_digest, finish_commit, gbdt_name, lesions_digest, load_array, log, models_folder, number,
                     patient_normalize, pauc, pauc_or_nan, positive, read_csv, read_lesions, read_manifest, read_preds,
                     run_main, stage_locks, write_args, write_csv, write_preds, write_record)
 from features import CONTEXT, CONTEXT_STATS, group_normalize
@@ -212,7 +212,9 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_path_flags(parser)
-    parser.add_argument("--name", default="tabular", help="names the outputs: preds/NAME_oof.csv, ...")
+    parser.add_argument("--name", type=gbdt_name, default="tabular",
+                        help="names the outputs: models/NAME/, preds/NAME_oof.csv, ... (not an image model's name, "
+                             "img_*, features or ensemble)")
     parser.add_argument("--image", type=arch_list, default=[],
                         help="image models' --arch names, comma-separated: add their scores (preds/img_ARCH_*.csv)")
     parser.add_argument("--embeddings", type=arch_list, default=[],

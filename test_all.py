@@ -1849,6 +1849,36 @@ def test_numeric_options_out_of_range_are_refused_naming_the_range(tmp_path, cap
     assert not os.path.exists(tmp_path / "work")
 
 
+@pytest.mark.parametrize("script, args, match", [
+    (gbdt, ["--name", "convnext_atto"], "'convnext_atto' is an image model's --arch name"),
+    (gbdt, ["--name", "eva02_base", "--image", "convnext_atto"], "'eva02_base' is an image model's --arch name"),
+    (gbdt, ["--name", "img_convnext_atto"], "'img_convnext_atto' is extract.py's name for an image model's scores"),
+    (gbdt, ["--name", "ensemble"], "'ensemble' is ensemble.py's name for its outputs"),
+    (gbdt, ["--name", "features"], "'features' is features.py's name for its outputs"),
+    (gbdt, ["--name", ""], "'': a GBDT name is a plain word"),
+    (gbdt, ["--name", "."], "'.': a GBDT name is a plain word"),
+    (gbdt, ["--name", ".."], "'..': a GBDT name is a plain word"),
+    (gbdt, ["--name", "a/b"], "'a/b': a GBDT name is a plain word"),
+    (gbdt, ["--name", "x" * 65], "a GBDT name is a plain word of letters, digits, _ and -"),
+    (ensemble, ["--names", "tabular,img_convnext_atto"], "'img_convnext_atto' is extract.py's name"),
+    (ensemble, ["--names", "tabular,tabular"], "'tabular,tabular': a name twice"),
+])
+def test_a_model_name_that_another_stage_owns_is_refused_before_any_work(tmp_path, capsys, script, args, match):
+    """GBDT names, image models' names, img_ARCH, features and ensemble share models/, preds/ and
+    records/: a GBDT name that would write over another stage's outputs (or outside them) is refused
+    when the arguments are parsed, and every output stays as it was."""
+    work = tmp_path / "work"
+    for path in ("models/convnext_atto/fold0/last.pt", "models/ensemble.json", "models/features.json",
+                 "models/tabular/manifest.json", "preds/img_convnext_atto_oof.csv", "preds/ensemble_test.csv",
+                 "records/features.json", "records/img_convnext_atto.json", "records/ensemble.json"):
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        (work / path).write_text(path)
+    before = tree_digest(work)
+    err = stage_error(capsys, script.main, ["--work", str(work)] + args).strip().splitlines()[-1]  # after the usage
+    assert "error: argument --name" in err and match in err, err
+    assert tree_digest(work) == before
+
+
 @slow
 @pytest.mark.parametrize("name, how, match", [
     ("train.npy", "truncate", r"train.npy: damaged \(Failed to read all data.*\): run features.py$"),
