@@ -1025,19 +1025,18 @@ def test_training_writes_checkpoint_and_log_and_resume_after_kill_matches(demo, 
     """With --ema, so that the average saved as the fold model must resume where it was too."""
     args = ["--arch", "convnext_atto", "--fold", "1", "--data", demo, "--ema", "0.9", "--keep-best"] + tiny_train(2)
     straight, killed = copy_work(demo_work, tmp_path / "straight"), copy_work(demo_work, tmp_path / "killed")
-    train_backbone.main(args + ["--work", straight])
+    points = points_of(lambda: train_backbone.main(args + ["--work", straight]))
     log_rows = read_log(os.path.join(straight, "models", "convnext_atto", "fold1", "log.csv"))
     assert [int(r["epoch"]) for r in log_rows] == [0, 1]
     assert all(0 <= float(r["val_pauc"]) <= 0.2 for r in log_rows)
-    # the same run, killed (SIGKILL) once its first epoch is logged, then resumed
+    # the same run killed (as SIGKILL would) right after its first resume state is in place, then resumed:
+    # the epoch's log row was written before it, so the resumed log is whole
+    saved_at = next(i for i, p in enumerate(points, 1) if p == "renaming it to " + os.path.join(
+        straight, "models", "convnext_atto", "fold1.partial", "resume.pt"))
     log_path = os.path.join(killed, "models", "convnext_atto", "fold1.partial", "log.csv")
-    proc = subprocess.Popen([sys.executable, "train_backbone.py"] + args + ["--work", killed], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (os.path.exists(log_path) and len(read_log(log_path)) >= 1) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    r = subprocess.run([sys.executable, "train_backbone.py"] + args + ["--work", killed], cwd=HERE, timeout=600,
+                       capture_output=True, text=True, env={**os.environ, common.KILL_AT: str(saved_at)})
+    assert r.returncode == 137, r.stderr[-2000:]
     # what the killed run left: the epoch's average saved as best.pt, and in resume.pt beside the weights
     saved = [torch.load(os.path.join(os.path.dirname(log_path), f), weights_only=False)
              for f in ("resume.pt", "best.pt")]
@@ -1088,12 +1087,34 @@ def test_a_run_stopped_by_its_deadline_resumes_with_the_settings_it_began(demo, 
     assert f"{resume_pt}: damaged (" in err and "run without --resume to start the fold again" in err, err
     with open(resume_pt, "wb") as f:
         f.write(saved)
+    # another fold's resume state (with its args.json), or a loadable file that is no resume state
+    other = os.path.join(work, "models", "convnext_atto", "fold2.partial")
+    shutil.copytree(partial, other)
+    err = one_error_line(stage_error(capsys, train_backbone.main, args[:3] + ["2"] + args[4:] + ["--resume"]))
+    assert f"{other}/resume.pt: the resume state of another run (fold 1), not of convnext_atto fold 2" in err, err
+    shutil.rmtree(other)
+    torch.save({"model": {}, "epoch": 0}, resume_pt)
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume"]))
+    assert f"{resume_pt}: not a resume state of train_backbone.py" in err, err
+    with open(resume_pt, "wb") as f:
+        f.write(saved)
     train_backbone.main(args + ["--resume", "--micro-batch", "4"])
     assert "resuming after epoch 0" in capsys.readouterr().out
     fold = os.path.join(work, "models", "convnext_atto", "fold1")
     assert [r["epoch"] for r in read_log(os.path.join(fold, "log.csv"))] == ["0", "1"]
     with open(os.path.join(fold, "args.json"), "rb") as f:
         assert f.read() == recorded
+    # a committed fold is kept under --resume only with the settings and folds it was trained with
+    train_backbone.main(args + ["--resume", "--workers", "1"])
+    assert "fold 1: already trained" in capsys.readouterr().out
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume", "--lr", "1e-4"]))
+    assert f"{fold}: trained with other settings than these (--lr 0.0003 -> 0.0001): run without --resume" in err
+    swap = {"3": "4", "4": "3"}  # other folds, still grouped by patient
+    rewrite_csv(os.path.join(work, "folds.csv"), lambda rows: rows[:1] + [r[:3] + [swap.get(r[3], r[3])] for r in rows[1:]])
+    common.write_record(work, "features", [os.path.join(work, "folds.csv")])
+    err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume"]))
+    assert f"{fold}: trained with other settings than these (the folds of {work}/folds.csv)" in err, err
+    assert file_bytes(os.path.join(fold, "last.pt")) and os.path.exists(os.path.join(fold, "manifest.json"))
 
 
 def test_micro_batches_give_the_whole_batch_gradient():
@@ -2813,7 +2834,7 @@ def test_a_fold_commit_killed_at_any_point(demo, demo_work, tmp_path):
     probe = copy_work(demo_work, tmp_path / "probe")
     points = points_of(lambda: train_backbone.main(train + ["--work", probe, "--seed", "7"]))
     epoch_end = max(i for i, p in enumerate(points, 1) if p.endswith("renaming it to " + os.path.join(
-        probe, "models", "convnext_atto", "fold0.partial", "log.csv")))
+        probe, "models", "convnext_atto", "fold0.partial", "resume.pt")))
     assert killed_at(epoch_end, lambda: train_backbone.main(train + ["--work", base, "--seed", "7"]))
 
     def next_stage(work):  # the fold model as extract.py reads it

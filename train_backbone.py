@@ -229,18 +229,59 @@ RESUME_MAY_CHANGE = ("resume", "workers", "micro_batch", "grad_checkpointing", "
                      "weights", "no_pretrained", "deadline")
 
 
+def weight_settings(args):
+    """The settings that decide a fold's weights (all but RESUME_MAY_CHANGE)."""
+    return {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
+
+
+def settings_differ(args, recorded):
+    """The settings, as "--flag recorded -> now", that differ from a recorded run's."""
+    return [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}" for k, v in weight_settings(args).items()
+            if recorded.get(k) != v]
+
+
 def check_resume_settings(args, out_dir, fold):
     """A resumed fold continues with the settings its interrupted run recorded in args.json, never
     a mix of two runs' settings."""
     path = os.path.join(out_dir, "args.json")
     recorded = read_json(path, f"train_backbone.py --arch {args.arch} --fold {fold} without --resume (to start the "
                          "fold again)", keys=("args",))["args"]
-    differ = [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}" for k, v in vars(args).items()
-              if k not in RESUME_MAY_CHANGE and recorded.get(k) != v]
+    differ = settings_differ(args, recorded)
     if differ:
         raise DataError(f"{path}: the interrupted run of fold {fold} was started with other settings "
                         f"({', '.join(differ)}): resume with the recorded settings, or run without --resume to "
                         "start the fold again")
+
+
+def check_committed_fold(args, final, fold):
+    """Under --resume a committed fold is kept only if it was trained with these settings on these
+    folds; else the run stops, naming the fold and what differs."""
+    again = f"run without --resume to train fold {fold} again with these settings, or resume with its own"
+    recorded = read_json(os.path.join(final, "args.json"), again, keys=("args",))["args"]
+    differ = settings_differ(args, recorded)
+    if read_json(os.path.join(final, "manifest.json"), again).get("lesions") != lesions_digest(args.work):
+        differ.append(f"the folds of {args.work}/folds.csv")
+    if differ:
+        raise DataError(f"{final}: trained with other settings than these ({', '.join(differ)}): {again}")
+
+
+def load_resume_state(args, resume_path, fold):
+    """resume.pt, checked to be this architecture's, fold's, settings' and folds' resume state."""
+    again = "run without --resume to start the fold again"
+    try:  # to the CPU: a GPU out of memory here is not a damaged file
+        ck = torch.load(resume_path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise DataError(f"{resume_path}: damaged ({str(e).splitlines()[0]}): {again}") from None
+    keys = ("arch", "fold", "settings", "lesions", "epoch", "best", "step", "val_pauc", "model", "optimizer", "scaler")
+    if not isinstance(ck, dict) or any(k not in ck for k in keys):
+        raise DataError(f"{resume_path}: not a resume state of train_backbone.py (keys {', '.join(keys)}): {again}")
+    differ = ([f"--arch {ck['arch']}"] * (ck["arch"] != args.arch) + [f"fold {ck['fold']}"] * (ck["fold"] != fold)
+              + [f"the folds of another folds.csv"] * (ck["lesions"] != lesions_digest(args.work))
+              + settings_differ(args, ck["settings"]))
+    if differ:
+        raise DataError(f"{resume_path}: the resume state of another run ({', '.join(differ)}), not of "
+                        f"{args.arch} fold {fold} with these settings: {again}")
+    return ck
 
 
 def out_of_time(args, measured, epochs, device, world):
@@ -272,7 +313,8 @@ def train_fold(args, fold, train, images, device, rank, world, measured):
     if world > 1:
         torch.distributed.barrier()  # every process decides on the folder as process 0 left it
     if args.resume and not os.path.exists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
-        log(f"{args.arch} fold {fold}: already trained ({final}); nothing to resume")
+        check_committed_fold(args, final, fold)
+        log(f"{args.arch} fold {fold}: already trained ({final}), with these settings; nothing to resume")
         return None
     resuming = args.resume and os.path.exists(resume_path)
     if resuming:
@@ -312,18 +354,16 @@ def train_fold(args, fold, train, images, device, rank, world, measured):
     total, warmup = args.epochs * steps_per_epoch, int(args.warmup_epochs * steps_per_epoch)
     start, best, step, score, skipped_in_row = 0, -1.0, 0, float("nan"), 0
     if resuming:
-        try:  # to the CPU: a GPU out of memory here is not a damaged file
-            ck = torch.load(resume_path, map_location="cpu", weights_only=False)
-        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            raise DataError(f"{resume_path}: damaged ({str(e).splitlines()[0]}): run without --resume to start the "
-                            "fold again") from None
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        if args.ema:
-            if "ema" not in ck:
-                raise DataError(f"{resume_path}: saved by a run without --ema: resume without it, or start again")
-            ema.load_state_dict(ck["ema"])
+        ck = load_resume_state(args, resume_path, fold)
+        try:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            scaler.load_state_dict(ck["scaler"])
+            if args.ema:
+                ema.load_state_dict(ck["ema"])
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{resume_path}: does not fit {args.arch} ({str(e).splitlines()[0][:200]}): run without "
+                            "--resume to start the fold again") from None
         start, best, step, score = ck["epoch"] + 1, ck["best"], ck["step"], ck["val_pauc"]
         log(f"{args.arch} fold {fold}: resuming after epoch {ck['epoch']} (best pAUC {best:.4f})")
     log(f"{args.arch} fold {fold}: {len(trn)} training rows ({y[trn].sum()} positives), {len(val)} validation "
@@ -377,13 +417,15 @@ def train_fold(args, fold, train, images, device, rank, world, measured):
             if args.keep_best:
                 save_checkpoint(os.path.join(out_dir, "best.pt"), {"arch": args.arch, "fold": fold, "epoch": epoch,
                                                                    "val_pauc": score, "model": scored.state_dict()})
-        save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "epoch": epoch, "val_pauc": score,
-                                    "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                    "scaler": scaler.state_dict(), "best": best, "step": step,
-                                    **({"ema": ema.state_dict()} if args.ema else {})})
         row = [epoch, train_loss, val_loss, score, args.lr * factor, round(time.time() - t0, 1),
                round(len(rows) / train_s, 1)]
+        # the log row before the resume state: a kill between them redoes the epoch and rewrites its row
         write_epoch_log(os.path.join(out_dir, "log.csv"), row)
+        save_checkpoint(resume_path, {"arch": args.arch, "fold": fold, "settings": weight_settings(args),
+                                      "lesions": lesions_digest(args.work), "epoch": epoch, "val_pauc": score,
+                                      "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                      "scaler": scaler.state_dict(), "best": best, "step": step,
+                                      **({"ema": ema.state_dict()} if args.ema else {})})
         measured.append(time.time() - t0)
         log(f"{args.arch} fold {fold} epoch {epoch + 1}/{args.epochs}: train loss {row[1]:.4f}, val loss "
             f"{val_loss:.4f}, val pAUC {score:.4f} (best {best:.4f}), {row[6]:.0f} train images/s, {row[5]:.0f}s")
