@@ -108,19 +108,28 @@ def read_ensemble_spec(models_dir, names):
     return spec["names"], np.array(spec["weights"]), spec["members"]
 
 
+def member_names(args):
+    """The GBDTs the ensemble reads: --names; else with --predict-only those of ensemble.json; else
+    every model in preds/ but the image models."""
+    if args.names or args.predict_only:
+        return args.names or read_json(os.path.join(models_folder(args), "ensemble.json"),
+                                       "ensemble.py on the training data", ("names",))["names"]
+    names = sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
+                   if not os.path.basename(p).startswith(("img_", "ensemble_")))
+    if not names:
+        raise DataError(f"{args.work}/preds: no model predictions found (run gbdt.py first)")
+    return names
+
+
 def ensemble(args):
     """The stage's work: read and check every input, then write the submission."""
     models_dir = models_folder(args)
     spec_path = os.path.join(models_dir, "ensemble.json")
     test = read_lesions(args.work, "test")
-    names = args.names
+    names = member_names(args)
     if args.predict_only:
         names, weights, members = read_ensemble_spec(models_dir, names)
-    names = names or sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
-                            if not os.path.basename(p).startswith(("img_", "ensemble_")))
-    if not names:
-        raise DataError(f"{args.work}/preds: no model predictions found (run gbdt.py first)")
-    if not args.predict_only:
+    else:
         members = member_digests(models_dir, names)
     # every input is read and checked before anything is written
     tst = [model_preds(args.work, n, "test", test["isic_id"], members[n]) for n in names]
@@ -186,7 +195,8 @@ def main(argv=None):
     parser.add_argument("--predict-only", action="store_true",
                         help="only the submission, with the models and weights of --models/ensemble.json")
     args = parser.parse_args(blend_joined(argv))
-    with stage_locks(args, ["ensemble"]):
+    # no GBDT that it reads is rewritten while it reads (a rerun stops with one line)
+    with stage_locks(args, ["ensemble"], ["features"] + [f"gbdt-{n}" for n in member_names(args)]):
         ensemble(args)
 
 

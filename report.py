@@ -396,6 +396,17 @@ def write_report(args, facts, sections, html_parts):
     atomic_write(os.path.join(args.work, "report.html"), lambda f: f.write(page.encode()))
 
 
+def report_reads(args):
+    """The lock units of the GBDTs (in ensemble.json) and image models (with out-of-fold scores or
+    fold logs) that the report reads."""
+    if args.predict_only:
+        return []
+    spec = read_json(os.path.join(models_folder(args), "ensemble.json"), "ensemble.py", ("names",))
+    archs = {os.path.basename(p)[4:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv"))}
+    archs |= {p.split(os.sep)[-3] for p in glob.glob(os.path.join(models_folder(args), "*", "fold*", "log.csv"))}
+    return [f"gbdt-{n}" for n in spec["names"]] + [f"image-{a}" for a in sorted(archs)]
+
+
 def report(args):
     """The stage's work: read and check every input, then write the report."""
     test = read_lesions(args.work, "test")
@@ -451,7 +462,9 @@ def main(argv=None):
     parser.add_argument("--test-labels", help="a CSV isic_id,target of the test lesions (the demo set's "
                         "demo_test_labels.csv): also scores the test predictions")
     args = parser.parse_args(argv)
-    with stage_locks(args, ["report"]):
+    # what it reads is not rewritten while it reads (a rerun stops with one line): the ensemble and
+    # the features first, which fix the GBDTs and image models it reads, then those
+    with stage_locks(args, ["report"], ["features", "ensemble"]), stage_locks(args, [], report_reads(args)):
         report(args)
 
 

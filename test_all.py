@@ -2031,6 +2031,7 @@ def test_bad_weights_say_what_is_expected(text):
 def test_a_negative_first_weight_gets_the_weights_message_not_argparses(tmp_path, capsys, monkeypatch, argv):
     """argparse takes "-1,2" for an option ("expected one argument"): main hands it to --blend."""
     monkeypatch.setattr(ensemble, "ensemble", lambda args: ensemble.parse_weights(args.blend, ["a", "b"]))
+    monkeypatch.setattr(ensemble, "member_names", lambda args: ["a", "b"])
     err = one_error_line(stage_error(capsys, ensemble.main, ["--work", str(tmp_path)] + argv))
     assert re.fullmatch(r"error: --blend -\.?[0-9.]+,2: 'oof', 'equal', or 2 finite non-negative numbers, not all 0, "
                         "one for each of a, b", err), err
@@ -2731,6 +2732,39 @@ def file_bytes(path):
 
 def tiny_gbdt(work, *more):
     gbdt.main(["--work", work, "--rounds", "3", "--bags", "1", "--threads", "1", *more])
+
+
+@slow
+def test_a_reader_keeps_what_it_reads_while_a_writer_reruns(demo, tmp_path, monkeypatch):
+    """ensemble.py and report.py paused mid-read while gbdt.py and ensemble.py are run again on the
+    models they read: each rerun stops with one line, and the reader ends with the result of an
+    undisturbed run."""
+    work = small_work(demo, tmp_path)
+    tiny_gbdt(work)
+    ensemble.main(["--work", work, "--names", "tabular"])
+    undisturbed = file_bytes(os.path.join(work, "submission.csv"))
+    refusals = []
+
+    def rerun_mid_read(read, writers):
+        def paused(*a, **kw):
+            if not refusals:
+                refusals.extend(result_or_error(w) for w in writers)
+            return read(*a, **kw)
+        return paused
+
+    def gbdt_rerun():
+        tiny_gbdt(work, "--seed", "7")
+    monkeypatch.setattr(ensemble, "model_preds", rerun_mid_read(ensemble.model_preds, [gbdt_rerun]))
+    ensemble.main(["--work", work, "--names", "tabular"])
+    assert re.match(r"error: .*: another run is writing or reading gbdt-tabular now", refusals[0]), refusals
+    assert file_bytes(os.path.join(work, "submission.csv")) == undisturbed
+    refusals.clear()
+    monkeypatch.setattr(report, "read_preds", rerun_mid_read(report.read_preds, [
+        gbdt_rerun, lambda: ensemble.main(["--work", work, "--names", "tabular"])]))
+    report.main(["--work", work])
+    assert re.match(r"error: .*: another run is writing or reading gbdt-tabular now", refusals[0]), refusals
+    assert re.match(r"error: .*: another run is writing or reading ensemble now", refusals[1]), refusals
+    assert file_bytes(os.path.join(work, "submission.csv")) == undisturbed
 
 
 @slow
