@@ -2521,7 +2521,13 @@ def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninte
     train_nb = str(tmp_path / "nb" / "train" / "isic-2024-demo-train.ipynb")
     settings = dict(ARCHS="convnext_atto", FINISH_HOURS=0.0,
                     EXTRA=dict(notebooks.DEMO_EXTRA, FEATURES_ARGS="--folds 3"))
+    # the demo set, as the notebook's DEMO_ARGS make it, placed in each working folder (it stands in
+    # for the competition's input): made once here rather than by every run
+    demo = str(tmp_path / "demo_data")
+    make_demo(demo, n_patients=40, n_test_patients=10, malignant_rate=0.06, seed=1)
+    assert notebooks.DEMO_EXTRA["DEMO_ARGS"] == "--patients 40 --test-patients 10 --malignant-rate 0.06 --seed 1"
     straight = tmp_path / "straight"
+    shutil.copytree(demo, straight / "demo_data")
     out = run_notebook(train_nb, str(straight), INPUT=str(tmp_path / "no_input"), **settings)
     assert "found no models dataset: a first run" in out and "done: every fold model" in out
     root = str(tmp_path / "input")
@@ -2530,7 +2536,8 @@ def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninte
     read_only = read_only_kernel(root, str(tmp_path / "jupyter"), monkeypatch) or "python3"  # else the digests below
     outputs = []
     for run in range(1, 4):
-        kernel = tmp_path / f"run{run}"  # each run starts in an empty working folder, as on Kaggle
+        kernel = tmp_path / f"run{run}"  # each run starts in a fresh working folder, as on Kaggle
+        shutil.copytree(demo, kernel / "demo_data")
         before = tree_digest(root)
         out = run_notebook(train_nb, str(kernel), read_only, INPUT=root, BUDGET_HOURS=0.0, **settings)
         assert tree_digest(root) == before  # the input is read, never written
