@@ -1524,13 +1524,14 @@ def test_two_processes_score_a_share_of_broken_tiles_as_one_does(demo, trained, 
                                common.read_preds(one, "img_convnext_atto", "test", ids), rtol=1e-4, atol=1e-4)
 
 
-def fake_part(work, fold, value):
+def fake_part(work, fold, value, with_test=True):
     """A part of extract.py --resume's, as an interrupted run with the current fold model would leave it,
-    holding a marker no recomputation gives."""
+    holding a marker no recomputation gives; with the test lesions where the fold model scores them."""
     part = os.path.join(work, "emb", "parts", f"convnext_atto_fold{fold}.npz")
     os.makedirs(os.path.dirname(part), exist_ok=True)
     train, test = common.read_lesions(work, "train"), common.read_lesions(work, "test")
     rows = np.flatnonzero(train["fold"] == fold)
+    test = {"isic_id": test["isic_id"][:len(test["isic_id"]) if with_test else 0]}
     digest = common.file_digest(os.path.join(work, "models", "convnext_atto", f"fold{fold}", "manifest.json"))
     np.savez(part, model=np.array(f"{digest} last"), train_ids=train["isic_id"][rows].astype(str),
              test_ids=test["isic_id"].astype(str), train_emb=np.full((len(rows), 320), value, np.float32),
@@ -1544,8 +1545,10 @@ def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, tr
     work = copy_work(trained, tmp_path / "work")
     want = np.load(os.path.join(work, "emb", "convnext_atto_train.npy"))
     folds = common.read_lesions(work, "train")["fold"]
-    part, rows = fake_part(work, 0, 7.0)
-    args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0", "--test-models", "mean"]
+    manifests = {k: common.read_manifest(os.path.join(work, "models", "convnext_atto", f"fold{k}"), "") for k in range(5)}
+    scores_test = extract.best_fold(manifests, "last", "") == 0  # the best fold model alone scores the test lesions
+    part, rows = fake_part(work, 0, 7.0, scores_test)
+    args = ["--arch", "convnext_atto", "--data", demo, "--work", work, "--workers", "0"]
     capsys.readouterr()
     extract.main(args + ["--resume"])
     out = capsys.readouterr().out
@@ -1555,7 +1558,7 @@ def test_extraction_resumes_from_finished_folds_made_by_the_same_models(demo, tr
     np.testing.assert_allclose(got[folds != 0], want[folds != 0], rtol=1e-4, atol=1e-4)
     assert not os.path.exists(os.path.dirname(part))      # parts are removed once the outputs are whole
     # fold 0 retrained after its part was written: the part is scored again, not reused
-    part, rows = fake_part(work, 0, 7.0)
+    part, rows = fake_part(work, 0, 7.0, scores_test)
     train_backbone.main(["--arch", "convnext_atto", "--fold", "0", "--data", demo, "--work", work] + tiny_train(1))
     capsys.readouterr()
     extract.main(args + ["--resume"])
@@ -2521,11 +2524,10 @@ def test_the_training_notebook_runs_until_done_with_the_submission_of_one_uninte
     train_nb = str(tmp_path / "nb" / "train" / "isic-2024-demo-train.ipynb")
     settings = dict(ARCHS="convnext_atto", FINISH_HOURS=0.0,
                     EXTRA=dict(notebooks.DEMO_EXTRA, FEATURES_ARGS="--folds 3"))
-    # the demo set, as the notebook's DEMO_ARGS make it, placed in each working folder (it stands in
-    # for the competition's input): made once here rather than by every run
+    # a small demo set placed in each working folder (it stands in for the competition's input, and
+    # run.sh makes none where one is): made once here rather than by every run
     demo = str(tmp_path / "demo_data")
-    make_demo(demo, n_patients=40, n_test_patients=10, malignant_rate=0.06, seed=1)
-    assert notebooks.DEMO_EXTRA["DEMO_ARGS"] == "--patients 40 --test-patients 10 --malignant-rate 0.06 --seed 1"
+    make_demo(demo, n_patients=24, n_test_patients=6, malignant_rate=0.08, seed=1)
     straight = tmp_path / "straight"
     shutil.copytree(demo, straight / "demo_data")
     out = run_notebook(train_nb, str(straight), INPUT=str(tmp_path / "no_input"), **settings)
