@@ -357,7 +357,7 @@ def tables(args, y, folds, patients, oof, spec, test_y, test_scores, test_patien
     how = ("chosen on the out-of-fold predictions; the ensemble's out-of-fold scores rank each fold with the "
            "weights chosen on the other folds: " + ", ".join(f"fold {k} {fmt_weights(w)}"
                                                             for k, w in spec["fold_weights"].items())
-           if spec["fold_weights"] else "set by hand (--weights)")
+           if spec["fold_weights"] else "set by hand (ensemble.py --blend)")
     k_header = [f"top-{k}" for k in TOP_K] + [f"top-{TOP_K[-1]}, mean over patients"]
     out = [("pauc", "pAUC per model and fold", "Out of fold: each lesion scored by a model that did not train on it.",
             header, rows),

@@ -26,6 +26,10 @@ WORK=$(realpath -m "${WORK:-work}")
 [ -n "${SUBMISSION:-}" ] && SUBMISSION=$(realpath -m "$SUBMISSION")
 PREDICT=()
 if [ "${1:-}" = "--predict-only" ]; then
+    if [ -z "${2:-}" ] || [ ! -d "$2" ]; then
+        echo "error: --predict-only needs the trained models' folder (a training run's WORK/models), not '${2:-}'" >&2
+        exit 2
+    fi
     PREDICT=(--predict-only --models "$(realpath -m "$2")"); shift 2
 fi
 if [ $# -eq 0 ]; then

@@ -2402,6 +2402,18 @@ def read_only_kernel(folder, tmp, monkeypatch):
     return "read_only_input"
 
 
+def test_run_sh_predict_only_without_a_models_folder_is_one_error_line(tmp_path):
+    """No path, or one that is not a folder: one line that says what --predict-only needs, before
+    any stage runs and without making the mistyped folder."""
+    for args in ([], [str(tmp_path / "modles")]):
+        r = subprocess.run(["bash", os.path.join(HERE, "run.sh"), "--predict-only"] + args, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.strip() == ("error: --predict-only needs the trained models' folder (a training run's "
+                                    f"WORK/models), not '{''.join(args)}'")
+    assert os.listdir(tmp_path) == []
+
+
 def run_notebook(path, cwd, kernel_name="python3", **overrides):
     """Executes a generated notebook top to bottom in a real IPython kernel, as Kaggle's "Save & Run
     All" does, with `overrides` set after its settings cell (as papermill injects them)."""
