@@ -154,11 +154,22 @@ def logit_statistics(args, models_dir, made_with, train_logits):
         stats = {k: (float(np.nanmean(z)), float(np.nanstd(z)) or 1.0) for k, z in train_logits.items()}
         write_json(path, {**made_with, "logit_stats": {str(k): v for k, v in stats.items()}})
         return stats
-    recorded = read_json(path, f"extract.py --arch {args.arch} on the training data", ("logit_stats",))
+    rebuild = f"extract.py --arch {args.arch} on the training data"
+    recorded = read_json(path, rebuild, ("logit_stats",))
     if {k: recorded.get(k) for k in made_with} != made_with:
         raise DataError(f"{path}: made from other fold models, or another --checkpoint, than these (models of two "
-                        f"runs mixed?): run extract.py --arch {args.arch} on the training data")
-    return {int(k): tuple(v) for k, v in recorded["logit_stats"].items()}
+                        f"runs mixed?): run {rebuild}")
+    try:
+        stats = {int(k): (float(m), float(s)) for k, (m, s) in recorded["logit_stats"].items()}
+    except (AttributeError, TypeError, ValueError):
+        raise DataError(f"{path}: logit_stats is not {{fold: [mean, std]}}: run {rebuild}") from None
+    missing = sorted({int(k) for k in made_with["folds"]} - set(stats))
+    bad = [k for k, (m, s) in stats.items() if not (np.isfinite(m) and np.isfinite(s) and s > 0)]
+    if missing or bad:  # a std of 0 would make every score infinite
+        raise DataError(f"{path}: logit_stats " + (f"lacks fold {missing[0]}" if missing else
+                                                   f"of fold {bad[0]} is not a finite mean and a std above 0")
+                        + f": run {rebuild}")
+    return stats
 
 
 def standardize(logits, stats):

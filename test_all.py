@@ -1587,14 +1587,21 @@ def test_a_damaged_part_is_scored_again_on_resume(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("how, match", [("empty", "damaged"), ("truncate", "damaged"), ("foreign", "no logit_stats"),
-                                        ("remove", "not found")])
+                                        ("remove", "not found"), ({"0": [2.0, 0.0]}, "of fold 0 is not a finite mean"),
+                                        ({"0": [2.0, None]}, "not .fold: .mean, std.."),
+                                        ({"1": [2.0, 1.0]}, "lacks fold 0"), ({"0": 5}, "not .fold: .mean, std..")])
 def test_a_damaged_scores_json_is_one_error_line_naming_it(tmp_path, capsys, how, match):
+    """Damaged, or valid JSON whose statistics would give wrong scores (a std of 0: infinite ones),
+    or none for a fold it scores with."""
     args = types.SimpleNamespace(arch="convnext_atto")
     made_with = {"folds": {"0": "digest"}, "checkpoint": "last"}
     path = tmp_path / "convnext_atto" / "scores.json"
     extract.logit_statistics(args, str(tmp_path), made_with, {0: np.array([1.0, 3.0])})
     assert extract.logit_statistics(args, str(tmp_path), made_with, {}) == {0: (2.0, 1.0)}
-    damage(path, how)
+    if isinstance(how, dict):
+        path.write_text(json.dumps({**json.loads(path.read_text()), "logit_stats": how}))
+    else:
+        damage(path, how)
     err = one_error_line(stage_error(capsys, lambda _: extract.logit_statistics(args, str(tmp_path), made_with, {}),
                                      None))
     assert re.search(f"{path}: .*{match}.*: run extract.py --arch convnext_atto on the training data", err), err
