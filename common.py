@@ -598,7 +598,7 @@ def find_input(root, what, holds, required=True):
     """The one folder under `root` (at any depth) that holds `what`, printed. None found: a DataError
     that says what was searched for and where (None when not `required`); more than one: a
     DataError naming them all."""
-    found = input_folders(root, holds) if os.path.isdir(root) else []
+    found = input_folders(root, holds)  # none where root does not exist
     if len(found) > 1:
         raise DataError(f"{len(found)} folders under {root} hold {what}: {', '.join(found)}: set the one to use "
                         "in the settings")

@@ -20,7 +20,7 @@ Writes: WORK/emb/ARCH_{train,test}.npy with ARCH_{train,test}_ids.txt beside the
         while running, WORK/emb/parts/ARCH_fold{k}.npz (one per finished fold, which --resume reuses)
 
     python extract.py --arch eva02_tiny --data demo_data --work work --workers 0     # tiny
-    python extract.py --arch eva02_base --data /kaggle/input/isic-2024-challenge --work work
+    python extract.py --arch eva02_base --data DATA_DIR --work work
     torchrun --nproc_per_node=2 extract.py --arch eva02_base --work work --predict-only --models MODELS
 """
 import argparse

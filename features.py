@@ -19,7 +19,7 @@ Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-group
         and last WORK/records/features.json (the digests of those files and of features.json)
 
     python features.py --data demo_data --work work                     # tiny: the demo set
-    python features.py --data /kaggle/input/isic-2024-challenge --work work
+    python features.py --data DATA_DIR --work work
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse

@@ -26,7 +26,8 @@ import sys
 import time
 
 from common import (KAGGLE_INPUT, DataError, atomic_copy, atomic_write, file_digest, find_input, folder_problem,
-                    found_data_dir, input_folders, log, read_lesions, run_main, write_dataset_metadata, write_json)
+                    found_data_dir, input_folders, log, read_json, read_lesions, run_main, write_dataset_metadata,
+                    write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CODE = ["common.py", "demo.py", "features.py", "train_backbone.py", "extract.py", "gbdt.py", "ensemble.py",
@@ -62,13 +63,13 @@ def find_models(root):
     found = find_input(root, MODELS_WHAT, holds_models, required=False)
     if found:
         return found
-    empty = input_folders(root, lambda folder, names: "features.json" in names) if os.path.isdir(root) else []
+    empty = input_folders(root, lambda folder, names: "features.json" in names)
     if empty:
         raise DataError(f"{empty[0]}: features.json without the fold models (ARCH/fold*/) beside it: the dataset "
                         "was made without its subfolders (kaggle datasets create and version skip them unless "
                         "--dir-mode is tar or zip)")
     loose = input_folders(root, lambda folder, names: "manifest.json" in names
-                          and re.fullmatch(r"fold\d+", os.path.basename(folder))) if os.path.isdir(root) else []
+                          and re.fullmatch(r"fold\d+", os.path.basename(folder)))
     if loose:
         raise DataError(f"{loose[0]}: a fold model without its models folder (features.json two levels up): make "
                         "the dataset from the whole WORK/models folder")
@@ -95,7 +96,7 @@ def copy_models_in(models_in, work):
     for path in sorted(glob.glob(os.path.join(glob.escape(models_in), "*", "fold*", "manifest.json"))):
         fold_dir = os.path.dirname(path)
         problem = folder_problem(fold_dir)
-        if problem is None and json.load(open(path)).get("lesions") != digest:
+        if problem is None and read_json(path, "train_backbone.py").get("lesions") != digest:
             problem = "made with another folds.csv than the one beside features.json (two runs' folders mixed)"
         if problem:
             raise DataError(f"{fold_dir}: {problem}: train that fold again, or attach the models dataset whole")

@@ -18,7 +18,7 @@ Writes: WORK/report.md,
         stored JPEG bytes as data: URIs, at most 200 of them and 4 MB in all)
 
     python report.py --work work --data demo_data --test-labels demo_data/demo_test_labels.csv
-    python report.py --work work --data /kaggle/input/isic-2024-challenge --predict-only
+    python report.py --work work --data DATA_DIR --predict-only
 """
 import argparse
 import base64

@@ -2485,7 +2485,7 @@ def test_kaggle_inputs_are_found_by_what_they_hold_in_either_layout(demo, tmp_pa
     # a stage without --data finds the competition's files on its own (here under the 2026 layout)
     monkeypatch.setattr(common, "KAGGLE_INPUT", str(tmp_path / "2026"))
     features.main(["--work", str(tmp_path / "w")])
-    assert f"found the competition's files" in capsys.readouterr().out
+    assert "found the competition's files" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "w" / "folds.csv")
     errors = {"nothing": (str(tmp_path / "empty_input"), lambda r: notebooks.find_weights(r, ["eva02_base"])),
               "two": (str(tmp_path), lambda r: common.find_input(r, "the data", common.holds_data))}

@@ -276,7 +276,7 @@ def load_resume_state(args, resume_path, fold):
     if not isinstance(ck, dict) or any(k not in ck for k in keys):
         raise DataError(f"{resume_path}: not a resume state of train_backbone.py (keys {', '.join(keys)}): {again}")
     differ = ([f"--arch {ck['arch']}"] * (ck["arch"] != args.arch) + [f"fold {ck['fold']}"] * (ck["fold"] != fold)
-              + [f"the folds of another folds.csv"] * (ck["lesions"] != lesions_digest(args.work))
+              + ["the folds of another folds.csv"] * (ck["lesions"] != lesions_digest(args.work))
               + settings_differ(args, ck["settings"]))
     if differ:
         raise DataError(f"{resume_path}: the resume state of another run ({', '.join(differ)}), not of "
