@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -71,20 +72,26 @@ def log(*args):
 
 
 def run_main(main):
-    """The scripts' entry point: bad input, or a work folder that cannot be written (read-only, a
-    file, a full disk), ends with one `error:` line and exit status 2, no traceback."""
+    """The scripts' entry point: bad input, or a file-system error on a named path (a folder that
+    cannot be written, a full disk, a folder where a file should be, a symlink loop, no
+    permission), ends with one `error:` line and exit status 2, no traceback. An OSError naming
+    no path is a bug or a device failure, and keeps its traceback."""
     try:
         main()
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST):
+        if e.filename is None:
             raise
         # the folder at fault, of --work or --models: the path itself where it is a file, else the folder holding it
-        folder = e.filename if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.path.dirname(e.filename or "") or "."
-        what = ("free some space, or pass a --work on another disk" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-                else f"is {folder} a folder you can write to?")
+        folder = e.filename if e.errno in (errno.EEXIST, errno.ENOTDIR) else os.path.dirname(e.filename) or "."
+        full = "free some space, or pass a --work on another disk"
+        what = {errno.ENOSPC: full, errno.EDQUOT: full,
+                errno.EISDIR: "a folder where a file should be: remove or rename it",
+                errno.ELOOP: "a symlink that loops: remove it",
+                errno.ENOENT: "remove it if it is a dangling symlink, or run the stage that makes it"}.get(
+                    e.errno, f"is {folder} a folder you can write to?")
         print(f"error: {e.filename}: {e.strerror}: {what}", file=sys.stderr)
         sys.exit(2)
 
@@ -110,6 +117,7 @@ def number(kind, low=None, high=None, low_open=False, high_open=False, also=()):
                 or high is not None and not (value < high if high_open else value <= high)):
             raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
         return value
+    parse.bounds = (low, high, low_open, high_open)  # for the tests' matrix of every option's bounds
     return parse
 
 
@@ -246,19 +254,78 @@ def write_json(path, obj):
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
-def read_json(path, rebuild, keys=()):
-    """A JSON state file written by write_json, as a dict holding `keys`; a missing, empty,
-    truncated or foreign one is a DataError naming the file and `rebuild`, the command that makes it."""
-    if not os.path.exists(path):
-        raise DataError(f"{path}: not found: run {rebuild}")
+# A JSON state file's schema: a leaf kind (a key of LEAVES), [S] (a list of S), {KEY: S, ...} (an
+# object with at least those keys), {"*": S} (an object of any keys, each S), or (S1, S2, ...) (any one)
+LEAVES = {"text": (lambda v: isinstance(v, str), "text"),
+          "digest": (lambda v: isinstance(v, str) and re.fullmatch("[0-9a-f]{64}", v) is not None, "a sha256 digest"),
+          "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number"),
+          "number": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                     "a finite number"),
+          "nan": (lambda v: isinstance(v, float) and math.isnan(v), "NaN"),
+          "bool": (lambda v: isinstance(v, bool), "true or false"),
+          "null": (lambda v: v is None, "null"),
+          "any": (lambda v: True, "anything")}
+
+
+def schema_text(schema):
+    return (LEAVES[schema][1] if isinstance(schema, str) else " or ".join(map(schema_text, schema))
+            if isinstance(schema, tuple) else "a list" if isinstance(schema, list) else "an object")
+
+
+def schema_problem(value, schema, where="the file"):
+    """What makes `value` not fit `schema` (None: nothing), naming the place: "weights[2] is "x", not
+    a finite number"."""
+    fits = (LEAVES[schema][0](value) if isinstance(schema, str)
+            else any(schema_problem(value, s, where) is None for s in schema) if isinstance(schema, tuple)
+            else isinstance(value, list if isinstance(schema, list) else dict))
+    if not fits:
+        return f"{where} is {json.dumps(value)[:40]}, not {schema_text(schema)}"
+    if isinstance(schema, list):
+        items = [(f"{where}[{i}]", v, schema[0]) for i, v in enumerate(value)]
+    elif isinstance(schema, dict):
+        missing = [k for k in schema if k != "*" and k not in value]
+        if missing:
+            return f"{where} has no {missing[0]!r}"
+        inner = "" if where == "the file" else f"{where}."
+        items = [(f"{inner}{k}", v, schema["*"]) for k, v in value.items()] if "*" in schema else [
+            (f"{inner}{k}", value[k], s) for k, s in schema.items()]
+    else:
+        return None
+    return next((p for w, v, s in items if (p := schema_problem(v, s, w))), None)
+
+
+def path_problem(path, folder=False):
+    """What stops `path` from being read as a file (as a folder, with folder=True), in words; None:
+    nothing. A dangling or looping symlink, or a folder where a file should be, is named as such
+    rather than as the operating system's error of whatever reads it next."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        if os.path.islink(path):
+            return ("a symlink that loops" if e.errno == errno.ELOOP
+                    else f"a symlink to {os.readlink(path)}, which does not exist")
+        return "not found" if e.errno == errno.ENOENT else e.strerror
+    if stat.S_ISDIR(mode) != folder:
+        return "a folder where a file should be" if not folder else "a file where a folder should be"
+    return None
+
+
+def read_json(path, rebuild, schema=None, agree=None):
+    """A JSON state file written by write_json, checked against `schema` (its types and, through
+    agree(obj) -> problem or None, its lists agreeing with one another); a missing, empty,
+    truncated, foreign or inconsistent one is a DataError naming the file and `rebuild`, the
+    command that makes it."""
+    problem = path_problem(path)
+    if problem:
+        raise DataError(f"{path}: {problem}: run {rebuild}")
     try:
         with open(path, "rb") as f:
             obj = json.loads(f.read().decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: damaged ({e}): run {rebuild}") from None
-    missing = [k for k in keys if not isinstance(obj, dict) or k not in obj]
-    if missing:
-        raise DataError(f"{path}: not the file this stage expects (no {', '.join(missing)}): run {rebuild}")
+    problem = schema_problem(obj, {} if schema is None else schema) or (agree and agree(obj))
+    if problem:
+        raise DataError(f"{path}: not the file this stage expects ({problem}): run {rebuild}")
     return obj
 
 
@@ -276,8 +343,9 @@ def load_array(path, expected_ids, rebuild="the stage that writes it"):
     empty or truncated one is a DataError naming the file and `rebuild`, the command that writes it."""
     ids_path = path[:-4] + "_ids.txt"
     for p in (path, ids_path):
-        if not os.path.exists(p):
-            raise DataError(f"{p}: not found: run {rebuild}")
+        problem = path_problem(p)
+        if problem:
+            raise DataError(f"{p}: {problem}: run {rebuild}")
     try:
         array = np.load(path)
     except (ValueError, EOFError) as e:  # empty, truncated, or not an .npy file
@@ -317,9 +385,13 @@ def lock_file(folder, name, shared):
     """An flock on FOLDER/.lock-NAME, exclusive or shared, held until the process ends however it
     ends (a killed run leaves no stale lock); None where the lock file cannot be made (a read-only
     models folder, which no run can write either)."""
+    path = os.path.join(folder, f".lock-{name}")
+    if os.path.islink(path) or os.path.isdir(path):  # a lock through a symlink would lock its target's file
+        raise DataError(f"{path}: a {'symlink' if os.path.islink(path) else 'folder'} where the lock file of {name} "
+                        "should be: remove it")
     try:
         os.makedirs(folder, exist_ok=True)
-        f = open(os.path.join(folder, f".lock-{name}"), "a")
+        f = open(path, "a")
     except OSError as e:
         if e.errno in (errno.EROFS, errno.EACCES):
             return None
@@ -340,15 +412,65 @@ def stage_locks(args, writes, reads=()):
     whichever --work or --models each uses, and no unit is rewritten while a run reads it (a fold
     model committed while extract.py scores with it, say). Units: features, image-ARCH (the fold
     models of ARCH together), image-ARCH-foldK, gbdt-NAME, ensemble, report."""
-    folders = [args.work, models_folder(args)]
-    held = [lock_file(folder, unit, shared) for shared, units in ((False, writes), (True, reads))
-            for unit in units for folder in dict.fromkeys(folders)]
-    try:
+    with contextlib.ExitStack() as held:  # released however the stage ends, a lock it failed to take included
+        for shared, units in ((False, writes), (True, reads)):
+            for unit in units:
+                for folder in dict.fromkeys([args.work, models_folder(args)]):
+                    f = lock_file(folder, unit, shared)
+                    if f is not None:
+                        held.callback(f.close)
+        for unit in writes:  # before any work: an output that cannot be written is named now, not after the commit
+            check_outputs(args, unit)
         yield
-    finally:
-        for f in held:
-            if f is not None:
-                f.close()
+
+
+def unit_outputs(args, unit):
+    """The files and the folders that the stage writing `unit` may write (see stage_locks)."""
+    w, m = args.work, models_folder(args)
+    kind, _, name = unit.partition("-")
+    arch, _, fold = name.partition("-")
+    join = os.path.join
+    files = {"features": [join(w, "folds.csv"), join(w, "train_diagnosis.csv"), join(w, "test_lesions.csv")]
+             + [join(w, "features", f"{s}{e}") for s in ("train", "test") for e in (".npy", "_ids.txt")]
+             + [join(w, "features", "columns.txt"), join(w, "features", "args.json"), join(m, "features.json"),
+                join(m, "folds.csv")],
+             "gbdt": [join(w, "preds", f"{name}_{s}.csv") for s in ("oof", "test")],
+             "image": [] if fold else [join(w, "preds", f"img_{arch}_{s}.csv") for s in ("oof", "test")]
+             + [join(w, "emb", f"{arch}_{s}{e}") for s in ("train", "test") for e in (".npy", "_ids.txt")]
+             + [join(w, "emb", f"{arch}_args.json"), join(m, arch, "scores.json")],
+             "ensemble": [join(w, f) for f in ("submission.csv", "triage.csv", "ensemble_args.json")]
+             + [join(w, "preds", f"ensemble_{s}.csv") for s in ("oof", "test")] + [join(m, "ensemble.json")],
+             "report": [join(w, f) for f in ("report.md", "report.html", "report_args.json")]}[kind]
+    record = {"features": "features", "gbdt": name, "image": f"img_{arch}", "ensemble": "ensemble"}.get(kind)
+    files += [join(w, "records", f"{record}.json")] * (record is not None and not fold)
+    models = {"gbdt": [join(m, name)], "image": [join(m, arch, fold)] if fold else []}.get(kind, [])
+    folders = [f + end for f in models for end in ("", ".partial", ".old")]
+    return files, folders + [join(w, "emb", "parts")] * (kind == "image" and not fold)
+
+
+def check_outputs(args, unit):
+    """Refuses, with one line naming the path, an output of `unit` that could not be replaced: a
+    folder where a file should be, a file or a dangling symlink where a folder should be, or a file
+    in the place of a folder above them."""
+    files, folders = unit_outputs(args, unit)
+    for path, folder in [(p, False) for p in files] + [(p, True) for p in folders]:
+        above = os.path.dirname(path)
+        while above and not os.path.isdir(above) and not os.path.lexists(above):
+            above = os.path.dirname(above)
+        if above and not os.path.isdir(above):
+            raise DataError(f"{above}: {path_problem(above, folder=True)}: remove it, or pass another --work or "
+                            "--models")
+        problem = path_problem(path, folder) if os.path.lexists(path) else None
+        if problem and not (problem.startswith("a symlink") and not folder):  # a file's symlink is replaced
+            raise DataError(f"{path}: {problem}: remove it, or pass another --work or --models")
+
+
+def remove_folder(path):
+    """Removes a model folder; a symlink in its place is unlinked, leaving what it points to alone."""
+    if os.path.islink(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
 
 
 def commit_folder(partial, final, manifest, leave_out=()):
@@ -377,8 +499,8 @@ def finish_commit(final):
         for name in set(os.listdir(partial)) - listed - {"manifest.json"}:  # resume.pt, temporary files
             os.remove(os.path.join(partial, name))
             fault_point(f"removing {name} from {partial}")
-        if os.path.isdir(final):
-            shutil.rmtree(old, ignore_errors=True)
+        if os.path.lexists(final):
+            remove_folder(old)
             os.rename(final, old)
             fault_point(f"renaming {final} to {old}")
         os.rename(partial, final)
@@ -386,23 +508,33 @@ def finish_commit(final):
     elif not os.path.isdir(final) and folder_problem(old) is None:  # the new one gone before it was in: the old back
         os.rename(old, final)
         fault_point(f"renaming {old} to {final}")
-    if os.path.isdir(old) and folder_problem(final) is None:
-        shutil.rmtree(old)
+    if os.path.lexists(old) and folder_problem(final) is None:
+        remove_folder(old)
         fault_point(f"removing {old}")
+
+
+MANIFEST = {"files": {"*": "digest"}}
+# what train_backbone.py adds to a fold model's manifest, which extract.py and notebooks.py read
+FOLD_MANIFEST = {"arch": "text", "fold": "int", "lesions": "digest", "val_pauc": {"*": ("number", "nan")}}
 
 
 def folder_problem(folder, files=None):
     """What stops `folder` from being a complete committed folder (None: nothing): its manifest.json
     missing or damaged, or a file it lists (of `files`, where given) missing or changed."""
     path = os.path.join(folder, "manifest.json")
-    if not os.path.exists(path):
-        return "not a complete trained model (no manifest.json)"
+    problem = path_problem(path)
+    if problem:
+        return ("not a complete trained model (no manifest.json)" if problem == "not found"
+                else f"its manifest.json: {problem}")
     try:
         with open(path, "rb") as f:
             manifest = json.loads(f.read().decode())
-        listed = manifest["files"].items()
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+    except (UnicodeDecodeError, ValueError):
         return "its manifest.json is damaged"
+    problem = schema_problem(manifest, MANIFEST)
+    if problem:
+        return f"its manifest.json is damaged ({problem})"
+    listed = manifest["files"].items()
     absent = [name for name in files or () if name not in manifest["files"]]
     if absent:
         return f"{absent[0]} is not one of the files it was made with"
@@ -416,19 +548,22 @@ def folder_problem(folder, files=None):
     return None
 
 
-def read_manifest(folder, rerun, files=None):
+def read_manifest(folder, rerun, files=None, schema=None, agree=None):
     """A committed folder's manifest, with its digest ("digest": what a consumer records), after
     finishing a commit that a kill interrupted (where the folder can be written) and checking every
-    file it lists (or the listed `files` only: a consumer reads and hashes only what it uses);
-    `rerun` is the command that makes the folder, for the message."""
+    file it lists (or the listed `files` only: a consumer reads and hashes only what it uses) and
+    the stage's facts in it (`schema` and `agree`, as read_json takes them); `rerun` is the command
+    that makes the folder, for the message."""
     if os.access(os.path.dirname(os.path.abspath(folder)), os.W_OK):
         finish_commit(folder)
     problem = folder_problem(folder, files)
     if problem:
         raise DataError(f"{folder}: {problem}: run {rerun}")
     path = os.path.join(folder, "manifest.json")
-    with open(path) as f:
-        return {**json.load(f), "digest": file_digest(path)}
+    return {**read_json(path, rerun, {**MANIFEST, **(schema or {})}, agree), "digest": file_digest(path)}
+
+
+RECORD = {"files": {"*": "digest"}, "made_by": ("digest", "null")}
 
 
 def write_record(work, name, paths, made_by=None):
@@ -443,10 +578,11 @@ def write_record(work, name, paths, made_by=None):
 def check_record(work, name, paths, rebuild, made_by=None):
     """Checks that the outputs `paths` are those that the last complete run of NAME wrote (and, with
     `made_by`, that they come from that model); `rebuild` names the command that remakes them."""
-    record = read_json(os.path.join(work, "records", f"{name}.json"), rebuild, keys=("files", "made_by"))
+    record = read_json(os.path.join(work, "records", f"{name}.json"), rebuild, RECORD)
     for p in paths:
-        if not os.path.exists(p):
-            raise DataError(f"{p}: not found: run {rebuild}")
+        problem = path_problem(p)
+        if problem:
+            raise DataError(f"{p}: {problem}: run {rebuild}")
         if record["files"].get(os.path.relpath(p, work)) != file_digest(p):
             raise DataError(f"{p}: not the file that the last complete run of {rebuild} wrote (a run killed while "
                             f"writing, or the files of two runs mixed): run {rebuild} again")
@@ -659,12 +795,12 @@ def check_labels(path, ids, target):
         raise DataError(f"{path}: isic_id {ids[bad[0]]}: target is {value}, not 0 or 1 ({len(bad)} such row(s))")
 
 
-def check_classes(path, target, rows="the training lesions"):
-    """Training needs both classes."""
+def check_classes(path, target, rows="the training lesions", needs="training needs"):
+    """Training (or scoring) needs both classes."""
     classes = np.unique(target)
     if len(classes) < 2:
         held = f"only lesions of target {int(classes[0])}" if len(classes) else "no lesion"
-        raise DataError(f"{path}: {rows} hold {held}: training needs malignant and benign lesions")
+        raise DataError(f"{path}: {rows} hold {held}: {needs} malignant and benign lesions")
 
 
 def check_folds(path, target, folds):

@@ -21,7 +21,7 @@ import os
 
 import numpy as np
 
-from common import TEST_COLUMNS, TRAIN_COLUMNS, atomic_write, log, write_csv
+from common import SEED, TEST_COLUMNS, TRAIN_COLUMNS, atomic_write, log, number, run_main, write_csv
 
 LOCATIONS = {"head/neck": ["Head & Neck"],
              "anterior torso": ["Torso Front Top Half", "Torso Front Bottom Half", "Torso Front"],
@@ -211,13 +211,14 @@ def make_demo(out_dir, n_patients=120, n_test_patients=20, malignant_rate=0.05, 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
-    parser.add_argument("--patients", type=int, default=120, help="train patients")
-    parser.add_argument("--test-patients", type=int, default=20)
-    parser.add_argument("--malignant-rate", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    # a synthetic set for trying the pipeline: a few thousand patients at most
+    parser.add_argument("--patients", type=number(int, 5, 5000), default=120, help="train patients (5 folds)")
+    parser.add_argument("--test-patients", type=number(int, 1, 5000), default=20)
+    parser.add_argument("--malignant-rate", type=number(float, 0, 0.5, low_open=True), default=0.05)
+    parser.add_argument("--seed", type=SEED, default=0)
     args = parser.parse_args(argv)
     make_demo(args.out_dir, args.patients, args.test_patients, args.malignant_rate, seed=args.seed)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -96,10 +96,24 @@ def member_digests(models_dir, names):
     return {n: read_manifest(os.path.join(models_dir, n), f"gbdt.py --name {n}")["digest"] for n in names}
 
 
+def read_ensemble_json(path, rebuild):
+    """models/ensemble.json, checked: a weight and a manifest digest for each name, the weights of
+    each fold a weight for each name; weights at least 0, summing above 0."""
+    def agree(spec):
+        n = len(spec["names"])
+        lists = {"weights": spec["weights"], **{f"fold_weights.{k}": w for k, w in spec["fold_weights"].items()}}
+        wrong = [k for k, w in lists.items() if len(w) != n or min(w, default=0) < 0 or sum(w) <= 0]
+        return (f"{wrong[0]} is not {n} weights at least 0 summing above 0" if wrong else
+                "members does not name the models of names" if sorted(spec["members"]) != sorted(spec["names"])
+                else "names holds a name twice" if len(set(spec["names"])) < n else None)
+    schema = {"names": ["text"], "weights": ["number"], "members": {"*": "digest"}, "fold_weights": {"*": ["number"]}}
+    return read_json(path, rebuild, schema, agree)
+
+
 def read_ensemble_spec(models_dir, names):
     """The training run's names and weights, after checking that the models folder holds its models."""
     path = os.path.join(models_dir, "ensemble.json")
-    spec = read_json(path, "ensemble.py on the training data", ("names", "weights", "members"))
+    spec = read_ensemble_json(path, "ensemble.py on the training data")
     if names and names != spec["names"]:
         raise DataError(f"{path}: the submission was built from {', '.join(spec['names'])}, not {', '.join(names)}")
     if member_digests(models_dir, spec["names"]) != spec["members"]:
@@ -112,8 +126,8 @@ def member_names(args):
     """The GBDTs the ensemble reads: --names; else with --predict-only those of ensemble.json; else
     every model in preds/ but the image models."""
     if args.names or args.predict_only:
-        return args.names or read_json(os.path.join(models_folder(args), "ensemble.json"),
-                                       "ensemble.py on the training data", ("names",))["names"]
+        return args.names or read_ensemble_json(os.path.join(models_folder(args), "ensemble.json"),
+                                                "ensemble.py on the training data")["names"]
     names = sorted(os.path.basename(p)[:-9] for p in glob.glob(os.path.join(args.work, "preds", "*_test.csv"))
                    if not os.path.basename(p).startswith(("img_", "ensemble_")))
     if not names:

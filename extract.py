@@ -33,9 +33,9 @@ import zipfile
 import numpy as np
 import torch
 
-from common import (MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write, broken_tiles,
-                    build_model, check_a_tile_decodes, check_ids, check_image_ids, data_path, file_digest, image_loader,
-                    lesions_digest, log, models_folder, normalization, number, positive, predict, process_device,
+from common import (FOLD_MANIFEST, MODEL_CONFIGS, DataError, H5Images, add_path_flags, amp_settings, atomic_write,
+                    broken_tiles, build_model, check_a_tile_decodes, check_ids, check_image_ids, data_path, file_digest,
+                    image_loader, lesions_digest, log, models_folder, normalization, number, predict, process_device,
                     read_json, read_lesions, read_manifest, run_main, save_array, stage_locks, write_args, write_json,
                     write_preds, write_record)
 
@@ -53,7 +53,10 @@ def fold_manifests(args, models_dir, lesions):
     if not folds:
         raise DataError(f"{arch_dir}: no fold models (fold*/); train them first, or use --frozen")
     manifests = {k: read_manifest(os.path.join(arch_dir, f"fold{k}"), f"train_backbone.py --arch {args.arch} "
-                                  f"--fold {k}", files=()) for k in folds}
+                                  f"--fold {k}", files=(), schema=FOLD_MANIFEST, agree=lambda m, k=k: (
+                                      m["arch"] != args.arch and f"arch is {m['arch']}, in the folder of {args.arch}"
+                                      or m["fold"] != k and f"fold is {m['fold']}, in the folder fold{k}"))
+                 for k in folds}
     trained_on = {m["lesions"] for m in manifests.values()}
     if "train" in lesions and trained_on != {lesions_digest(args.work)}:
         stale = [k for k, m in manifests.items() if m["lesions"] != lesions_digest(args.work)]
@@ -145,6 +148,9 @@ def fold_part(args, models_dir, k, model_digest, images, rows, device, dtype):
     return p
 
 
+SCORES_JSON = {"folds": {"*": "digest"}, "checkpoint": "text", "logit_stats": {"*": ["number"]}}
+
+
 def logit_statistics(args, models_dir, made_with, train_logits):
     """Each fold model's mean and standard deviation of its out-of-fold logits, {fold: (mean, std)}:
     computed from train_logits ({fold: logits}), and recorded in MODELS/ARCH/scores.json with the
@@ -155,21 +161,18 @@ def logit_statistics(args, models_dir, made_with, train_logits):
         write_json(path, {**made_with, "logit_stats": {str(k): v for k, v in stats.items()}})
         return stats
     rebuild = f"extract.py --arch {args.arch} on the training data"
-    recorded = read_json(path, rebuild, ("logit_stats",))
-    if {k: recorded.get(k) for k in made_with} != made_with:
+
+    def agree(obj):  # a fold model without its statistics, or a std of 0, would fail after hours of scoring
+        odd = [k for k in [*obj["folds"], *obj["logit_stats"]] if not k.isdigit()]
+        missing = sorted(set(obj["folds"]) - set(obj["logit_stats"]))
+        bad = [k for k, v in obj["logit_stats"].items() if len(v) != 2 or v[1] <= 0]
+        return (f"{odd[0]!r} is not a fold number" if odd else f"logit_stats lacks fold {missing[0]}" if missing else
+                f"logit_stats.{bad[0]} is not a mean and a std above 0" if bad else None)
+    recorded = read_json(path, rebuild, SCORES_JSON, agree)
+    if {k: recorded[k] for k in made_with} != made_with:
         raise DataError(f"{path}: made from other fold models, or another --checkpoint, than these (models of two "
                         f"runs mixed?): run {rebuild}")
-    try:
-        stats = {int(k): (float(m), float(s)) for k, (m, s) in recorded["logit_stats"].items()}
-    except (AttributeError, TypeError, ValueError):
-        raise DataError(f"{path}: logit_stats is not {{fold: [mean, std]}}: run {rebuild}") from None
-    missing = sorted({int(k) for k in made_with["folds"]} - set(stats))
-    bad = [k for k, (m, s) in stats.items() if not (np.isfinite(m) and np.isfinite(s) and s > 0)]
-    if missing or bad:  # a std of 0 would make every score infinite
-        raise DataError(f"{path}: logit_stats " + (f"lacks fold {missing[0]}" if missing else
-                                                   f"of fold {bad[0]} is not a finite mean and a std above 0")
-                        + f": run {rebuild}")
-    return stats
+    return {int(k): tuple(v) for k, v in recorded["logit_stats"].items()}
 
 
 def standardize(logits, stats):
@@ -274,8 +277,8 @@ def main(argv=None):
     parser.add_argument("--frozen", action="store_true", help="pretrained backbone, no fine-tuning")
     parser.add_argument("--weights", help="with --frozen: pretrained weights file")
     parser.add_argument("--resume", action="store_true", help="reuse the folds an interrupted run finished")
-    parser.add_argument("--batch-size", type=positive(int), default=256)
-    parser.add_argument("--workers", type=number(int, 0), default=min(8, os.cpu_count()))
+    parser.add_argument("--batch-size", type=number(int, 1, 4096), default=256)
+    parser.add_argument("--workers", type=number(int, 0, 64), default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     args = parser.parse_args(argv)
     device, rank, world = process_device()

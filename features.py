@@ -23,6 +23,7 @@ Writes: WORK/folds.csv (isic_id,patient_id,target,fold: made once, patient-group
     python features.py --data DIR --work work_nopn --no-patient-norm    # to measure what it adds
 """
 import argparse
+import math
 import os
 import re
 import warnings
@@ -267,18 +268,24 @@ def build_features(table, vocabularies, patient_norm=True, context=True, outlier
     return x.T, names
 
 
-def check_finite(x, names, ids, path, block=64):
-    """NaN is a missing value, but inf a measurement so large (near float32's 3.4e38) that a feature
-    made from it overflows: a DataError naming the metadata file, the first such lesion and feature.
-    A block of columns at a time (x is feature-major): a mask of all 400,000 x 860 would take 340 MB."""
+def check_finite(x, names, table, path, block=64):
+    """NaN is a missing value, but inf comes from a measurement so large (near float32's 3.4e38), or
+    so close to 0 (a divisor near 1e-38), that a feature made from it overflows: a DataError naming
+    the metadata file, the first such lesion, the feature and the measurement. A block of columns
+    at a time (x is feature-major): a mask of all 400,000 x 860 would take 340 MB."""
     bad = np.zeros(len(x), bool)
     for j in range(0, x.shape[1], block):
         bad |= np.isinf(x[:, j:j + block]).any(1)
     if bad.any():
         i = int(np.argmax(bad))
-        raise DataError(f"{path}: isic_id {ids[i]}: feature {names[np.flatnonzero(np.isinf(x[i]))[0]]} is infinite "
-                        f"({bad.sum()} lesion(s)): one of its measurements is too large to compute with (near "
-                        "3.4e38): correct it, or leave it empty (missing)")
+        # the lesion's most extreme measurement, in orders of magnitude from 1
+        size = {c: abs(math.log10(abs(float(table[c][i])))) for c in NUMERIC
+                if np.isfinite(table[c][i]) and table[c][i] != 0}
+        c = max(size, key=size.get)
+        what = "too large" if abs(float(table[c][i])) > 1 else "too close to 0 (a feature divides by it)"
+        raise DataError(f"{path}: isic_id {table['isic_id'][i]}: feature {names[np.flatnonzero(np.isinf(x[i]))[0]]} "
+                        f"is infinite ({bad.sum()} lesion(s)): {c} {float(table[c][i]):g} is {what} to compute with "
+                        "in float32: correct it, or leave it empty (missing)")
 
 
 def make_features(args):
@@ -289,7 +296,8 @@ def make_features(args):
     written = []
     if args.predict_only:
         spec = read_json(spec_path, "features.py on the training data (without --predict-only)",
-                         ("vocabularies", "patient_norm"))
+                         {"vocabularies": {"*": ["text"]}, "patient_norm": "bool", "context": "bool",
+                          "outlier": "bool", "columns": ["text"]})
         tables = [("test", test)]
     else:
         train = read_train(args.data)
@@ -304,8 +312,6 @@ def make_features(args):
         spec = {"vocabularies": fit_vocabularies(train), "patient_norm": not args.no_patient_norm,
                 "context": not args.no_context, "outlier": not args.no_outlier}
         tables = [("train", train), ("test", test)]
-    written.append(os.path.join(args.work, "test_lesions.csv"))
-    write_csv(written[-1], ["isic_id", "patient_id"], [test["isic_id"], test["patient_id"]])
     for c, v in spec["vocabularies"].items():
         unseen = sorted(set(test[c]) - set(v) - {""})
         if unseen:
@@ -314,11 +320,16 @@ def make_features(args):
     for name, table in tables:
         with warnings.catch_warnings():  # NumPy's warning lines (from every thread): check_finite names the lesion
             warnings.filterwarnings("ignore", "overflow encountered in cast", RuntimeWarning)
-            x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec.get("context", False),
-                                      spec.get("outlier", False))
-        check_finite(x, names, table["isic_id"], data_path(args.data, f"{name}-metadata.csv"))
+            x, names = build_features(table, spec["vocabularies"], spec["patient_norm"], spec["context"],
+                                      spec["outlier"])
+        if args.predict_only and names != spec["columns"]:  # the boosters would read their features by position
+            raise DataError(f"{spec_path}: its columns are not the features built from it ({len(spec['columns'])} "
+                            f"against {len(names)}): run features.py on the training data (without --predict-only)")
+        check_finite(x, names, table, data_path(args.data, f"{name}-metadata.csv"))
         written += save_array(os.path.join(out, f"{name}.npy"), x, list(table["isic_id"]))
         log(f"features/{name}.npy: {x.shape[0]} lesions x {x.shape[1]} features")
+    written.append(os.path.join(args.work, "test_lesions.csv"))
+    write_csv(written[-1], ["isic_id", "patient_id"], [test["isic_id"], test["patient_id"]])
     written.append(os.path.join(out, "columns.txt"))
     atomic_write(written[-1], lambda f: f.write(("\n".join(names) + "\n").encode()))
     if not args.predict_only:

@@ -27,8 +27,8 @@ import numpy as np
 
 from common import (SEED, DataError, add_path_flags, atomic_write, check_ids, check_record, codes, commit_folder,
                     file_digest, finish_commit, gbdt_name, lesions_digest, load_array, log, models_folder, number,
-                    patient_normalize, pauc, pauc_or_nan, positive, read_csv, read_lesions, read_manifest, read_preds,
-                    run_main, stage_locks, write_args, write_csv, write_preds, write_record)
+                    patient_normalize, pauc, pauc_or_nan, read_csv, read_lesions, read_manifest, read_preds, run_main,
+                    stage_locks, write_args, write_csv, write_preds, write_record)
 from features import CONTEXT, CONTEXT_STATS, group_normalize
 
 
@@ -98,10 +98,16 @@ def input_digests(args, models_dir):
     return digests
 
 
+GBDT_MANIFEST = {"features": ["text"], "folds": ["int"], "boosters": ["text"], "lesions": "digest",
+                 "inputs": {"*": "digest"}}
+
+
 def load_boosters(model_dir, names, inputs):
     """The boosters of a committed model folder, checked against the features they get now."""
     rerun = f"gbdt.py --name {os.path.basename(model_dir)} on the training data, with the same options"
-    manifest = read_manifest(model_dir, rerun)
+    manifest = read_manifest(model_dir, rerun, schema=GBDT_MANIFEST, agree=lambda m: (
+        not m["boosters"] and "boosters is empty"
+        or next((f"booster {b} is not one of its files" for b in m["boosters"] if b not in m["files"]), None)))
     if manifest["features"] != names:
         raise DataError(f"{model_dir}: trained on other features than these ({len(manifest['features'])} against "
                         f"{len(names)}): same feature options as in training?")
@@ -158,7 +164,12 @@ def training_weights(args, train):
     diagnosis = read_csv(path, ["isic_id", "iddx_1"])
     check_ids(path, diagnosis["isic_id"], train["isic_id"])
     indeterminate = (diagnosis["iddx_1"] == "Indeterminate") & (train["target"] == 0)
-    return np.where(indeterminate, args.indeterminate_weight, 1.0), int(indeterminate.sum())
+    weight = np.where(indeterminate, args.indeterminate_weight, 1.0)
+    if not (weight[train["target"] == 0] > 0).any():
+        raise DataError(f"{path}: every negative is Indeterminate, and --indeterminate-weight "
+                        f"{args.indeterminate_weight:g} gives them no weight: nothing to learn from; pass a weight "
+                        "above 0")
+    return weight, int(indeterminate.sum())
 
 
 def train_boosters(args, model_dir, names, test, x_test, inputs):
@@ -192,6 +203,11 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
             boosters.append(f"fold{k}_bag{b}.txt")
             text = booster.model_to_string()
             atomic_write(os.path.join(partial, boosters[-1]), lambda f: f.write(text.encode()))
+        if not np.isfinite(fold_pred).all() or np.ptp(fold_pred) == 0:  # ranks nothing: never committed
+            shutil.rmtree(partial)
+            raise DataError(f"{args.name} fold {k}: every prediction is {fold_pred[0]:g}: the boosters learned nothing "
+                            "(no split: --min-leaf above a bag's rows, or --indeterminate-weight leaving no negatives "
+                            "of weight above 0?): no model written")
         oof[val] = fold_pred
         score = pauc_or_nan(y[val], fold_pred)
         log(f"{args.name} fold {k}: {len(trn)} train rows, {len(val)} validation rows, pAUC {score:.4f}")
@@ -223,16 +239,17 @@ def build_parser():
                         help="only test predictions, from the boosters in --models: no training")
     # defaults from bench.py --ablation (BENCHMARKS.md): the winners' regularisation; 2 bags x 170
     # rounds at lr 0.06 and 63 bins (--ablation speed) were within 0.002 of 5 x 400 at 0.03 and 255 bins
-    parser.add_argument("--rounds", type=positive(int), default=170)
-    parser.add_argument("--lr", type=positive(float), default=0.06)
-    parser.add_argument("--num-leaves", type=number(int, 2, 131072), default=31)  # LightGBM's range
-    parser.add_argument("--max-depth", type=number(int, 1, also=(-1,)), default=6, help="-1: no limit")
-    parser.add_argument("--min-leaf", type=positive(int), default=80, help="LightGBM's min_data_in_leaf")
+    parser.add_argument("--rounds", type=number(int, 1, 100_000), default=170)
+    parser.add_argument("--lr", type=number(float, 0, 1, low_open=True), default=0.06)
+    # each leaf caches a histogram of every feature: memory grows with the leaves
+    parser.add_argument("--num-leaves", type=number(int, 2, 1024), default=31)
+    parser.add_argument("--max-depth", type=number(int, 1, 64, also=(-1,)), default=6, help="-1: no limit")
+    parser.add_argument("--min-leaf", type=number(int, 1, 100_000), default=80, help="LightGBM's min_data_in_leaf")
     parser.add_argument("--colsample-bytree", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="share of the features each tree may use (LightGBM's feature_fraction)")
     parser.add_argument("--colsample-bynode", type=number(float, 0, 1, low_open=True), default=0.5,
                         help="share of the tree's features each split may use (LightGBM's feature_fraction_bynode)")
-    parser.add_argument("--bags", type=positive(int), default=2)
+    parser.add_argument("--bags", type=number(int, 1, 100), default=2)
     parser.add_argument("--max-bin", type=number(int, 2, 1023), default=63,
                         help="histogram bins a feature (LightGBM's max_bin): fewer are faster")
     # LightGBM's default of 200,000 took half of a fold's binning at 400,000 rows
@@ -240,13 +257,13 @@ def build_parser():
                         help="training rows whose values place the bins (LightGBM's bin_construct_sample_cnt)")
     # at most 1: more would make a bag larger than twice the training rows (--pos-rate), or leave it
     # fewer negatives than positives, none at all for a large one (--neg-rate)
-    parser.add_argument("--pos-rate", type=number(float, 0, 1, low_open=True), default=0.003,
+    parser.add_argument("--pos-rate", type=number(float, 1e-4, 1), default=0.003,
                         help="positives oversampled to this share of the negatives")
-    parser.add_argument("--neg-rate", type=number(float, 0, 1, low_open=True), default=0.01,
+    parser.add_argument("--neg-rate", type=number(float, 1e-4, 1), default=0.01,
                         help="then negatives undersampled until positives are this share of them")
-    parser.add_argument("--indeterminate-weight", type=number(float, 0), default=0.0,
+    parser.add_argument("--indeterminate-weight", type=number(float, 0, 10), default=0.0,
                         help="training weight of negatives diagnosed Indeterminate (iddx_1; 0 drops them, 1 is off)")
-    parser.add_argument("--threads", type=positive(int), default=os.cpu_count())
+    parser.add_argument("--threads", type=number(int, 1, 1024), default=os.cpu_count())
     parser.add_argument("--seed", type=SEED, default=42)
     return parser
 

@@ -96,7 +96,7 @@ def copy_models_in(models_in, work):
     for path in sorted(glob.glob(os.path.join(glob.escape(models_in), "*", "fold*", "manifest.json"))):
         fold_dir = os.path.dirname(path)
         problem = folder_problem(fold_dir)
-        if problem is None and read_json(path, "train_backbone.py").get("lesions") != digest:
+        if problem is None and read_json(path, "train_backbone.py", {"lesions": "digest"})["lesions"] != digest:
             problem = "made with another folds.csv than the one beside features.json (two runs' folders mixed)"
         if problem:
             raise DataError(f"{fold_dir}: {problem}: train that fold again, or attach the models dataset whole")

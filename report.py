@@ -30,10 +30,11 @@ import re
 
 import numpy as np
 
-from common import (MIN_TPR, add_path_flags, atomic_write, check_ids, check_labels, check_record, default_data_dir,
-                    file_digest, log, models_folder, open_h5, pauc, pauc_or_nan, rank01, rank_in_patient, read_csv,
-                    read_image_bytes, read_json, read_lesions, read_preds, retrieval_sensitivity, roc_points, run_main,
-                    stage_locks, write_args)
+from common import (MIN_TPR, add_path_flags, atomic_write, check_classes, check_ids, check_labels, check_record,
+                    default_data_dir, file_digest, log, models_folder, open_h5, pauc, pauc_or_nan, rank01,
+                    rank_in_patient, read_csv, read_image_bytes, read_lesions, read_preds, retrieval_sensitivity,
+                    roc_points, run_main, stage_locks, write_args)
+from ensemble import read_ensemble_json
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
@@ -401,7 +402,7 @@ def report_reads(args):
     fold logs) that the report reads."""
     if args.predict_only:
         return []
-    spec = read_json(os.path.join(models_folder(args), "ensemble.json"), "ensemble.py", ("names",))
+    spec = read_ensemble_json(os.path.join(models_folder(args), "ensemble.json"), "ensemble.py")
     archs = {os.path.basename(p)[4:-8] for p in glob.glob(os.path.join(args.work, "preds", "img_*_oof.csv"))}
     archs |= {p.split(os.sep)[-3] for p in glob.glob(os.path.join(models_folder(args), "*", "fold*", "log.csv"))}
     return [f"gbdt-{n}" for n in spec["names"]] + [f"image-{a}" for a in sorted(archs)]
@@ -412,8 +413,7 @@ def report(args):
     test = read_lesions(args.work, "test")
     triage_path = os.path.join(args.work, "triage.csv")
     spec_path = os.path.join(models_folder(args), "ensemble.json")
-    spec = None if args.predict_only else read_json(spec_path, "ensemble.py", ("names", "weights", "fold_weights",
-                                                                               "members"))
+    spec = None if args.predict_only else read_ensemble_json(spec_path, "ensemble.py")
     # made by the models folder's ensemble.json (a --predict-only work folder has none beside it)
     check_record(args.work, "ensemble", [triage_path], "ensemble.py", spec and file_digest(spec_path))
     triage = read_csv(triage_path, ["isic_id", "score"], ["score"])
@@ -424,6 +424,7 @@ def report(args):
         labels = read_csv(args.test_labels, ["isic_id", "target"], ["target"])
         check_ids(args.test_labels, labels["isic_id"], test["isic_id"])
         check_labels(args.test_labels, labels["isic_id"], labels["target"])
+        check_classes(args.test_labels, labels["target"], "the test lesions", "a score on test needs")
         test_y = labels["target"]
     budget = {"tiles": MAX_TILES, "bytes": MAX_TILE_BYTES}
     test_tiles = ("Test: three patients' top lesions",

@@ -6,6 +6,7 @@ train_backbone, extract, gbdt, ensemble, then the whole pipeline.
 
 Tests marked slow run stages on the demo set or train tiny models (no GPU needed).
 """
+import argparse
 import base64
 import copy
 import csv
@@ -14,6 +15,7 @@ import glob
 import io
 import itertools
 import json
+import math
 import os
 import pickle
 import re
@@ -777,7 +779,9 @@ def test_exported_weights_load_back_with_the_weights_flag(tmp_path, arch, monkey
     """... and the folder is a Kaggle dataset, of the user the kaggle CLI knows."""
     torch.manual_seed(3)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
-    train_backbone.main(["--arch", arch, "--no-pretrained", "--save-weights", str(tmp_path)])
+    build = train_backbone.build_model  # random weights stand in for timm's download
+    monkeypatch.setattr(train_backbone, "build_model", lambda *a, **k: build(*a, **{**k, "pretrained": False}))
+    train_backbone.main(["--arch", arch, "--save-weights", str(tmp_path)])
     with open(tmp_path / "dataset-metadata.json") as f:
         assert json.load(f)["id"] == "someone/isic-2024-weights"
     path = tmp_path / f"{arch}.safetensors"
@@ -928,14 +932,17 @@ def test_folds_are_reused_only_for_the_same_lesions_patients_and_labels(demo, de
 
 
 @slow
-def test_a_measurement_whose_features_overflow_float32_is_one_error_line(demo, tmp_path, capsys):
-    """3e38 passes the CSV reader (float32 holds it), but the area times the distance does not."""
+@pytest.mark.parametrize("column, value, what", [("tbp_lv_areaMM2", "3e38", "too large"),
+                                                 ("tbp_lv_perimeterMM", "1e-38", "too close to 0")])
+def test_a_measurement_whose_features_overflow_float32_is_one_error_line(demo, tmp_path, capsys, column, value, what):
+    """3e38 passes the CSV reader (float32 holds it), but the area times the distance does not; nor
+    does the area over a perimeter of 1e-38 squared."""
     data = copy_demo(demo, tmp_path / "data")
     path = os.path.join(data, "train-metadata.csv")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     row = 7
-    rewrite_csv(path, lambda rows: [r if i != row else [("3e38" if h == "tbp_lv_areaMM2" else v)
+    rewrite_csv(path, lambda rows: [r if i != row else [(value if h == column else v)
                                                         for h, v in zip(rows[0], r)] for i, r in enumerate(rows)])
     work = str(tmp_path / "work")
     with warnings.catch_warnings(record=True) as caught:  # a warning line would be printed before the error
@@ -943,7 +950,7 @@ def test_a_measurement_whose_features_overflow_float32_is_one_error_line(demo, t
         err = one_error_line(stage_error(capsys, features.main, ["--data", data, "--work", work]))
     assert not caught, [str(w.message) for w in caught]
     assert re.fullmatch(f"error: {path}: isic_id {rows[row][rows[0].index('isic_id')]}: feature "
-                        r"(\w*) is infinite \(1 lesion\(s\)\): one of its measurements is too large .*", err), err
+                        rf"(\w*) is infinite \(1 lesion\(s\)\): {column} {re.escape(f'{float(value):g}')} is {what} .*", err), err
     assert re.fullmatch(r"error: .*: feature (\w*) is.*", err)[1] in features.engineered_features(
         common.read_train(demo))[0]
     assert not os.path.exists(os.path.join(work, "features", "train.npy"))
@@ -1108,7 +1115,8 @@ def test_a_run_stopped_by_its_deadline_resumes_with_the_settings_it_began(demo, 
     train_backbone.main(args + ["--resume", "--workers", "1"])
     assert "fold 1: already trained" in capsys.readouterr().out
     err = one_error_line(stage_error(capsys, train_backbone.main, args + ["--resume", "--lr", "1e-4"]))
-    assert f"{fold}: trained with other settings than these (--lr 0.0003 -> 0.0001): run without --resume" in err
+    assert (f"{fold}: trained with other settings than these (--lr 0.0003 -> 0.0001): run train_backbone.py --arch "
+            "convnext_atto --fold 1 without --resume") in err
     swap = {"3": "4", "4": "3"}  # other folds, still grouped by patient
     rewrite_csv(os.path.join(work, "folds.csv"), lambda rows: rows[:1] + [r[:3] + [swap.get(r[3], r[3])] for r in rows[1:]])
     common.write_record(work, "features", [os.path.join(work, "folds.csv")])
@@ -1278,7 +1286,8 @@ def test_out_of_gpu_memory_names_the_flags_that_lower_it(demo, demo_work, tmp_pa
     (["--fold", "7"], "--fold 7: the folds of .*folds.csv are 0 to 4: one fold, several comma-separated, or 'all'"),
     (["--fold", "0,x"], "--fold 0,x: the folds of .*folds.csv are 0 to 4: one fold, several"),
     (["--fold", "abc"], "--fold abc: the folds of"),
-    (["--epochs", "0"], "argument --epochs: must be above 0, not 0"),
+    (["--epochs", "0"], "argument --epochs: must be at least 1 and at most 1000, not 0"),
+    (["--save-weights", "out"], "argument --save-weights: writes timm.s pretrained weights; with --no-pretrained"),
     (["--ema", "1"], "argument --ema: must be at least 0 and below 1, not 1"),
 ])
 def test_bad_training_options_are_one_error(demo, demo_work, capsys, option, match):
@@ -1586,15 +1595,16 @@ def test_a_damaged_part_is_scored_again_on_resume(tmp_path, monkeypatch, capsys)
         np.testing.assert_array_equal(np.load(part)["test_logit"], [0, 1, 2])
 
 
-@pytest.mark.parametrize("how, match", [("empty", "damaged"), ("truncate", "damaged"), ("foreign", "no logit_stats"),
-                                        ("remove", "not found"), ({"0": [2.0, 0.0]}, "of fold 0 is not a finite mean"),
-                                        ({"0": [2.0, None]}, "not .fold: .mean, std.."),
-                                        ({"1": [2.0, 1.0]}, "lacks fold 0"), ({"0": 5}, "not .fold: .mean, std..")])
+@pytest.mark.parametrize("how, match", [
+    ("empty", "damaged"), ("truncate", "damaged"), ("foreign", r"the file is \[1, 2\], not an object"),
+    ("remove", "not found"), ({"0": [2.0, 0.0]}, "logit_stats.0 is not a mean and a std above 0"),
+    ({"0": [2.0, None]}, r"logit_stats.0\[1\] is null, not a finite number"), ({"1": [2.0, 1.0]}, "lacks fold 0"),
+    ({"0": 5}, "logit_stats.0 is 5, not a list"), ({"x": [2.0, 1.0]}, "'x' is not a fold number")])
 def test_a_damaged_scores_json_is_one_error_line_naming_it(tmp_path, capsys, how, match):
     """Damaged, or valid JSON whose statistics would give wrong scores (a std of 0: infinite ones),
     or none for a fold it scores with."""
     args = types.SimpleNamespace(arch="convnext_atto")
-    made_with = {"folds": {"0": "digest"}, "checkpoint": "last"}
+    made_with = {"folds": {"0": "d" * 64}, "checkpoint": "last"}
     path = tmp_path / "convnext_atto" / "scores.json"
     extract.logit_statistics(args, str(tmp_path), made_with, {0: np.array([1.0, 3.0])})
     assert extract.logit_statistics(args, str(tmp_path), made_with, {}) == {0: (2.0, 1.0)}
@@ -1835,40 +1845,18 @@ def test_the_models_folder_is_one_consistent_unit(demo, demo_work, tmp_path, cap
         stage_error(capsys, gbdt.main, ["--work", other, "--predict-only"]))
 
 
-@pytest.mark.parametrize("script, option, value, match", [
-    (gbdt, "--rounds", "0", "must be above 0, not 0"),
-    (gbdt, "--rounds", "1.5", "'1.5' is not a number of type int"),
-    (gbdt, "--bags", "0", "must be above 0, not 0"),
-    (gbdt, "--lr", "inf", "must be a finite number above 0, not inf"),
-    (gbdt, "--lr", "nan", "must be a finite number above 0, not nan"),
-    (gbdt, "--num-leaves", "1", "must be at least 2 and at most 131072, not 1"),
-    (gbdt, "--max-depth", "0", "must be -1 or at least 1, not 0"),
-    (gbdt, "--min-leaf", "0", "must be above 0, not 0"),
-    (gbdt, "--colsample-bynode", "0", "must be above 0 and at most 1, not 0"),
-    (gbdt, "--colsample-bynode", "1.5", "must be above 0 and at most 1, not 1.5"),
-    (gbdt, "--pos-rate", "inf", "must be a finite number above 0 and at most 1, not inf"),
-    (gbdt, "--pos-rate", "2", "must be above 0 and at most 1, not 2"),
-    (gbdt, "--neg-rate", "0", "must be above 0 and at most 1, not 0"),
-    (gbdt, "--neg-rate", "inf", "must be a finite number above 0 and at most 1, not inf"),
-    (gbdt, "--indeterminate-weight", "-1", "must be at least 0, not -1"),
-    (gbdt, "--indeterminate-weight", "inf", "must be a finite number at least 0, not inf"),
-    (gbdt, "--threads", "0", "must be above 0, not 0"),
-    (gbdt, "--seed", "-1", "must be at least 0 and at most 1073741824, not -1"),
-    (train_backbone, "--epochs", "0", "must be above 0, not 0"),
-    (train_backbone, "--lr", "inf", "must be a finite number above 0, not inf"),
-    (train_backbone, "--head-lr", "nan", "must be a finite number above 0, not nan"),
-    (train_backbone, "--layer-decay", "1.5", "must be above 0 and at most 1, not 1.5"),
-    (train_backbone, "--weight-decay", "-0.1", "must be at least 0, not -0.1"),
-    (train_backbone, "--weight-decay", "inf", "must be a finite number at least 0, not inf"),
-    (train_backbone, "--warmup-epochs", "nan", "must be a finite number at least 0, not nan"),
+@pytest.mark.parametrize("script, option, value, match", [  # the values a careless run tried
+    (gbdt, "--lr", "1e308", "must be above 0 and at most 1, not 1e308"),
+    (gbdt, "--min-leaf", "10000000000", "must be at least 1 and at most 100000, not 10000000000"),
+    (gbdt, "--indeterminate-weight", "1e308", "must be at least 0 and at most 10, not 1e308"),
+    (gbdt, "--num-leaves", "131072", "must be at least 2 and at most 1024, not 131072"),
+    (gbdt, "--neg-rate", "1e-320", "must be at least 0.0001 and at most 1, not 1e-320"),
+    (gbdt, "--neg-rate", "inf", "must be a finite number at least 0.0001 and at most 1, not inf"),
+    (gbdt, "--max-depth", "0", "must be -1 or at least 1 and at most 64, not 0"),
+    (train_backbone, "--batch-size", str(2 ** 63), f"must be at least 1 and at most 4096, not {2 ** 63}"),
+    (train_backbone, "--head-lr", "nan", "must be a finite number above 0 and at most 1, not nan"),
     (train_backbone, "--warmup-epochs", "41", r"must be at most --epochs \(40\), not 41"),
-    (train_backbone, "--drop-path", "1", "must be at least 0 and below 1, not 1"),
-    (train_backbone, "--ema", "1", "must be at least 0 and below 1, not 1"),
-    (train_backbone, "--val-neg-per-pos", "-1", "must be at least 0, not -1"),
-    (train_backbone, "--workers", "-1", "must be at least 0, not -1"),
-    (train_backbone, "--micro-batch", "0", "must be above 0, not 0"),
     (train_backbone, "--seed", "2000000000", "must be at least 0 and at most 1073741824, not 2000000000"),
-    (extract, "--workers", "-1", "must be at least 0, not -1"),
     (extract, "--batch-size", "inf", "'inf' is not a number of type int"),
 ])
 def test_numeric_options_out_of_range_are_refused_naming_the_range(tmp_path, capsys, script, option, value, match):
@@ -1878,6 +1866,48 @@ def test_numeric_options_out_of_range_are_refused_naming_the_range(tmp_path, cap
     err = stage_error(capsys, script.main, args + ["--work", str(tmp_path / "work"), option, value])
     assert re.search(f"argument {option}: {match}$", err.strip()), err
     assert not os.path.exists(tmp_path / "work")
+
+
+def script_parsers(monkeypatch):
+    """{(script, option): its argparse action} of every numeric option of every stage and demo.py,
+    each parser caught as its main hands it the arguments."""
+    class Caught(Exception):
+        pass
+
+    def catch(parser, args=None, namespace=None):
+        raise Caught(parser)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    options = {}
+    for script in (sys.modules["demo"], features, train_backbone, extract, gbdt, ensemble, report, notebooks):
+        with pytest.raises(Caught) as caught:
+            script.main([])
+        options.update({(script.__name__, a.option_strings[0]): a for a in caught.value.args[0]._actions
+                        if a.option_strings and (a.type in (int, float) or hasattr(a.type, "bounds"))})
+    monkeypatch.undo()
+    return options
+
+
+def test_every_numeric_option_has_bounds_that_hold_at_and_just_beyond(monkeypatch):
+    """Each numeric option of each script has a finite upper bound and a lower one; the bounds are
+    taken, a step beyond each is refused, and so are inf and nan, each naming the range."""
+    options = script_parsers(monkeypatch)
+    assert len(options) >= 35 and ("demo", "--patients") in options and ("gbdt", "--num-leaves") in options
+    for (script, option), action in options.items():
+        assert hasattr(action.type, "bounds"), f"{script}.py {option}: a bare {action.type.__name__}, no range"
+        low, high, low_open, high_open = action.type.bounds
+        assert low is not None and high is not None and high < 1e12, (script, option, low, high)
+        kind = int if all(isinstance(v, int) for v in (low, high, action.default or 0)) else float
+        step = 1 if kind is int else max(abs(high), abs(low), 1e-300) * 1e-6
+        for value, taken in [(low, not low_open), (low - step, False), (high, not high_open),
+                             (high + step, False), (math.inf, False), (math.nan, False), (-math.inf, False)]:
+            try:
+                action.type(repr(value) if kind is float else str(value))
+                assert taken, f"{script}.py {option} {value} was taken"
+            except argparse.ArgumentTypeError as e:
+                assert not taken, f"{script}.py {option} {value} was refused: {e}"
+                assert "must be" in str(e) or "not a number" in str(e), (option, str(e))
+        if action.default is not None:
+            assert action.type(str(action.default)) == action.default, (script, option)
 
 
 @pytest.mark.parametrize("script, args, match", [
@@ -1946,27 +1976,6 @@ def test_folds_csv_with_a_patient_in_two_folds_is_refused(demo, demo_work, tmp_p
 
 
 # ---------------------------------------------------------------- ensemble.py
-
-@slow
-def test_a_damaged_json_state_file_is_one_error_line_naming_it(demo, demo_work, tmp_path, capsys):
-    """features.json and ensemble.json, empty, cut short, another file's or gone, where each stage reads them."""
-    work = copy_work(demo_work, tmp_path / "work")
-    gbdt.main(["--work", work, "--rounds", "2", "--bags", "1"])
-    ensemble.main(["--work", work])
-    for name, main, args, rebuild in [
-            ("features.json", features.main, ["--data", demo, "--predict-only"], "features.py on the training data"),
-            ("ensemble.json", ensemble.main, ["--predict-only"], "ensemble.py on the training data"),
-            ("ensemble.json", report.main, [], "ensemble.py")]:
-        path = os.path.join(work, "models", name)
-        with open(path, "rb") as f:
-            good = f.read()
-        for how in ("empty", "truncate", "foreign", "remove"):
-            damage(path, how)
-            err = one_error_line(stage_error(capsys, main, args + ["--work", work]))
-            assert err.startswith(f"error: {path}: ") and f": run {rebuild}" in err, (name, how, err)
-            with open(path, "wb") as f:
-                f.write(good)
-
 
 def test_rank_average_matches_loop():
     rng = np.random.default_rng(1)
@@ -2136,6 +2145,202 @@ def reported(demo, trained, tmp_path_factory):
     ensemble.main(["--work", work, "--names", "tab,tab_cnx"])
     report.main(["--work", work, "--data", demo, "--test-labels", os.path.join(demo, "demo_test_labels.csv")])
     return work
+
+
+def outputs_state(work, left_out):
+    """Every file under WORK as (inode, size, mtime): any write, in place or by rename, changes it;
+    lock files, and `left_out` (the damaged path, and what is under it), aside."""
+    return {p: (st.st_ino, st.st_size, st.st_mtime_ns) for d, _, files in os.walk(work) for f in files
+            if not f.startswith(".lock-") and not (p := os.path.join(d, f)).startswith(left_out)
+            for st in [os.stat(p)]}
+
+
+def damaged_state_file(path, how, inconsistent):
+    """The state file at PATH as a user, a killed run or a stray copy may leave it."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    os.remove(path)
+    named = path
+    if how == "directory":
+        os.mkdir(path)
+    elif how == "dangling symlink":
+        os.symlink(path + ".gone", path)
+    elif how == "looping symlink":
+        os.symlink(os.path.basename(path), path)
+    elif how in ("empty", "wrong types", "inconsistent"):
+        if path.endswith(".pt"):  # resume.pt: a checkpoint of the right keys, of the wrong types or for another fold
+            obj = torch.load(io.BytesIO(raw), weights_only=False) if raw else {}
+        else:
+            obj = json.loads(raw) if raw else {}
+        if how == "wrong types":
+            obj = {k: "x" if not isinstance(v, str) else 5 for k, v in obj.items()}
+        elif how == "inconsistent":
+            inconsistent(obj)
+            if "records" in path:  # a record at odds with its first file: what the error names is that file
+                named = next(iter(obj["files"]))
+        with open(path, "wb") as f:
+            if how == "empty":
+                pass
+            elif path.endswith(".pt"):
+                torch.save(obj, f)
+            else:
+                f.write(json.dumps(obj).encode())
+    return raw, named
+
+
+def other_digest(obj):  # a record whose first file's digest is another file's
+    obj["files"][next(iter(obj["files"]))] = "0" * 64
+
+
+@pytest.fixture(scope="session")
+def resume_args(demo):
+    return ["--arch", "convnext_atto", "--data", demo, "--fold", "0", "--resume"] + tiny_train(1)
+
+
+def matrix_work(demo, reported, tmp_path, resume_args):
+    """A copy of the reported work folder, with fold 0 of convnext_atto interrupted: its .partial
+    holds the args.json of the resume command and a resume.pt (another fold's, made by hand)."""
+    work = copy_work(reported, tmp_path / "work")
+    partial = os.path.join(work, "models", "convnext_atto", "fold0.partial")
+    args = train_backbone.build_parser().parse_args(resume_args + ["--work", work])
+    common.write_args(os.path.join(partial, "args.json"), args)
+    torch.save({"arch": "convnext_atto", "fold": 0, "settings": train_backbone.weight_settings(args),
+                "lesions": common.lesions_digest(work), "epoch": 0, "best": 0.1, "step": 3, "val_pauc": 0.1,
+                "model": {}, "optimizer": {}, "scaler": {}}, os.path.join(partial, "resume.pt"))
+    return work
+
+
+DAMAGES = ("missing", "empty", "directory", "dangling symlink", "looping symlink", "wrong types", "inconsistent")
+# each state file, the stage that reads it and its arguments, how it is made inconsistent, the damages to try
+STATE_FILES = [
+    ("records/features.json", gbdt, ["--name", "dm", "--rounds", "2", "--bags", "1"], other_digest, DAMAGES),
+    ("records/tab.json", ensemble, ["--names", "tab"], other_digest, DAMAGES),
+    ("records/img_convnext_atto.json", gbdt, ["--name", "dm", "--image", "convnext_atto"], other_digest, DAMAGES),
+    ("records/ensemble.json", report, [], other_digest, DAMAGES),
+    ("models/tab/manifest.json", gbdt, ["--name", "tab", "--predict-only"],
+     lambda m: m["boosters"].append("fold9_bag0.txt"), DAMAGES),
+    ("models/tab/manifest.json", gbdt, ["--name", "tab", "--predict-only"], lambda m: m.update(boosters=[]),
+     ("inconsistent",)),
+    ("models/convnext_atto/fold0/manifest.json", extract, ["--arch", "convnext_atto", "--predict-only", "--workers",
+                                                           "0"], lambda m: m.update(fold=3), DAMAGES),
+    ("models/convnext_atto/scores.json", extract, ["--arch", "convnext_atto", "--predict-only", "--workers", "0"],
+     lambda s: s["logit_stats"].pop("0"), DAMAGES),
+    ("models/ensemble.json", ensemble, ["--predict-only"], lambda e: e["weights"].pop(), DAMAGES),
+    ("models/ensemble.json", report, [], lambda e: e["members"].pop("tab"), DAMAGES),
+    ("models/features.json", features, ["--predict-only"], lambda f: f["columns"].pop(), DAMAGES),
+    ("models/convnext_atto/fold0/args.json", train_backbone, "resume",
+     lambda a: a["args"].update(lr=0.1), DAMAGES),
+    ("models/convnext_atto/fold0.partial/args.json", train_backbone, "resume",
+     lambda a: a["args"].update(lr=0.1), DAMAGES),
+    ("models/convnext_atto/fold0.partial/resume.pt", train_backbone, "resume", lambda c: c.update(fold=3),
+     DAMAGES[1:]),  # with no resume.pt the fold starts afresh
+    (".lock-gbdt-dm", gbdt, ["--name", "dm"], None, ("directory", "dangling symlink", "looping symlink")),
+    (".lock-features", gbdt, ["--name", "dm"], None, ("directory", "dangling symlink", "looping symlink")),
+]
+
+
+@slow
+@pytest.mark.parametrize("name, stage, args, inconsistent, damages", STATE_FILES,
+                         ids=[f"{f[0]}-{f[1].__name__}" for f in STATE_FILES])
+def test_damage_matrix_of_state_files(demo, reported, resume_args, tmp_path, capsys, name, stage, args, inconsistent,
+                                      damages):
+    """Every state file a stage reads, in turn missing, empty, a directory, a dangling symlink, of
+    the wrong types, or with lists that disagree: exit 2, one error line naming it, no traceback,
+    and every earlier output as it was."""
+    work = matrix_work(demo, reported, tmp_path, resume_args)
+    args = resume_args if args == "resume" else args + ["--data", demo] * (stage in (extract, features))
+    path = os.path.join(work, name)
+    if name.endswith("args.json") and "partial" not in name:  # the committed fold, with no resume state
+        shutil.rmtree(os.path.dirname(path) + ".partial")
+    if not os.path.lexists(path):  # a lock file that no run has made yet
+        open(path, "w").close()
+    for how in damages:
+        before = outputs_state(work, path)
+        raw, named = damaged_state_file(path, how, inconsistent)
+        err = one_error_line(stage_error(capsys, stage.main, args + ["--work", work]))
+        named = os.path.join(work, named)
+        assert f"error: {named}: " in err or f"error: {os.path.dirname(named)}: " in err, (how, err)
+        assert outputs_state(work, path) == before, how
+        if os.path.lexists(path):
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        with open(path, "wb") as f:
+            f.write(raw)
+
+
+@slow
+@pytest.mark.parametrize("odd", ["preds/tab_test.csv as a folder", "records/tab.json as a folder", "preds as a file",
+                                 "models/tab as a dangling symlink", "models/tab.old as a file"])
+def test_an_output_that_cannot_be_replaced_is_named_before_any_work(reported, tmp_path, capsys, odd):
+    """A folder where gbdt.py's predictions or record go, a file where a folder goes, a dangling
+    symlink in the place of the model: one line naming the path, and the model in place."""
+    work = copy_work(reported, tmp_path / "work")
+    name, kind = odd.split(" as a ")
+    path = os.path.join(work, name)
+    shutil.rmtree(path) if os.path.isdir(path) else os.path.lexists(path) and os.remove(path)
+    if kind == "folder":
+        os.mkdir(path)
+    elif kind == "file":
+        open(path, "w").close()
+    else:
+        os.symlink(path + ".gone", path)
+    before = outputs_state(work, path)
+    err = one_error_line(stage_error(capsys, gbdt.main, ["--work", work, "--name", "tab", "--rounds", "2"]))
+    assert err.startswith(f"error: {path}: ") and "remove it" in err, err
+    assert outputs_state(work, path) == before
+
+
+@slow
+def test_a_symlinked_model_folder_is_replaced_and_what_it_points_to_left_alone(reported, tmp_path):
+    """models/tab as a symlink to a folder elsewhere (a shared copy): retraining puts a real folder
+    in its place, the folder it pointed to stays as it was, and later runs go on as usual."""
+    work = copy_work(reported, tmp_path / "work")
+    elsewhere = copy_work(os.path.join(work, "models", "tab"), tmp_path / "shared_tab")
+    shutil.rmtree(os.path.join(work, "models", "tab"))
+    os.symlink(elsewhere, os.path.join(work, "models", "tab"))
+    kept = tree_digest(elsewhere)
+    for _ in range(2):
+        gbdt.main(["--work", work, "--name", "tab", "--rounds", "2", "--bags", "1"])
+        assert not os.path.islink(os.path.join(work, "models", "tab"))
+        assert sorted(os.listdir(os.path.join(work, "models"))) == sorted(os.listdir(os.path.join(reported, "models")))
+    assert tree_digest(elsewhere) == kept
+    ensemble.main(["--work", work, "--names", "tab"])
+
+
+@slow
+@pytest.mark.parametrize("case, match", [
+    ("--min-leaf above the rows", "tab fold 0: every prediction is .*: the boosters learned nothing"),
+    ("every negative Indeterminate", "every negative is Indeterminate, and --indeterminate-weight 0 gives them no "
+                                     "weight")])
+def test_a_gbdt_that_would_predict_one_value_is_refused_and_the_old_one_kept(reported, tmp_path, capsys, case, match):
+    work = copy_work(reported, tmp_path / "work")
+    args = ["--work", work, "--name", "tab", "--rounds", "2", "--bags", "1"]
+    if case.startswith("--min-leaf"):
+        args += ["--min-leaf", "100000"]
+    else:
+        rewrite_csv(os.path.join(work, "train_diagnosis.csv"),
+                    lambda rows: rows[:1] + [[r[0], "Indeterminate"] for r in rows[1:]])
+        rerecord(work, "features")
+    before = outputs_state(work, os.path.join(work, "records", "features.json"))
+    err = one_error_line(stage_error(capsys, gbdt.main, args))
+    assert re.search(match, err), err
+    assert outputs_state(work, os.path.join(work, "records", "features.json")) == before
+    assert not os.path.exists(os.path.join(work, "models", "tab.partial"))
+
+
+@slow
+@pytest.mark.parametrize("labels, match", [("one class", "the test lesions hold only lesions of target 0: a score "
+                                                         "on test needs malignant and benign lesions"),
+                                           ("not 0 or 1", "target is 2, not 0 or 1")])
+def test_test_labels_that_cannot_score_are_one_error_line(demo, reported, tmp_path, capsys, labels, match):
+    path = str(tmp_path / "labels.csv")
+    shutil.copy(os.path.join(demo, "demo_test_labels.csv"), path)
+    rewrite_csv(path, lambda rows: rows[:1] + [[r[0], "2" if labels == "not 0 or 1" and i == 3 else "0"]
+                                               for i, r in enumerate(rows[1:])])
+    work = copy_work(reported, tmp_path / "work")
+    before = outputs_state(work, path)
+    err = one_error_line(stage_error(capsys, report.main, ["--work", work, "--data", demo, "--test-labels", path]))
+    assert err.startswith(f"error: {path}: ") and match in err, err
+    assert outputs_state(work, path) == before
 
 
 @slow
@@ -2509,7 +2714,7 @@ def test_kaggle_inputs_are_found_by_what_they_hold_in_either_layout(demo, tmp_pa
     (other / "convnext" / "fold0.partial").mkdir(parents=True)
     (other / "convnext" / "fold0.partial" / "last.pt").write_bytes(b"weights")
     common.commit_folder(str(other / "convnext" / "fold0.partial"), str(other / "convnext" / "fold0"),
-                         {"lesions": "the digest of another folds.csv"})
+                         {"lesions": "0" * 64})  # the digest of another folds.csv
     (other / "folds.csv").write_text("isic_id,patient_id,target,fold\n")
     (other / "features.json").write_text("{}")
     err = one_error_line(stage_error(capsys, lambda a: notebooks.copy_models_in(*a), (str(other), str(tmp_path))))

@@ -36,12 +36,12 @@ import time
 import numpy as np
 import torch
 
-from common import (AUGMENT_DRAWS, MODEL_CONFIGS, SEED, DataError, H5Images, add_path_flags, amp_settings,
-                    atomic_write, autocast, broken_tiles, build_model, check_a_tile_decodes, check_image_ids,
-                    commit_folder, data_path, finish_commit, focal_loss, image_loader, lesions_digest, log,
-                    normalization, number, pauc_or_nan, positive, predict, prepare_batch, process_device, read_csv,
-                    read_json, read_lesions, run_main, split_broken, stage_locks, write_args, write_csv,
-                    write_dataset_metadata)
+from common import (AUGMENT_DRAWS, FOLD_MANIFEST, MODEL_CONFIGS, SEED, DataError, H5Images, add_path_flags,
+                    amp_settings, atomic_write, autocast, broken_tiles, build_model, check_a_tile_decodes,
+                    check_image_ids, commit_folder, data_path, finish_commit, focal_loss, image_loader, lesions_digest,
+                    log, normalization, number, path_problem, pauc_or_nan, predict, prepare_batch, process_device,
+                    read_csv, read_json, read_lesions, run_main, schema_problem, split_broken, stage_locks, write_args,
+                    write_csv, write_dataset_metadata)
 
 
 def epoch_rows(y, neg_per_pos, seed_key):
@@ -229,6 +229,12 @@ RESUME_MAY_CHANGE = ("resume", "workers", "micro_batch", "grad_checkpointing", "
                      "weights", "no_pretrained", "deadline")
 
 
+ARGS_JSON = {"args": {"*": "any"}}  # what write_args writes, as resuming reads it
+RESUME_STATE = {"arch": "text", "fold": "int", "settings": {"*": "any"}, "lesions": "digest", "epoch": "int",
+                "best": ("number", "nan"), "step": "int", "val_pauc": ("number", "nan"), "model": {"*": "any"},
+                "optimizer": {"*": "any"}, "scaler": {"*": "any"}}
+
+
 def weight_settings(args):
     """The settings that decide a fold's weights (all but RESUME_MAY_CHANGE)."""
     return {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
@@ -245,7 +251,7 @@ def check_resume_settings(args, out_dir, fold):
     a mix of two runs' settings."""
     path = os.path.join(out_dir, "args.json")
     recorded = read_json(path, f"train_backbone.py --arch {args.arch} --fold {fold} without --resume (to start the "
-                         "fold again)", keys=("args",))["args"]
+                         "fold again)", ARGS_JSON)["args"]
     differ = settings_differ(args, recorded)
     if differ:
         raise DataError(f"{path}: the interrupted run of fold {fold} was started with other settings "
@@ -256,25 +262,29 @@ def check_resume_settings(args, out_dir, fold):
 def check_committed_fold(args, final, fold):
     """Under --resume a committed fold is kept only if it was trained with these settings on these
     folds; else the run stops, naming the fold and what differs."""
-    again = f"run without --resume to train fold {fold} again with these settings, or resume with its own"
-    recorded = read_json(os.path.join(final, "args.json"), again, keys=("args",))["args"]
+    again = f"train_backbone.py --arch {args.arch} --fold {fold} without --resume (to train the fold again)"
+    recorded = read_json(os.path.join(final, "args.json"), again, ARGS_JSON)["args"]
     differ = settings_differ(args, recorded)
-    if read_json(os.path.join(final, "manifest.json"), again).get("lesions") != lesions_digest(args.work):
+    if read_json(os.path.join(final, "manifest.json"), again, FOLD_MANIFEST)["lesions"] != lesions_digest(args.work):
         differ.append(f"the folds of {args.work}/folds.csv")
     if differ:
-        raise DataError(f"{final}: trained with other settings than these ({', '.join(differ)}): {again}")
+        raise DataError(f"{final}: trained with other settings than these ({', '.join(differ)}): run {again} with "
+                        "these settings, or resume with its own")
 
 
 def load_resume_state(args, resume_path, fold):
     """resume.pt, checked to be this architecture's, fold's, settings' and folds' resume state."""
     again = "run without --resume to start the fold again"
+    problem = path_problem(resume_path)
+    if problem:
+        raise DataError(f"{resume_path}: {problem}: {again}")
     try:  # to the CPU: a GPU out of memory here is not a damaged file
         ck = torch.load(resume_path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
         raise DataError(f"{resume_path}: damaged ({str(e).splitlines()[0]}): {again}") from None
-    keys = ("arch", "fold", "settings", "lesions", "epoch", "best", "step", "val_pauc", "model", "optimizer", "scaler")
-    if not isinstance(ck, dict) or any(k not in ck for k in keys):
-        raise DataError(f"{resume_path}: not a resume state of train_backbone.py (keys {', '.join(keys)}): {again}")
+    problem = schema_problem(ck, RESUME_STATE)
+    if problem:
+        raise DataError(f"{resume_path}: not a resume state of train_backbone.py ({problem}): {again}")
     differ = ([f"--arch {ck['arch']}"] * (ck["arch"] != args.arch) + [f"fold {ck['fold']}"] * (ck["fold"] != fold)
               + ["the folds of another folds.csv"] * (ck["lesions"] != lesions_digest(args.work))
               + settings_differ(args, ck["settings"]))
@@ -312,11 +322,11 @@ def train_fold(args, fold, train, images, device, rank, world, measured):
         finish_commit(final)  # a commit that a kill interrupted: finished, so that no trained fold is lost
     if world > 1:
         torch.distributed.barrier()  # every process decides on the folder as process 0 left it
-    if args.resume and not os.path.exists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
+    if args.resume and not os.path.lexists(resume_path) and os.path.exists(os.path.join(final, "manifest.json")):
         check_committed_fold(args, final, fold)
         log(f"{args.arch} fold {fold}: already trained ({final}), with these settings; nothing to resume")
         return None
-    resuming = args.resume and os.path.exists(resume_path)
+    resuming = args.resume and os.path.lexists(resume_path)  # a resume.pt that is no file is an error
     if resuming:
         check_resume_settings(args, out_dir, fold)
     # a fold starts only if all its epochs would end before --deadline; a resumed one, if its next epoch would
@@ -440,7 +450,7 @@ def train_fold(args, fold, train, images, device, rank, world, measured):
     return best
 
 
-def save_weights(arch, out_dir, pretrained=True):
+def save_weights(arch, out_dir, pretrained=True):  # pretrained=False: the tests' random weights
     """OUT/ARCH.safetensors: the pretrained weights of ARCH's timm model, as --weights and run.sh's
     WEIGHTS_DIR take them. Needs timm's download (internet, HF_HUB_OFFLINE=0) or its cache."""
     from safetensors.torch import save
@@ -497,36 +507,37 @@ def build_parser():
     parser.add_argument("--no-pretrained", action="store_true", help="random initialization")
     # 40 epochs of every positive with 4 fresh negatives each (1:3 to 1:5 in the winning solutions): 40 x (1 + 4)
     # = 200 training images per positive, fewer than 12 epochs at 1:20 (252)
-    parser.add_argument("--epochs", type=positive(int), default=40)
-    parser.add_argument("--neg-per-pos", type=positive(int), default=4,
+    parser.add_argument("--epochs", type=number(int, 1, 1000), default=40)
+    parser.add_argument("--neg-per-pos", type=number(int, 1, 10_000), default=4,
                         help="negatives per positive in each epoch, drawn afresh each epoch (default 4 with 40 "
                              "epochs: 200 training images per positive)")
-    parser.add_argument("--val-neg-per-pos", type=number(int, 0), default=50,
+    parser.add_argument("--val-neg-per-pos", type=number(int, 0, 1_000_000), default=50,
                         help="validation negatives per positive, drawn once (0: all; all of a real fold is "
                              "about 80,000 tiles: 17 times the FLOPs of a training epoch at 1:4)")
-    parser.add_argument("--batch-size", type=positive(int), default=64,
+    parser.add_argument("--batch-size", type=number(int, 1, 4096), default=64,
                         help="images per optimizer step, all processes together under torchrun (a multiple of "
                              "their number)")
-    parser.add_argument("--micro-batch", type=positive(int),
+    parser.add_argument("--micro-batch", type=number(int, 1, 4096),
                         help="images per forward pass (default: as many as the GPU's memory holds, by powers of 2)")
     parser.add_argument("--grad-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, about 30%% more compute")
-    parser.add_argument("--lr", type=positive(float), default=5e-5, help="the backbone's peak learning rate")
-    parser.add_argument("--head-lr", type=positive(float),
+    parser.add_argument("--lr", type=number(float, 0, 1, low_open=True), default=5e-5,
+                        help="the backbone's peak learning rate")
+    parser.add_argument("--head-lr", type=number(float, 0, 1, low_open=True),
                         help="the classifier head's peak learning rate (default: 10 x --lr)")
     parser.add_argument("--layer-decay", type=number(float, 0, 1, low_open=True), default=1.0,
                         help="layer-wise learning rate decay: the backbone layer at depth i of L learns at "
                              "--lr x DECAY^(L - i) (default 1: every layer at --lr)")
-    parser.add_argument("--weight-decay", type=number(float, 0), default=0.05)
-    parser.add_argument("--warmup-epochs", type=number(float, 0), default=1.0, help="at most --epochs")
+    parser.add_argument("--weight-decay", type=number(float, 0, 1), default=0.05)
+    parser.add_argument("--warmup-epochs", type=number(float, 0, 1000), default=1.0, help="at most --epochs")
     parser.add_argument("--drop-path", type=number(float, 0, 1, high_open=True), default=0.1)
     parser.add_argument("--ema", type=number(float, 0, 1, high_open=True), default=0.0, metavar="DECAY",
                         help="validate and save an exponential moving average of the weights, updated after "
                              "every optimizer step with this decay (e.g. 0.999; default 0: off)")
-    parser.add_argument("--workers", type=number(int, 0), default=min(8, os.cpu_count()))
+    parser.add_argument("--workers", type=number(int, 0, 64), default=min(8, os.cpu_count()))
     parser.add_argument("--cpu-amp", action="store_true", help="bf16 autocast on the CPU too")
     parser.add_argument("--resume", action="store_true", help="continue from the resume.pt of fold{k}.partial/")
-    parser.add_argument("--deadline", type=positive(float), metavar="UNIX_TIME",
+    parser.add_argument("--deadline", type=number(float, 0, 1e11, low_open=True), metavar="UNIX_TIME",
                         help="start no fold, and no epoch of a resumed or started one, that would end after this "
                              "time (seconds since 1970, as `date +%%s` prints), judged from the longest epoch "
                              "measured; the fold's resume.pt stays for --resume")
@@ -545,8 +556,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.warmup_epochs > args.epochs:  # the schedule would never reach its peak
         parser.error(f"argument --warmup-epochs: must be at most --epochs ({args.epochs}), not {args.warmup_epochs:g}")
+    if args.save_weights and args.no_pretrained:  # random weights under the pretrained model's name
+        parser.error("argument --save-weights: writes timm's pretrained weights; with --no-pretrained it would "
+                     "write random ones under their name")
     if args.save_weights:
-        save_weights(args.arch, args.save_weights, not args.no_pretrained)
+        save_weights(args.arch, args.save_weights)
         return
     train(args)
 
