@@ -33,6 +33,9 @@ import numpy as np
 from common import (DataError, add_path_flags, file_digest, gbdt_names, log, models_folder, pauc, rank01,
                     rank_in_patient, read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks,
                     write_args, write_csv, write_json, write_preds, write_record)
+from reasons import N_REASONS, explain, member_images
+
+REASONS = [f"reason_{r + 1}" for r in range(N_REASONS)]
 
 
 def rank_average(preds, weights):
@@ -147,17 +150,24 @@ def ensemble(args):
             fold_weights, ens_oof = nested_choice(ranks, y, folds)
         else:
             ens_oof = weights @ ranks
-        # the models folder's record first, and the work folder's outputs checked against it by digest
+        oof_reasons = explain(args.work, models_dir, names, weights, members, "train", train, ens_oof)
+    ens_test = rank_average(tst, weights)
+    test_reasons = explain(args.work, models_dir, names, weights, members, "test", test, ens_test)
+    if not args.predict_only:  # the models folder's record first, and the work folder's outputs checked against it
         write_json(spec_path, {"names": names, "weights": weights.tolist(), "members": members,
                                "fold_weights": {str(k): w.tolist() for k, w in fold_weights.items()}})
-    ens_test = rank_average(tst, weights)
     written = [write_preds(args.work, "ensemble", "test", test, ens_test),
                os.path.join(args.work, "submission.csv"), os.path.join(args.work, "triage.csv")]
     write_csv(written[1], ["isic_id", "target"], [test["isic_id"], ens_test])
-    write_csv(written[2], ["isic_id", "patient_id", "score", "rank_in_patient"],
-              [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])])
+    write_csv(written[2], ["isic_id", "patient_id", "score", "rank_in_patient"] + REASONS,
+              [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])]
+              + test_reasons)
     if not args.predict_only:
-        written.append(write_preds(args.work, "ensemble", "train", train, ens_oof))
+        written += [write_preds(args.work, "ensemble", "train", train, ens_oof),
+                    os.path.join(args.work, "triage_oof.csv")]
+        write_csv(written[-1], ["isic_id", "patient_id", "target", "score", "rank_in_patient"] + REASONS,
+                  [train["isic_id"], train["patient_id"], train["target"], ens_oof,
+                   rank_in_patient(ens_oof, train["patient_id"])] + oof_reasons)
         write_args(os.path.join(args.work, "ensemble_args.json"), args)
     write_record(args.work, "ensemble", written, file_digest(spec_path))
     log(f"wrote {args.work}/submission.csv and triage.csv: {len(ens_test)} rows, the rank average of "
@@ -196,7 +206,9 @@ def main(argv=None):
                         help="only the submission, with the models and weights of --models/ensemble.json")
     args = parser.parse_args(blend_joined(argv))
     # no GBDT that it reads is rewritten while it reads (a rerun stops with one line)
-    with stage_locks(args, ["ensemble"], ["features"] + [f"gbdt-{n}" for n in member_names(args)]):
+    names = member_names(args)
+    with stage_locks(args, ["ensemble"], ["features"] + [f"gbdt-{n}" for n in names]
+                     + [f"image-{a}" for a in member_images(models_folder(args), names)]):
         ensemble(args)
 
 

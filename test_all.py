@@ -2829,7 +2829,7 @@ def test_gbdt_killed_at_any_point(demo, tmp_path):
         inputs = gbdt.input_digests(args, os.path.join(work, "models"))
         x, names = gbdt.load_features(args, "test", common.read_lesions(work, "test"), inputs)
         boosters, _ = gbdt.load_boosters(os.path.join(work, "models", "tabular"), names, inputs)
-        return file_bytes(os.path.join(work, "submission.csv")), np.mean([b.predict(x) for b in boosters], 0).tobytes()
+        return file_bytes(os.path.join(work, "submission.csv")), np.mean([b.predict(x) for b in boosters.values()], 0).tobytes()
     kill_at_every_point(base, tmp_path, lambda w: tiny_gbdt(w, "--seed", "7", "--rounds", "4"), next_stage,
                         models=["models/tabular"])
 
