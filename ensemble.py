@@ -7,14 +7,20 @@ scores the best out-of-fold pAUC; the ensemble's own out-of-fold scores rank eac
 weights chosen on the other folds, so that its OOF pAUC is an honest score of the choice.
 `--blend equal` gives the plain mean; `--blend 1,2,0` sets them by hand.
 
+Each patient's top 15 lesions get three reasons (reasons.py): the concepts whose TreeSHAP
+contributions raise the score most, from the members' boosters, weighted as the members are.
+
 Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/NAME_{oof,test}.csv for each model,
-        WORK/models/NAME/manifest.json
+        WORK/models/NAME/ (manifest.json; for the reasons, the boosters and args.json) and what
+        gbdt.py reads for the members with a weight above 0 (WORK/features/, image scores)
 Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/triage.csv (isic_id,patient_id,
-        score,rank_in_patient: rank 1 = the patient's lesion to look at first; ties in metadata order),
-        WORK/preds/ensemble_{oof,test}.csv,
+        score,rank_in_patient,reason_1,reason_2,reason_3: rank 1 = the patient's lesion to look at first;
+        ties in metadata order; reasons "concept: phrase", empty outside each patient's top 15),
+        WORK/triage_oof.csv (isic_id,patient_id,target,score,rank_in_patient,reason_1..3: the same out
+        of fold, reasons also for every malignant lesion), WORK/preds/ensemble_{oof,test}.csv,
         WORK/models/ensemble.json (the models, their digests, the weights; what --predict-only reads
         back from --models, to rebuild the same submission; written first), WORK/ensemble_args.json,
-        and last WORK/records/ensemble.json (the digests of the submission, triage and predictions, and of
+        and last WORK/records/ensemble.json (the digests of the submission, triages and predictions, and of
         the ensemble.json they come from)
 
     python ensemble.py --work work --names tabular
@@ -33,9 +39,7 @@ import numpy as np
 from common import (DataError, add_path_flags, file_digest, gbdt_names, log, models_folder, pauc, rank01,
                     rank_in_patient, read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks,
                     write_args, write_csv, write_json, write_preds, write_record)
-from reasons import N_REASONS, explain, member_images
-
-REASONS = [f"reason_{r + 1}" for r in range(N_REASONS)]
+from reasons import REASONS, explain, member_images
 
 
 def rank_average(preds, weights):

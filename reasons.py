@@ -31,6 +31,7 @@ from features import CONTEXT, CONTEXT_STATS, OUTLIER_K
 
 TOP_K = 15  # the triage's list: each patient's top 15 (the organisers' secondary score)
 N_REASONS = 3
+REASONS = [f"reason_{r + 1}" for r in range(N_REASONS)]  # their columns in triage.csv and triage_oof.csv
 NORMALIZED = re.compile(r"(.+?)_((?:pn_(?:%s))|(?:(?:%s)_(?:%s)))" % ("|".join(STATS), "|".join(CONTEXT),
                                                                      "|".join(CONTEXT_STATS)))
 IMAGE = re.compile(r"img_(.+?)(?:_(pn_dev|pn_z|site_z|site_pct))?")  # gbdt.image_score_features' columns
