@@ -15,6 +15,7 @@ each run took.
     python bench.py --ablation ingredients  # the tabular ingredients one at a time, on a larger demo set
     python bench.py --ablation speed        # gbdt.py's speed levers, over the folds of two seeds
     python bench.py --gbdt-rows 400000 --gbdt-before 9bc826e  # gbdt.py today beside that commit's
+    python bench.py --reasons       # the triage's reasons (reasons.py) at 500,000 test lesions
 
 Prints a markdown table of every figure.
 """
@@ -39,6 +40,7 @@ import ensemble  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
 import notebooks  # noqa: E402
+import reasons  # noqa: E402
 import train_backbone  # noqa: E402
 from demo import demo_lesions, make_demo, write_metadata  # noqa: E402
 
@@ -384,6 +386,49 @@ def cpu_minutes(test_lesions, cache):
     return (t_features + t_gbdt + t_ensemble) / 60
 
 
+def reason_figures(cache, test_lesions, gbdts=4, per_patient=FULL_ROWS / FULL_PATIENTS):
+    """Table rows of the reasons' cost (reasons.explain's steps) at test_lesions lesions, measured
+    at that size: the feature matrix (the demo's feature rows tiled) saved and loaded
+    back as gbdt.load_features does, once a GBDT; each patient's top 15 (per_patient lesions a
+    patient, as in the real train file) taken; their TreeSHAP contributions from `gbdts` GBDTs of
+    5 folds x gbdt.py's default bags (boosters of the default settings, trained on 20,000 of the rows
+    against random labels: a booster's cost is its trees'), combined, and the phrases; and TreeSHAP
+    for 20,000 lesions, scaled to every lesion, for comparison."""
+    data = os.path.join(cache, "reasons_demo")
+    if not os.path.exists(os.path.join(data, "test-metadata.csv")):
+        os.makedirs(data, exist_ok=True)
+        write_metadata(os.path.join(data, "test-metadata.csv"),
+                       demo_lesions(np.random.default_rng(1), 40, 2_000_000, 2_000_000, 0.01), common.TEST_COLUMNS)
+    test = common.read_test(data)
+    x, names = features.build_features(test, features.fit_vocabularies(test))
+    rng = np.random.default_rng(0)
+    x = np.resize(np.ascontiguousarray(x), (test_lesions, x.shape[1]))
+    patients = np.arange(test_lesions) // int(per_patient)
+    defaults = gbdt.build_parser().parse_args([])
+    n_boosters = 5 * defaults.bags
+    booster = gbdt.lgb.train(gbdt.lgb_params(defaults, 0), gbdt.lgb.Dataset(x[:20_000], rng.random(20_000) < 0.02),
+                             defaults.rounds)
+    ids = [f"ISIC_{i:07d}" for i in range(test_lesions)]
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        common.save_array(os.path.join(tmp, "test.npy"), x, ids)
+        t_load = timed(lambda: [common.load_array(os.path.join(tmp, "test.npy"), ids) for _ in range(gbdts)])[0]
+    t_select, rows = timed(lambda: np.flatnonzero(common.rank_in_patient(rng.random(test_lesions), patients)
+                                                  <= reasons.TOP_K))
+    t_shap, phi = timed(lambda: [reasons.contributions([booster] * n_boosters, x[rows]) for _ in range(gbdts)])
+    t_phrases = timed(lambda: reasons.top_reasons(sum(phi)[:, :-1] / gbdts, x[rows], names))[0]
+    t_all = timed(reasons.contributions, [booster], x[:20_000])[0] * gbdts * n_boosters * test_lesions / 20_000
+    total = t_load + t_select + t_shap + t_phrases
+    what = f"{gbdts} GBDTs x {n_boosters} boosters of {defaults.rounds} rounds"
+    return [(f"reasons: loading the test features, once a GBDT ({gbdts})", test_lesions, x.shape[1], t_load, ""),
+            ("reasons: each patient's top 15", len(rows), "", t_select, f"{test_lesions // int(per_patient):,} patients"),
+            (f"reasons: TreeSHAP contributions of the top 15s, {what}", len(rows), x.shape[1], t_shap, ""),
+            ("reasons: concepts and phrases", len(rows), x.shape[1], t_phrases, ""),
+            (f"**reasons for the triage, {test_lesions:,} test lesions**", test_lesions, x.shape[1], total,
+             "measured"),
+            (f"reasons for every test lesion: TreeSHAP alone, {what}", test_lesions, x.shape[1], t_all,
+             "measured on 20,000 lesions, scaled")]
+
+
 def notebook_runs(folds, finish_h):
     """The runs of the training notebook (notebooks.train_until_done) for folds [(arch, fold, hours)]
     in plan order, as (what it runs, hours): a fold starts only if it would end within BUDGET_HOURS
@@ -648,7 +693,7 @@ def main(argv=None):
                         help="only the projections for Kaggle's GPUs: time from counted FLOPs, training memory, "
                              "the submission notebook's time (no GPU needed)")
     parser.add_argument("--test-lesions", type=common.positive(int), default=500_000,
-                        help="with --gpu-estimate: hidden test size")
+                        help="with --gpu-estimate or --reasons: hidden test size")
     parser.add_argument("--gpu", action="store_true",
                         help="only the GPU measurements: training and extraction images/s, the predict loop, "
                              "the projected full run")
@@ -661,7 +706,16 @@ def main(argv=None):
                         help="with --ablation: the seeds of the folds, each a features.py run")
     parser.add_argument("--ablation-patients", type=common.positive(int), default=400,
                         help="with --ablation: train patients")
+    parser.add_argument("--reasons", action="store_true",
+                        help="only the cost of the triage's reasons at --test-lesions test lesions")
     args = parser.parse_args(argv)
+    if args.reasons:
+        os.makedirs(args.cache, exist_ok=True)
+        load = f"{os.getloadavg()[0]:.1f}"
+        table = reason_figures(args.cache, args.test_lesions)
+        print(f"\n{os.cpu_count()} CPU cores, load average {load} at the start, {os.getloadavg()[0]:.1f} at the end\n")
+        print_table(table)
+        return
     if args.ablation:
         os.makedirs(args.cache, exist_ok=True)
         print_table(ablation_figures(args.cache, args.ablation_patients, args.ablation_patients // 4,

@@ -438,7 +438,7 @@ def unit_outputs(args, unit):
              "image": [] if fold else [join(w, "preds", f"img_{arch}_{s}.csv") for s in ("oof", "test")]
              + [join(w, "emb", f"{arch}_{s}{e}") for s in ("train", "test") for e in (".npy", "_ids.txt")]
              + [join(w, "emb", f"{arch}_args.json"), join(m, arch, "scores.json")],
-             "ensemble": [join(w, f) for f in ("submission.csv", "triage.csv", "ensemble_args.json")]
+             "ensemble": [join(w, f) for f in ("submission.csv", "triage.csv", "triage_oof.csv", "ensemble_args.json")]
              + [join(w, "preds", f"ensemble_{s}.csv") for s in ("oof", "test")] + [join(m, "ensemble.json")],
              "report": [join(w, f) for f in ("report.md", "report.html", "report_args.json")]}[kind]
     record = {"features": "features", "gbdt": name, "image": f"img_{arch}", "ensemble": "ensemble"}.get(kind)

@@ -7,14 +7,20 @@ scores the best out-of-fold pAUC; the ensemble's own out-of-fold scores rank eac
 weights chosen on the other folds, so that its OOF pAUC is an honest score of the choice.
 `--blend equal` gives the plain mean; `--blend 1,2,0` sets them by hand.
 
+Each patient's top 15 lesions get three reasons (reasons.py): the concepts whose TreeSHAP
+contributions raise the score most, from the members' boosters, weighted as the members are.
+
 Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/NAME_{oof,test}.csv for each model,
-        WORK/models/NAME/manifest.json
+        WORK/models/NAME/ (manifest.json; for the reasons, the boosters and args.json) and what
+        gbdt.py reads for the members with a weight above 0 (WORK/features/, image scores)
 Writes: WORK/submission.csv (isic_id,target, in test-metadata order), WORK/triage.csv (isic_id,patient_id,
-        score,rank_in_patient: rank 1 = the patient's lesion to look at first; ties in metadata order),
-        WORK/preds/ensemble_{oof,test}.csv,
+        score,rank_in_patient,reason_1,reason_2,reason_3: rank 1 = the patient's lesion to look at first;
+        ties in metadata order; reasons "concept: phrase", empty outside each patient's top 15),
+        WORK/triage_oof.csv (isic_id,patient_id,target,score,rank_in_patient,reason_1..3: the same out
+        of fold, reasons also for every malignant lesion), WORK/preds/ensemble_{oof,test}.csv,
         WORK/models/ensemble.json (the models, their digests, the weights; what --predict-only reads
         back from --models, to rebuild the same submission; written first), WORK/ensemble_args.json,
-        and last WORK/records/ensemble.json (the digests of the submission, triage and predictions, and of
+        and last WORK/records/ensemble.json (the digests of the submission, triages and predictions, and of
         the ensemble.json they come from)
 
     python ensemble.py --work work --names tabular
@@ -33,6 +39,7 @@ import numpy as np
 from common import (DataError, add_path_flags, file_digest, gbdt_names, log, models_folder, pauc, rank01,
                     rank_in_patient, read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks,
                     write_args, write_csv, write_json, write_preds, write_record)
+from reasons import REASONS, explain, member_images
 
 
 def rank_average(preds, weights):
@@ -135,6 +142,19 @@ def member_names(args):
     return names
 
 
+def submission_reasons(args, models_dir, names, weights, members, test, ens_test):
+    """The test lesions' reasons. In a submission run (--predict-only) they are a by-product: one
+    that fails leaves them empty, with one warning line, and never costs the submission (whose
+    rerun on the hidden test set shows no log)."""
+    try:
+        return explain(args.work, models_dir, names, weights, members, "test", test, ens_test)
+    except Exception as e:
+        if not args.predict_only:
+            raise
+        print(f"warning: triage.csv without reasons: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return [np.full(len(ens_test), "", dtype=object) for _ in REASONS]
+
+
 def ensemble(args):
     """The stage's work: read and check every input, then write the submission."""
     models_dir = models_folder(args)
@@ -161,17 +181,24 @@ def ensemble(args):
             fold_weights, ens_oof = nested_choice(ranks, y, folds)
         else:
             ens_oof = weights @ ranks
-        # the models folder's record first, and the work folder's outputs checked against it by digest
+        oof_reasons = explain(args.work, models_dir, names, weights, members, "train", train, ens_oof)
+    ens_test = rank_average(tst, weights)
+    test_reasons = submission_reasons(args, models_dir, names, weights, members, test, ens_test)
+    if not args.predict_only:  # the models folder's record first, and the work folder's outputs checked against it
         write_json(spec_path, {"names": names, "weights": weights.tolist(), "members": members,
                                "fold_weights": {str(k): w.tolist() for k, w in fold_weights.items()}})
-    ens_test = rank_average(tst, weights)
     written = [write_preds(args.work, "ensemble", "test", test, ens_test),
                os.path.join(args.work, "submission.csv"), os.path.join(args.work, "triage.csv")]
     write_csv(written[1], ["isic_id", "target"], [test["isic_id"], ens_test])
-    write_csv(written[2], ["isic_id", "patient_id", "score", "rank_in_patient"],
-              [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])])
+    write_csv(written[2], ["isic_id", "patient_id", "score", "rank_in_patient"] + REASONS,
+              [test["isic_id"], test["patient_id"], ens_test, rank_in_patient(ens_test, test["patient_id"])]
+              + test_reasons)
     if not args.predict_only:
-        written.append(write_preds(args.work, "ensemble", "train", train, ens_oof))
+        written += [write_preds(args.work, "ensemble", "train", train, ens_oof),
+                    os.path.join(args.work, "triage_oof.csv")]
+        write_csv(written[-1], ["isic_id", "patient_id", "target", "score", "rank_in_patient"] + REASONS,
+                  [train["isic_id"], train["patient_id"], train["target"], ens_oof,
+                   rank_in_patient(ens_oof, train["patient_id"])] + oof_reasons)
         write_args(os.path.join(args.work, "ensemble_args.json"), args)
     write_record(args.work, "ensemble", written, file_digest(spec_path))
     log(f"wrote {args.work}/submission.csv and triage.csv: {len(ens_test)} rows, the rank average of "
@@ -210,7 +237,9 @@ def main(argv=None):
                         help="only the submission, with the models and weights of --models/ensemble.json")
     args = parser.parse_args(blend_joined(argv))
     # no GBDT that it reads is rewritten while it reads (a rerun stops with one line)
-    with stage_locks(args, ["ensemble"], ["features"] + [f"gbdt-{n}" for n in member_names(args)]):
+    names = member_names(args)
+    with stage_locks(args, ["ensemble"], ["features"] + [f"gbdt-{n}" for n in names]
+                     + [f"image-{a}" for a in member_images(models_folder(args), names)]):
         ensemble(args)
 
 

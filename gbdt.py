@@ -103,7 +103,8 @@ GBDT_MANIFEST = {"features": ["text"], "folds": ["int"], "boosters": ["text"], "
 
 
 def load_boosters(model_dir, names, inputs):
-    """The boosters of a committed model folder, checked against the features they get now."""
+    """The boosters of a committed model folder ({file name: booster}: fold{k}_bag{b}.txt), checked
+    against the features they get now."""
     rerun = f"gbdt.py --name {os.path.basename(model_dir)} on the training data, with the same options"
     manifest = read_manifest(model_dir, rerun, schema=GBDT_MANIFEST, agree=lambda m: (
         not m["boosters"] and "boosters is empty"
@@ -115,7 +116,7 @@ def load_boosters(model_dir, names, inputs):
     if changed:
         raise DataError(f"{model_dir}: trained on features from another {', '.join(changed)} than the models folder "
                         f"holds now (models of two runs mixed?): run {rerun}")
-    return [lgb.Booster(model_file=os.path.join(model_dir, f)) for f in manifest["boosters"]], manifest["digest"]
+    return {f: lgb.Booster(model_file=os.path.join(model_dir, f)) for f in manifest["boosters"]}, manifest["digest"]
 
 
 def arch_list(text):
@@ -281,7 +282,7 @@ def main(argv=None):
             train_boosters(args, model_dir, names, test, x_test, inputs)
             return
         boosters, digest = load_boosters(model_dir, names, inputs)
-        test_pred = sum(b.predict(x_test) for b in boosters) / len(boosters) if len(x_test) else np.zeros(0)
+        test_pred = sum(b.predict(x_test) for b in boosters.values()) / len(boosters) if len(x_test) else np.zeros(0)
         write_record(args.work, args.name, [write_preds(args.work, args.name, "test", test, test_pred)], digest)
         log(f"{args.name}: test predictions of {len(boosters)} boosters from {model_dir}")
 

@@ -30,8 +30,8 @@ from common import (KAGGLE_INPUT, DataError, atomic_copy, atomic_write, file_dig
                     write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CODE = ["common.py", "demo.py", "features.py", "train_backbone.py", "extract.py", "gbdt.py", "ensemble.py",
-        "report.py", "run.sh", "notebooks.py"]
+CODE = ["common.py", "demo.py", "features.py", "train_backbone.py", "extract.py", "gbdt.py", "reasons.py",
+        "ensemble.py", "report.py", "run.sh", "notebooks.py"]
 COMPETITION = "isic-2024-challenge"
 KAGGLE_HOURS = 12  # a notebook's limit
 # the training notebook's defaults: no fold or epoch starts that would end later than BUDGET_HOURS

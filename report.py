@@ -5,12 +5,14 @@ Out of fold (train): pAUC per model and fold; the ensemble's weights and every c
 models; top-k retrieval sensitivity, the ISIC 2024 organisers' secondary score: of the malignant
 lesions, the share among their patient's k highest-scored lesions (k = 5, 10, 15; a tie at the
 cut counts each tied lesion by its chance of being retrieved in a random order of the ties); ROC
-curves, feature importance, training curves; and tiles: the malignant lesions the ensemble ranked
-lowest (misses), the benign ones it ranked highest (false alarms), a few patients' top 15. On
-test: the triage list, a few patients' top lesions, and the same figures where labels are given.
+curves, feature importance, training curves, the concepts that most often top the malignant
+lesions' reasons; and tiles, each with its reasons beside it: the malignant lesions the ensemble
+ranked lowest (misses), the benign ones it ranked highest (false alarms), a few patients' top 15.
+On test: the triage list, a few patients' top lesions, and the same figures where labels are given.
 
-Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/*_{oof,test}.csv, WORK/triage.csv (from
-        ensemble.py: the test lesions' scores), MODELS/ensemble.json, MODELS/NAME/importance.csv,
+Reads:  WORK/folds.csv, WORK/test_lesions.csv, WORK/preds/*_{oof,test}.csv, WORK/triage.csv and
+        WORK/triage_oof.csv (from ensemble.py: the lesions' scores and reasons), MODELS/ensemble.json,
+        MODELS/NAME/importance.csv,
         MODELS/ARCH/fold*/log.csv (MODELS: --models, default WORK/models); with --data, the tiles
         shown from DATA/{train,test}-image.hdf5
 Writes: WORK/report.md,
@@ -27,6 +29,7 @@ import html
 import itertools
 import os
 import re
+from collections import Counter
 
 import numpy as np
 
@@ -35,6 +38,7 @@ from common import (MIN_TPR, add_path_flags, atomic_write, check_classes, check_
                     rank_in_patient, read_csv, read_image_bytes, read_lesions, read_preds, retrieval_sensitivity,
                     roc_points, run_main, stage_locks, write_args)
 from ensemble import read_ensemble_json
+from reasons import REASONS
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
@@ -69,6 +73,8 @@ polyline { fill: none; stroke-width: 2; stroke-linejoin: round; } line[data-seri
            border-radius: 4px; }
 .tile figcaption { font-weight: 400; font-size: 12px; line-height: 1.35; margin-top: 3px; color: #444; }
 .tile.malignant img { border-color: #d62728; } .tile.malignant figcaption b { color: #d62728; }
+.tile.why { width: 380px; display: flex; gap: 10px; } .tile.why figcaption { margin-top: 0; }
+.reasons { margin: 4px 0 0; padding-left: 18px; color: #222; }
 """
 
 
@@ -264,6 +270,17 @@ def combination_rows(names, oof_ranks, y, weights, honest, test_ranks, test_y):
     return rows
 
 
+def reason_rows(y, reasons, top=12):
+    """report.md's table of the concepts that most often top the malignant lesions' reasons:
+    (concept, first reason of how many, among the reasons of how many), the `top` most often first."""
+    concepts = [[r.partition(": ")[0] for r in column[y == 1]] for column in reasons]
+    first = Counter(concepts[0])
+    among = Counter(c for lesion in zip(*concepts) for c in set(lesion) - {""})
+    none = first.pop("", 0)
+    rows = [[c, str(n), str(among[c])] for c, n in sorted(first.items(), key=lambda cn: (-cn[1], -among[cn[0]]))]
+    return rows[:top] + ([["(no concept raised the score)", str(none), ""]] if none else [])
+
+
 def triage_rows(y, scores, patients):
     """report.md's triage table: (model, [top-k share found for each k], top-15 patient mean)."""
     return [(name, [retrieval_sensitivity(y, s, patients, k)[0] for k in TOP_K],
@@ -273,10 +290,10 @@ def triage_rows(y, scores, patients):
 # ---------------------------------------------------------------- the lesions themselves
 
 def tiles_html(h5, items, budget):
-    """Tiles as <figure>s: items (isic_id, caption lines, malignant), each the stored image bytes as a
-    data: URI while the page's budget ({"tiles", "bytes"} left) lasts."""
+    """Tiles as <figure>s: items (isic_id, caption lines, malignant, reasons), each the stored image
+    bytes as a data: URI while the page's budget ({"tiles", "bytes"} left) lasts, its reasons beside it."""
     out = []
-    for isic_id, lines, malignant in items:
+    for isic_id, lines, malignant, why in items:
         raw = read_image_bytes(h5, isic_id)
         if budget["tiles"] < 1 or len(raw) > budget["bytes"]:
             out.append(f'<figure class="tile"><figcaption>{esc(isic_id)}: not shown, the page holds at most '
@@ -286,15 +303,18 @@ def tiles_html(h5, items, budget):
         budget["bytes"] -= len(raw)
         kind = "png" if raw.startswith(b"\x89PNG") else "jpeg"
         caption = "<br>".join([f"<b>{esc(isic_id)}</b>"] + [esc(line) for line in lines])
-        out.append(f'<figure class="tile{" malignant" if malignant else ""}"><img alt="{esc(isic_id)}" '
-                   f'src="data:image/{kind};base64,{base64.b64encode(raw).decode()}"><figcaption>{caption}'
-                   "</figcaption></figure>")
+        if why:
+            caption += '<ol class="reasons">' + "".join(f"<li>{esc(r)}</li>" for r in why) + "</ol>"
+        out.append(f'<figure class="tile{" malignant" if malignant else ""}{" why" if why else ""}"><img '
+                   f'alt="{esc(isic_id)}" src="data:image/{kind};base64,{base64.b64encode(raw).decode()}">'
+                   f"<figcaption>{caption}</figcaption></figure>")
     return '<div class="tiles">' + "".join(out) + "</div>"
 
 
-def galleries_html(data, split, lesions, score, y, budget):
-    """The tiles of one split: for train (y given), the misses, the false alarms and three patients'
-    top 15; for test, three patients' top 15 (malignant ones marked where y is given)."""
+def galleries_html(data, split, lesions, score, reasons, y, budget):
+    """The tiles of one split, each with its reasons (REASONS columns, one entry a lesion): for train
+    (y given), the misses, the false alarms and three patients' top 15; for test, three patients'
+    top 15 (malignant ones marked where y is given)."""
     data = data or default_data_dir()
     if not data:
         return '<p class="note">No tiles: pass --data DIR, the folder of the HDF5 files, to see the lesions.</p>'
@@ -303,8 +323,8 @@ def galleries_html(data, split, lesions, score, y, budget):
 
     def item(i):
         truth = [] if y is None else ["malignant" if y[i] else "benign"]
-        return ids[i], [f"patient {patients[i]}", f"score {score[i]:.3f}", f"rank {rank[i]} in patient"] + truth, \
-            y is not None and bool(y[i])
+        return (ids[i], [f"patient {patients[i]}", f"score {score[i]:.3f}", f"rank {rank[i]} in patient"] + truth,
+                y is not None and bool(y[i]), [r[i] for r in reasons if r[i]])
     sections = []
     with open_h5(os.path.join(data, f"{split}-image.hdf5")) as h5:
         if split == "train":
@@ -342,9 +362,10 @@ def number(v):
     return "" if v is None or np.isnan(v) else f"{v:.4f}"
 
 
-def tables(args, y, folds, patients, oof, spec, test_y, test_scores, test_patients):
+def tables(args, y, folds, patients, oof, spec, test_y, test_scores, test_patients, oof_reasons):
     """The report's tables, (id, title, note, header, rows) each: pAUC per model and fold, the
-    ensemble's combinations, triage out of fold and, with test labels, on test."""
+    ensemble's combinations, triage out of fold and, with test labels, on test; the concepts that
+    most often top the malignant lesions' reasons."""
     n_folds = len(np.unique(folds))
     has_test = test_y is not None
     header = ["model", "OOF pAUC"] + [f"fold {k}" for k in range(n_folds)] + (["test pAUC"] if has_test else [])
@@ -369,6 +390,13 @@ def tables(args, y, folds, patients, oof, spec, test_y, test_scores, test_patien
             "highest-scored lesions (the ISIC 2024 secondary score at k = 15); last column: the mean over patients "
             "with a malignant lesion of the share of theirs.", ["model"] + k_header,
             [[n] + [number(v) for v in shares] + [number(mean)] for n, shares, mean in triage_rows(y, oof, patients)])]
+    out.append(("reasons", "Why the malignant lesions rank high, out of fold", "Each lesion's reasons are the "
+                "concepts (a measurement with its patient and site normalizations, an image score, ...) whose "
+                "TreeSHAP contributions raise its score most: log-odds contributions of the boosters that scored it "
+                "out of fold, averaged over a GBDT's bags and over the GBDTs by their ensemble weights; only "
+                f"concepts that raise the score count. Of the {int(y.sum())} malignant lesions: how often each concept "
+                "is the first reason, and how often among the three.", ["concept", "first reason", "among the three"],
+                reason_rows(y, oof_reasons)))
     if has_test:
         out.append(("triage-test", "Triage on test", f"Against {args.test_labels}.", ["model"] + k_header,
                     [[n] + [number(v) for v in shares] + [number(mean)]
@@ -416,7 +444,7 @@ def report(args):
     spec = None if args.predict_only else read_ensemble_json(spec_path, "ensemble.py")
     # made by the models folder's ensemble.json (a --predict-only work folder has none beside it)
     check_record(args.work, "ensemble", [triage_path], "ensemble.py", spec and file_digest(spec_path))
-    triage = read_csv(triage_path, ["isic_id", "score"], ["score"])
+    triage = read_csv(triage_path, ["isic_id", "score"] + REASONS, ["score"])
     check_ids(triage_path, triage["isic_id"], test["isic_id"])
     ens_test = triage["score"]
     test_y = None
@@ -428,7 +456,7 @@ def report(args):
         test_y = labels["target"]
     budget = {"tiles": MAX_TILES, "bytes": MAX_TILE_BYTES}
     test_tiles = ("Test: three patients' top lesions",
-                  galleries_html(args.data, "test", test, ens_test, test_y, budget))
+                  galleries_html(args.data, "test", test, ens_test, [triage[r] for r in REASONS], test_y, budget))
     facts = [(len(test["isic_id"]), "test lesions"), (len(np.unique(test["patient_id"])), "test patients")]
     sections, parts = [], [test_tiles]
     if not args.predict_only:
@@ -442,11 +470,18 @@ def report(args):
                                       for s, t in (("train", train), ("test", test)))
             for s in (oof[n], test_scores[n]):  # an undecodable tile has no image score: it ranks last
                 s[np.isnan(s)] = np.nanmin(s, initial=0) - 1
-        sections = tables(args, y, folds, train["patient_id"], oof, spec, test_y, test_scores, test["patient_id"])
+        oof_path = os.path.join(args.work, "triage_oof.csv")
+        check_record(args.work, "ensemble", [oof_path], "ensemble.py", file_digest(spec_path))
+        oof_triage = read_csv(oof_path, ["isic_id"] + REASONS)
+        check_ids(oof_path, oof_triage["isic_id"], train["isic_id"])
+        oof_reasons = [oof_triage[r] for r in REASONS]
+        sections = tables(args, y, folds, train["patient_id"], oof, spec, test_y, test_scores, test["patient_id"],
+                          oof_reasons)
         facts = [(len(y), "train lesions"), (int(y.sum()), "malignant"),
                  (len(np.unique(train["patient_id"])), "patients")] + facts
         parts = [("ROC curves, out of fold", roc_html(y, oof, {n: pauc(y, p) for n, p in oof.items()})),
-                 ("The lesions, out of fold", galleries_html(args.data, "train", train, oof["ensemble"], y, budget)),
+                 ("The lesions, out of fold", galleries_html(args.data, "train", train, oof["ensemble"], oof_reasons,
+                                                             y, budget)),
                  test_tiles, ("Feature importance", importance_html(models_folder(args), spec["names"])),
                  ("Image model training", training_html(models_folder(args)))]
     write_report(args, facts, sections, parts)

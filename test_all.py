@@ -44,7 +44,9 @@ import ensemble  # noqa: E402
 import extract  # noqa: E402
 import features  # noqa: E402
 import gbdt  # noqa: E402
+import lightgbm as lgb  # noqa: E402
 import notebooks  # noqa: E402
+import reasons  # noqa: E402
 import report  # noqa: E402
 import train_backbone  # noqa: E402
 from demo import make_demo  # noqa: E402
@@ -2058,6 +2060,85 @@ def test_a_negative_first_weight_gets_the_weights_message_not_argparses(tmp_path
         "--names", "a,b", "--blend=-1,2", "--blend", "1,2"]
 
 
+# ---------------------------------------------------------------- reasons.py
+
+def test_every_feature_belongs_to_exactly_one_concept(demo_work):
+    """The concepts of every column a GBDT can get (features.py's, two image models' scores and an
+    embedding) against groups built the way the columns are made: each numeric feature with its
+    patient, site and location statistics; the counts; the z summary; the outlier distance; each
+    categorical's one-hots (the three site columns together); each image model's score and its
+    statistics; its embedding."""
+    with open(os.path.join(demo_work, "features", "columns.txt")) as f:
+        columns = f.read().split()
+    engineered, _ = features.engineered_features({c: np.ones(2) for c in common.NUMERIC})
+    groups = [{n} | {f"{n}_pn_{s}" for s in common.STATS}
+              | {f"{n}_{key}_{s}" for key in features.CONTEXT for s in features.CONTEXT_STATS}
+              for n in common.NUMERIC + engineered]
+    groups += [{"n_lesions_patient", "n_lesions_patient_site", "n_lesions_patient_location"},
+               {"pn_z_count_above_2", "pn_z_max_abs"}, {"pn_knn_distance"}]
+    sites = {"anatom_site_general", "tbp_lv_location", "tbp_lv_location_simple"}
+    groups += [{n for n in columns if n.split("__")[0] in cs} for cs in [sites] + [{c} for c in common.CATEGORICAL
+                                                                                  if c not in sites]]
+    for arch in ("eva02_base", "convnext_atto"):
+        names = [f"img_{arch}", f"img_{arch}_pn_dev", f"img_{arch}_pn_z", f"img_{arch}_site_z", f"img_{arch}_site_pct"]
+        columns += names
+        groups.append(set(names))
+    columns += [f"emb_convnext_atto_{i}" for i in range(12)]
+    groups.append(set(columns[-12:]))
+    assert len(columns) > 860 and all(sum(n in g for g in groups) == 1 for n in columns)
+    concepts = [{reasons.concept_of(n)[0] for n in g if n in columns} for g in groups]
+    assert all(len(c) == 1 for c in concepts)  # a group is one concept ...
+    assert len(set.union(*concepts)) == len(groups) < 100  # ... and no two groups share one
+
+
+def test_the_measurement_the_label_depends_on_is_the_top_reason_for_the_positives():
+    rng = np.random.default_rng(3)
+    bases = ["tbp_lv_areaMM2", "tbp_lv_L", "age_approx", "hue_contrast"]
+    names = [f"{b}{s}" for b in bases for s in ("", "_pn_z", "_pn_pct", "_site_z")] + ["n_lesions_patient",
+                                                                                      "sex__male"]
+    x = rng.normal(size=(3000, len(names)))
+    x[:, names.index("tbp_lv_areaMM2_pn_pct")] = rng.random(3000)
+    y = (x[:, names.index("tbp_lv_areaMM2_pn_z")] > 1.5).astype(int)  # the area's patient z-score alone
+    boosters = [lgb.train({"objective": "binary", "num_leaves": 7, "verbose": -1, "seed": s, "num_threads": 1,
+                           "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.7}, lgb.Dataset(x, y), 30) for s in (1, 2)]
+    pos = np.flatnonzero(y == 1)
+    phi = reasons.contributions(boosters, x[pos])
+    first, *_ = reasons.top_reasons(phi[:, :-1], x[pos], names)
+    z = x[pos, names.index("tbp_lv_areaMM2_pn_z")]
+    assert all(r.startswith("area: ") for r in first)
+    # in the lesion's own words: its z-score where that feature contributes most of the concept
+    said = [f"area: {v:.1f} SD above the mean of this patient's lesions" for v in z]
+    assert np.mean([r == s for r, s in zip(first, said)]) > 0.5
+
+
+@slow
+def test_contributions_add_up_to_the_raw_scores_of_the_boosters_that_scored_the_lesion(reported):
+    """Test lesions: every booster of the GBDT; train lesions: those of the fold that held them out
+    (fold{k}_bag*.txt), each booster's own raw score (booster.predict(raw_score=True))."""
+    models = os.path.join(reported, "models")
+    digest = common.read_manifest(os.path.join(models, "tab_cnx"), "gbdt.py")["digest"]
+    args = types.SimpleNamespace(work=reported, image=["convnext_atto"], embeddings=[])
+    inputs = gbdt.input_digests(args, models)
+    files = sorted(glob.glob(os.path.join(models, "tab_cnx", "fold*_bag*.txt")))
+    boosters = {os.path.basename(f): lgb.Booster(model_file=f) for f in files}
+    for split in ("test", "train"):
+        lesions = common.read_lesions(reported, split)
+        rows = np.arange(0, len(lesions["isic_id"]), 7)
+        phi, names, _ = reasons.member_contributions(reported, models, "tab_cnx", digest, split, lesions, rows)
+        x = gbdt.load_features(args, split, lesions, inputs)[0][rows]
+        raw = {f: b.predict(x, raw_score=True) for f, b in boosters.items()}
+        for f, b in boosters.items():  # LightGBM's contributions and bias sum to each booster's raw score
+            np.testing.assert_allclose(b.predict(x, pred_contrib=True).sum(1), raw[f], atol=1e-6)
+        if split == "test":
+            np.testing.assert_allclose(phi.sum(1), np.mean(list(raw.values()), 0), atol=1e-6)
+            continue
+        for k in range(5):
+            held_out = lesions["fold"][rows] == k
+            mine = np.mean([r for f, r in raw.items() if f.startswith(f"fold{k}_")], 0)[held_out]
+            np.testing.assert_allclose(phi[held_out].sum(1), mine, atol=1e-6)
+            assert np.abs(np.mean(list(raw.values()), 0)[held_out] - mine).max() > 1e-3  # other folds differ
+
+
 # ---------------------------------------------------------------- report.py, and the retrieval metrics it shows
 
 class ReportParser(HTMLParser):
@@ -2344,6 +2425,25 @@ def test_test_labels_that_cannot_score_are_one_error_line(demo, reported, tmp_pa
 
 
 @slow
+def test_reasons_that_fail_in_a_submission_run_cost_the_reasons_not_the_submission(reported, tmp_path, capsys,
+                                                                                   monkeypatch):
+    work = copy_work(reported, tmp_path / "work")
+    with open(os.path.join(work, "submission.csv"), "rb") as f:
+        submission = f.read()
+
+    def fail(*args):
+        raise MemoryError("out of memory")
+    monkeypatch.setattr(ensemble, "explain", fail)
+    ensemble.main(["--work", work, "--predict-only"])
+    assert capsys.readouterr().err == "warning: triage.csv without reasons: MemoryError: out of memory\n"
+    with open(os.path.join(work, "submission.csv"), "rb") as f:
+        assert f.read() == submission
+    assert {r for n in reasons.REASONS for r in common.read_csv(os.path.join(work, "triage.csv"))[n]} == {""}
+    with pytest.raises(MemoryError):  # in training, a failure is a failure
+        ensemble.main(["--work", work])
+
+
+@slow
 def test_report_html_shows_every_model_and_the_lesions(demo, reported):
     work = reported
     page = open(os.path.join(work, "report.html"), encoding="utf-8").read()
@@ -2389,6 +2489,18 @@ def test_report_html_shows_every_model_and_the_lesions(demo, reported):
         raw = h5[lowest[0]][()]
     assert base64.b64encode(raw).decode() in shown
     assert "False alarms" in page and len(re.findall("<img ", page)) <= report.MAX_TILES
+    # beside each tile its reasons from triage_oof.csv; the table counts the malignant lesions' first reasons
+    why = common.read_csv(os.path.join(work, "triage_oof.csv"), ["isic_id"] + reasons.REASONS)
+    cards = re.findall(r'alt="([^"]+)"[^>]*><figcaption>(.*?)</figcaption>', shown)
+    assert len(cards) == 12 and any("<li>" in c for _, c in cards)
+    for isic_id, caption in cards:
+        i = list(why["isic_id"]).index(isic_id)
+        assert [html_unescape(r) for r in re.findall(r"<li>(.*?)</li>", caption)] == \
+            [why[r][i] for r in reasons.REASONS if why[r][i]]
+    table = report_page.rows[report_page.rows.index(["concept", "first reason", "among the three"]) + 1:]
+    first = [r.partition(":")[0] for r in why["reason_1"][train["target"] == 1]]
+    concept, count = table[0][:2]
+    assert int(count) == first.count(concept) == max(map(first.count, set(first) - {""}))
 
 
 @slow
@@ -2403,6 +2515,11 @@ def test_triage_csv_ranks_each_patients_test_lesions(reported):
         rows = np.flatnonzero(test["patient_id"] == p)
         order = sorted(rows, key=lambda i: (-triage["score"][i], i))
         assert [int(triage["rank_in_patient"][i]) for i in order] == list(range(1, len(rows) + 1))
+    # three reasons, "concept: phrase", for each patient's top 15 and none beyond
+    why = common.read_csv(os.path.join(reported, "triage.csv"), reasons.REASONS)
+    top = triage["rank_in_patient"] <= 15
+    assert not any(why[r][~top].any() for r in reasons.REASONS) and why["reason_1"][top].all()
+    assert all(re.fullmatch(r"[^:]+: .+", r) for c in reasons.REASONS for r in why[c][top] if r)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -2888,6 +3005,11 @@ def test_predict_only_from_read_only_models_gives_the_same_submission(demo, trai
     assert "<img " in open(os.path.join(fresh, "report.html"), encoding="utf-8").read()
     with open(os.path.join(work, "submission.csv"), "rb") as a, open(os.path.join(fresh, "submission.csv"), "rb") as b:
         assert a.read() == b.read()
+    # and the same reasons as the training run's triage gave
+    trained_triage = common.read_csv(os.path.join(work, "triage.csv"), reasons.REASONS)
+    assert trained_triage["reason_1"].any()
+    fresh_triage = common.read_csv(os.path.join(fresh, "triage.csv"), reasons.REASONS)
+    assert all(fresh_triage[r].tolist() == trained_triage[r].tolist() for r in reasons.REASONS)
 
 
 # ---------------------------------------------------------------- kills at every write and rename point
@@ -3034,7 +3156,7 @@ def test_gbdt_killed_at_any_point(demo, tmp_path):
         inputs = gbdt.input_digests(args, os.path.join(work, "models"))
         x, names = gbdt.load_features(args, "test", common.read_lesions(work, "test"), inputs)
         boosters, _ = gbdt.load_boosters(os.path.join(work, "models", "tabular"), names, inputs)
-        return file_bytes(os.path.join(work, "submission.csv")), np.mean([b.predict(x) for b in boosters], 0).tobytes()
+        return file_bytes(os.path.join(work, "submission.csv")), np.mean([b.predict(x) for b in boosters.values()], 0).tobytes()
     kill_at_every_point(base, tmp_path, lambda w: tiny_gbdt(w, "--seed", "7", "--rounds", "4"), next_stage,
                         models=["models/tabular"])
 
