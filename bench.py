@@ -420,7 +420,8 @@ def reason_figures(cache, test_lesions, gbdts=4, per_patient=FULL_ROWS / FULL_PA
     total = t_load + t_select + t_shap + t_phrases
     what = f"{gbdts} GBDTs x {n_boosters} boosters of {defaults.rounds} rounds"
     return [(f"reasons: loading the test features, once a GBDT ({gbdts})", test_lesions, x.shape[1], t_load, ""),
-            ("reasons: each patient's top 15", len(rows), "", t_select, f"{test_lesions // int(per_patient):,} patients"),
+            ("reasons: each patient's top 15", len(rows), "", t_select,
+             f"{test_lesions // int(per_patient):,} patients"),
             (f"reasons: TreeSHAP contributions of the top 15s, {what}", len(rows), x.shape[1], t_shap, ""),
             ("reasons: concepts and phrases", len(rows), x.shape[1], t_phrases, ""),
             (f"**reasons for the triage, {test_lesions:,} test lesions**", test_lesions, x.shape[1], total,

@@ -14,8 +14,9 @@ A concept is a measurement with all its patient, site and location normalization
 model's score with its normalizations, its embedding, the lesion counts, the z-score summary, the
 outlier distance, or a categorical column's one-hots (the three site columns are one concept):
 concept_of derives it from the column name. A concept's contribution is the sum of its features';
-its phrase comes from the feature that contributes most. Only concepts that raise the score are
-reasons: a lesion with fewer than three has fewer.
+its phrase comes from the feature that contributes most. Every lesion shown gets three reasons,
+its three largest contributions; one that does not raise the score says so ("lowers the score"):
+a lesion can rank in its patient's top 15 with little for it.
 
 Used by ensemble.py (which writes the reasons into triage.csv and triage_oof.csv) and report.py.
 """
@@ -124,10 +125,10 @@ def top_reasons(phi, values, names, n=N_REASONS):
     columns = [np.flatnonzero(concept == k) for k in range(len(labels))]
     out = [[""] * len(phi) for _ in range(n)]
     for i in np.flatnonzero(np.isfinite(by_concept).all(1)):
-        order = np.argsort(-by_concept[i], kind="stable")[:n]
-        for r, k in enumerate(order[by_concept[i, order] > 0]):
+        for r, k in enumerate(np.argsort(-by_concept[i], kind="stable")[:n]):
             j = columns[k][np.argmax(phi[i, columns[k]])]
-            out[r][i] = f"{labels[k]}: {describe(kinds[j], float(values[i, j]))}"
+            out[r][i] = (f"{labels[k]}: {describe(kinds[j], float(values[i, j]))}"
+                         + " (lowers the score)" * bool(by_concept[i, k] <= 0))
     return out
 
 
@@ -176,8 +177,7 @@ def explain(work, models_dir, names, weights, members, split, lesions, score):
     """N_REASONS arrays of reasons, one entry per lesion of the split: each patient's top TOP_K by
     `score` (and every malignant train lesion) get theirs, the rest "". The members' contributions
     combine by ensemble weight; a feature that several members use adds up."""
-    rows = np.flatnonzero(rank_in_patient(score, lesions["patient_id"]) <= TOP_K
-                          | (lesions.get("target", 0) == 1))
+    rows = np.flatnonzero((rank_in_patient(score, lesions["patient_id"]) <= TOP_K) | (lesions.get("target", 0) == 1))
     out = [np.full(len(score), "", dtype=object) for _ in range(N_REASONS)]
     if not len(rows):
         return out

@@ -278,7 +278,7 @@ def reason_rows(y, reasons, top=12):
     among = Counter(c for lesion in zip(*concepts) for c in set(lesion) - {""})
     none = first.pop("", 0)
     rows = [[c, str(n), str(among[c])] for c, n in sorted(first.items(), key=lambda cn: (-cn[1], -among[cn[0]]))]
-    return rows[:top] + ([["(no concept raised the score)", str(none), ""]] if none else [])
+    return rows[:top] + ([["(no reasons: contributions not finite)", str(none), ""]] if none else [])
 
 
 def triage_rows(y, scores, patients):
@@ -393,9 +393,9 @@ def tables(args, y, folds, patients, oof, spec, test_y, test_scores, test_patien
     out.append(("reasons", "Why the malignant lesions rank high, out of fold", "Each lesion's reasons are the "
                 "concepts (a measurement with its patient and site normalizations, an image score, ...) whose "
                 "TreeSHAP contributions raise its score most: log-odds contributions of the boosters that scored it "
-                "out of fold, averaged over a GBDT's bags and over the GBDTs by their ensemble weights; only "
-                f"concepts that raise the score count. Of the {int(y.sum())} malignant lesions: how often each concept "
-                "is the first reason, and how often among the three.", ["concept", "first reason", "among the three"],
+                "out of fold, averaged over a GBDT's bags and over the GBDTs by their ensemble weights (one that "
+                f"lowers the score says so). Of the {int(y.sum())} malignant lesions: how often each concept is the "
+                "first reason, and how often among the three.", ["concept", "first reason", "among the three"],
                 reason_rows(y, oof_reasons)))
     if has_test:
         out.append(("triage-test", "Triage on test", f"Against {args.test_labels}.", ["model"] + k_header,

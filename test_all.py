@@ -2499,6 +2499,7 @@ def test_report_html_shows_every_model_and_the_lesions(demo, reported):
             [why[r][i] for r in reasons.REASONS if why[r][i]]
     table = report_page.rows[report_page.rows.index(["concept", "first reason", "among the three"]) + 1:]
     first = [r.partition(":")[0] for r in why["reason_1"][train["target"] == 1]]
+    assert all(first) and all(why[r][train["target"] == 1].all() for r in reasons.REASONS)  # every malignant one
     concept, count = table[0][:2]
     assert int(count) == first.count(concept) == max(map(first.count, set(first) - {""}))
 
@@ -2518,8 +2519,8 @@ def test_triage_csv_ranks_each_patients_test_lesions(reported):
     # three reasons, "concept: phrase", for each patient's top 15 and none beyond
     why = common.read_csv(os.path.join(reported, "triage.csv"), reasons.REASONS)
     top = triage["rank_in_patient"] <= 15
-    assert not any(why[r][~top].any() for r in reasons.REASONS) and why["reason_1"][top].all()
-    assert all(re.fullmatch(r"[^:]+: .+", r) for c in reasons.REASONS for r in why[c][top] if r)
+    assert not any(why[r][~top].any() for r in reasons.REASONS) and all(why[r][top].all() for r in reasons.REASONS)
+    assert all(re.fullmatch(r"[^:]+: .+", r) for c in reasons.REASONS for r in why[c][top])
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
