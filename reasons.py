@@ -63,7 +63,7 @@ def concept_of(name):
         return f"image embedding ({name[4:].rsplit('_', 1)[0]})", "embedding"
     image = IMAGE.fullmatch(name)
     if image:
-        return f"image score ({image.group(1)})", image.group(2) or "value"
+        return f"image score ({image.group(1)})", image.group(2) or "score"
     if name.startswith("n_lesions_patient"):
         return LABELS["n_lesions"], name
     if name in ("pn_z_count_above_2", "pn_z_max_abs"):
@@ -88,6 +88,8 @@ def describe(kind, v):
         return "missing"
     where = {"pn": "this patient's lesions", "site": "the patient's lesions on this body site",
              "location": "the patient's lesions in this location"}.get(kind.split("_")[0])
+    if kind == "score":  # extract.py standardizes each fold model's logits by its out-of-fold mean and std
+        return f"{abs(v):.1f} SD {'above' if v >= 0 else 'below'} the mean of the training lesions"
     if kind.endswith("_z"):
         return f"{abs(v):.1f} SD {'above' if v >= 0 else 'below'} the mean of {where}"
     if kind.endswith("_pct"):

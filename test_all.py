@@ -2111,6 +2111,22 @@ def test_the_measurement_the_label_depends_on_is_the_top_reason_for_the_positive
     assert np.mean([r == s for r, s in zip(first, said)]) > 0.5
 
 
+@pytest.mark.parametrize("name, value, said", [
+    ("tbp_lv_areaMM2_pn_z", 3.14, "area: 3.1 SD above the mean of this patient's lesions"),
+    ("tbp_lv_deltaLBnorm_site_pct", 1.0, "colour contrast: the highest of the patient's lesions on this body site"),
+    ("tbp_lv_deltaLBnorm_site_pct", 0.98, "colour contrast: in the top 2% of the patient's lesions on this body site"),
+    ("tbp_lv_L_location_z", -1.26, "lightness: 1.3 SD below the mean of the patient's lesions in this location"),
+    ("img_eva02_base", 2.51, "image score (eva02_base): 2.5 SD above the mean of the training lesions"),
+    ("img_eva02_base_pn_dev", 0.5, "image score (eva02_base): +0.5 from the median of this patient's lesions"),
+    ("img_eva02_base_site_pct", 0.1, "image score (eva02_base): in the bottom 10% of the patient's lesions on this "
+                                     "body site"),
+    ("tbp_lv_areaMM2", np.nan, "area: missing"),
+])
+def test_a_reason_says_what_the_lesions_own_value_says(name, value, said):
+    concept, kind = reasons.concept_of(name)
+    assert f"{concept}: {reasons.describe(kind, value)}" == said
+
+
 @slow
 def test_contributions_add_up_to_the_raw_scores_of_the_boosters_that_scored_the_lesion(reported):
     """Test lesions: every booster of the GBDT; train lesions: those of the fold that held them out
