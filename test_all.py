@@ -1889,11 +1889,16 @@ def script_parsers(monkeypatch):
     return options
 
 
-def test_every_numeric_option_has_bounds_that_hold_at_and_just_beyond(monkeypatch):
+def test_every_numeric_option_has_bounds_that_hold_at_and_just_beyond(monkeypatch, capsys, tmp_path):
     """Each numeric option of each script has a finite upper bound and a lower one; the bounds are
-    taken, a step beyond each is refused, and so are inf and nan, each naming the range."""
+    taken, and a step beyond each, inf and nan end the script with exit 2 and one line naming the
+    range, before it makes any file."""
     options = script_parsers(monkeypatch)
     assert len(options) >= 35 and ("demo", "--patients") in options and ("gbdt", "--num-leaves") in options
+    scripts = {m.__name__: m for m in (sys.modules["demo"], features, train_backbone, extract, gbdt, ensemble, report,
+                                       notebooks)}
+    first = {"demo": [str(tmp_path / "d")], "notebooks": [str(tmp_path / "k")],
+             "train_backbone": ["--arch", "convnext_atto"], "extract": ["--arch", "convnext_atto"]}  # what each needs
     for (script, option), action in options.items():
         assert hasattr(action.type, "bounds"), f"{script}.py {option}: a bare {action.type.__name__}, no range"
         low, high, low_open, high_open = action.type.bounds
@@ -1902,14 +1907,19 @@ def test_every_numeric_option_has_bounds_that_hold_at_and_just_beyond(monkeypatc
         step = 1 if kind is int else max(abs(high), abs(low), 1e-300) * 1e-6
         for value, taken in [(low, not low_open), (low - step, False), (high, not high_open),
                              (high + step, False), (math.inf, False), (math.nan, False), (-math.inf, False)]:
-            try:
-                action.type(repr(value) if kind is float else str(value))
-                assert taken, f"{script}.py {option} {value} was taken"
-            except argparse.ArgumentTypeError as e:
-                assert not taken, f"{script}.py {option} {value} was refused: {e}"
-                assert "must be" in str(e) or "not a number" in str(e), (option, str(e))
+            text = repr(value) if kind is float else str(value)
+            if taken:
+                assert action.type(text) == value, (script, option, value)
+                continue
+            args = first.get(script, []) + ["--work", str(tmp_path / "w")] * (script in STAGES) + [f"{option}={text}"]
+            err = stage_error(capsys, scripts[script].main, args).strip().splitlines()[-1]  # after the usage
+            assert re.search(f"error: argument {option}: (must be .*|'.*' is not a number of type int)$", err), err
+            assert os.listdir(tmp_path) == [], (script, option, value)
         if action.default is not None:
             assert action.type(str(action.default)) == action.default, (script, option)
+
+
+STAGES = ("features", "train_backbone", "extract", "gbdt", "ensemble", "report")
 
 
 @pytest.mark.parametrize("script, args, match", [
