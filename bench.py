@@ -20,6 +20,7 @@ each run took.
 Prints a markdown table of every figure.
 """
 import argparse
+import copy
 import io
 import os
 import subprocess
@@ -322,14 +323,56 @@ def projected_hours(train_rate, fwd_rate, folds=5):
     return folds * fold_s / 3600, REAL_TILES / fwd_rate / 3600
 
 
+def counted_training_forward(model, size, dtype=None):
+    """(FLOPs, bytes saved for the backward pass) per image of one training forward of `model` at
+    `size` px, as a CUDA GPU runs it under `dtype` autocast, counted without one: on fake CUDA tensors
+    (no memory, no compute) under CUDA's autocast rules (layer and vector norms in float32), with
+    attention as the memory-efficient SDPA kernel that a T4 runs (it saves no attention matrix;
+    FlopCounterMode counts its FLOPs, which it skips in the CPU's SDPA op). Per image: the batch of
+    2 minus the batch of 1, so what does not grow with the batch (the weights' casts) drops out."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    dtype = dtype or torch.float16
+
+    def efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        q, k, v = (t.to(dtype) for t in (q, k, v))  # what autocast does to SDPA's inputs
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p,
+                                                                      is_causal, scale=scale)[0]
+
+    def count(batch):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage()._cdata] = t  # kept alive, so that no storage's address is reused
+            return t
+        x = torch.zeros(batch, 3, size, size, device="cuda")
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as flops:
+            model(x)
+        return flops.get_total_flops(), sum(t.untyped_storage().nbytes() for t in storages.values())
+    sdpa, was_enabled = torch.nn.functional.scaled_dot_product_attention, torch.is_autocast_enabled("cuda")
+    # torch.autocast("cuda") turns itself off without a GPU: set the switch it would set
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.nn.functional.scaled_dot_product_attention = efficient_sdpa
+    try:
+        model = copy.deepcopy(model)  # the caller's model keeps its real weights
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            model = model.to("cuda").train()
+            (f1, b1), (f2, b2) = count(1), count(2)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        torch.set_autocast_enabled("cuda", was_enabled)
+    return f2 - f1, b2 - b1
+
+
 def counted(arch):
     """(forward FLOPs, saved activation bytes, the same with gradient checkpointing, parameters) of
     one image of ARCH at its training size, as a CUDA GPU's fp16 autocast runs it."""
     model = common.build_model(arch, pretrained=False)
     size = common.MODEL_CONFIGS[arch]["img_size"]
-    flops, act = common.counted_training_forward(model, size)
+    flops, act = counted_training_forward(model, size)
     model.set_grad_checkpointing(True)
-    return flops, act, common.counted_training_forward(model, size)[1], sum(p.numel() for p in model.parameters())
+    return flops, act, counted_training_forward(model, size)[1], sum(p.numel() for p in model.parameters())
 
 
 # Kaggle's GPU T4 x2: the dense fp16 tensor peak of one T4, TFLOP/s, and the range of shares of it

@@ -9,7 +9,6 @@ the scripts into Kaggle notebooks as files.
 """
 import argparse
 import contextlib
-import copy
 import csv
 import errno
 import fcntl
@@ -1152,7 +1151,8 @@ def check_image_ids(h5_path, ids, lenient=False):
 
 # the design's backbones, and tiny ones for tests and the CPU demo
 # act_mib(_ckpt): MiB that autograd saves per image in a training forward at img_size, without (with)
-# gradient checkpointing, as counted_training_forward counts them; train_backbone.py sizes its micro-batches by them
+# gradient checkpointing, as bench.counted_training_forward counts them; train_backbone.py sizes its micro-batches by
+# them
 MODEL_CONFIGS = {
     "eva02_small": dict(model_name="eva02_small_patch14_336.mim_in22k_ft_in1k", feature_dim=384, img_size=336,
                         act_mib=115.9, act_mib_ckpt=10.8),
@@ -1165,49 +1165,6 @@ MODEL_CONFIGS = {
     "convnext_atto": dict(model_name="convnextv2_atto.fcmae_ft_in1k", feature_dim=320, img_size=64,
                           act_mib=2.5, act_mib_ckpt=0.30),
 }
-
-
-def counted_training_forward(model, size, dtype=None):
-    """(FLOPs, bytes saved for the backward pass) per image of one training forward of `model` at
-    `size` px, as a CUDA GPU runs it under `dtype` autocast, counted without one: on fake CUDA tensors
-    (no memory, no compute) under CUDA's autocast rules (layer and vector norms in float32), with
-    attention as the memory-efficient SDPA kernel that a T4 runs (it saves no attention matrix;
-    FlopCounterMode counts its FLOPs, which it skips in the CPU's SDPA op). Per image: the batch of
-    2 minus the batch of 1, so what does not grow with the batch (the weights' casts) drops out."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
-    dtype = dtype or torch.float16
-
-    def efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        q, k, v = (t.to(dtype) for t in (q, k, v))  # what autocast does to SDPA's inputs
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, attn_mask, True, dropout_p,
-                                                                      is_causal, scale=scale)[0]
-
-    def count(batch):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage()._cdata] = t  # kept alive, so that no storage's address is reused
-            return t
-        x = torch.zeros(batch, 3, size, size, device="cuda")
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as flops:
-            model(x)
-        return flops.get_total_flops(), sum(t.untyped_storage().nbytes() for t in storages.values())
-    sdpa, was_enabled = torch.nn.functional.scaled_dot_product_attention, torch.is_autocast_enabled("cuda")
-    # torch.autocast("cuda") turns itself off without a GPU: set the switch it would set
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", dtype)
-    torch.nn.functional.scaled_dot_product_attention = efficient_sdpa
-    try:
-        model = copy.deepcopy(model)  # the caller's model keeps its real weights
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model = model.to("cuda").train()
-            (f1, b1), (f2, b2) = count(1), count(2)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
-        torch.set_autocast_enabled("cuda", was_enabled)
-    return f2 - f1, b2 - b1
 
 
 CANVAS = 256  # tiles (61 to 239 px) are placed, not resized, on a canvas this size; the GPU resizes

@@ -39,6 +39,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import bench  # noqa: E402
 import common  # noqa: E402
 import ensemble  # noqa: E402
 import extract  # noqa: E402
@@ -694,7 +695,7 @@ def test_training_forward_is_counted_as_a_gpu_runs_it():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.LayerNorm(16),
                                 torch.nn.GELU(), torch.nn.Linear(16, 1))
     weights = [p.clone() for p in model.parameters()]
-    flops, saved = common.counted_training_forward(model, 2)
+    flops, saved = bench.counted_training_forward(model, 2)
     assert flops == 2 * 12 * 16 + 2 * 16 * 1
     assert saved == 12 * 2 + (16 * 4 + 2 * 4) + 16 * 4 + 16 * 2
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # the model is left as it was
@@ -708,7 +709,7 @@ def test_training_forward_is_counted_as_a_gpu_runs_it():
         def forward(self, x):  # 64 tokens of 3 values, 2 heads of 8
             qkv = self.qkv(x.reshape(len(x), 64, 3)).reshape(len(x), 64, 3, 2, 8).permute(2, 0, 3, 1, 4)
             return torch.nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-    flops, saved = common.counted_training_forward(Attention(), 8)
+    flops, saved = bench.counted_training_forward(Attention(), 8)
     assert flops == 2 * 64 * 3 * 48 + 2 * 4 * 64 ** 2 * 8
     assert saved == 64 * 3 * 2 + 64 * 48 * 2 + 2 * 64 * 8 * 2 + 2 * 64 * 4
     # a whole model: every linear layer, the patch embedding and 4 N^2 D a layer (QK^T and AV)
@@ -718,7 +719,7 @@ def test_training_forward_is_counted_as_a_gpu_runs_it():
     linear = sum(2 * (1 if m is model.get_classifier() else tokens) * m.in_features * m.out_features
                  for m in model.modules() if isinstance(m, torch.nn.Linear))
     attention = len(model.blocks) * 4 * tokens ** 2 * dim
-    assert common.counted_training_forward(model, 56)[0] == linear + 2 * patches * 3 * 14 * 14 * dim + attention
+    assert bench.counted_training_forward(model, 56)[0] == linear + 2 * patches * 3 * 14 * 14 * dim + attention
 
 
 @pytest.mark.parametrize("arch", ["convnext_atto", "eva02_tiny"])
@@ -726,7 +727,7 @@ def test_model_table_holds_the_counted_activation_memory(arch):
     model = common.build_model(arch, pretrained=False)
     for checkpointing, key in ((False, "act_mib"), (True, "act_mib_ckpt")):
         model.set_grad_checkpointing(checkpointing)
-        counted = common.counted_training_forward(model, common.MODEL_CONFIGS[arch]["img_size"])[1] / 2 ** 20
+        counted = bench.counted_training_forward(model, common.MODEL_CONFIGS[arch]["img_size"])[1] / 2 ** 20
         assert counted == pytest.approx(common.MODEL_CONFIGS[arch][key], rel=0.1), key
     assert common.MODEL_CONFIGS[arch]["act_mib_ckpt"] < common.MODEL_CONFIGS[arch]["act_mib"] / 4
 
@@ -2869,7 +2870,6 @@ def test_kaggle_inputs_are_found_by_what_they_hold_in_either_layout(demo, tmp_pa
 def test_the_projected_notebook_runs_start_no_fold_past_the_budget():
     """bench.notebook_runs, hand-worked with the defaults (11 h budget, 3 h kept for the finishing
     stages of a 12 h run): 2.5 h folds, four to a run; then the rest and the finishing stages."""
-    import bench
     folds = [("eva02_base", k, 2.5) for k in range(5)] + [("convnext", k, 0.1) for k in range(5)]
     runs = bench.notebook_runs(folds, 2.0)
     assert [w for w, _ in runs] == ["eva02_base folds 0,1,2,3",
