@@ -147,7 +147,8 @@ def submission_reasons(args, models_dir, names, weights, members, test, ens_test
     that fails leaves them empty, with one warning line, and never costs the submission (whose
     rerun on the hidden test set shows no log)."""
     try:
-        return explain(args.work, models_dir, names, weights, members, "test", test, ens_test)
+        return explain(args.work, models_dir, names, np.tile(weights, (len(ens_test), 1)), members, "test", test,
+                       ens_test)
     except Exception as e:
         if not args.predict_only:
             raise
@@ -181,7 +182,11 @@ def ensemble(args):
             fold_weights, ens_oof = nested_choice(ranks, y, folds)
         else:
             ens_oof = weights @ ranks
-        oof_reasons = explain(args.work, models_dir, names, weights, members, "train", train, ens_oof)
+        # each fold's lesions explained with the weights that ranked them: chosen on the other folds
+        row_weights = np.tile(weights, (len(folds), 1))
+        for k, w in fold_weights.items():
+            row_weights[folds == k] = w
+        oof_reasons = explain(args.work, models_dir, names, row_weights, members, "train", train, ens_oof)
     ens_test = rank_average(tst, weights)
     test_reasons = submission_reasons(args, models_dir, names, weights, members, test, ens_test)
     if not args.predict_only:  # the models folder's record first, and the work folder's outputs checked against it

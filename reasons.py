@@ -178,14 +178,15 @@ def member_contributions(work, models_dir, name, made_by, split, lesions, rows):
 def explain(work, models_dir, names, weights, members, split, lesions, score):
     """N_REASONS arrays of reasons, one entry per lesion of the split: each patient's top TOP_K by
     `score` (and every malignant train lesion) get theirs, the rest "". The members' contributions
-    combine by ensemble weight; a feature that several members use adds up."""
+    combine by the weights that made each lesion's score (weights: lesions x members; out of fold,
+    those chosen on the other folds); a feature that several members use adds up."""
     rows = np.flatnonzero((rank_in_patient(score, lesions["patient_id"]) <= TOP_K) | (lesions.get("target", 0) == 1))
     out = [np.full(len(score), "", dtype=object) for _ in range(N_REASONS)]
     if not len(rows):
         return out
     column, phi, values = {}, [], []  # every member's features as columns of one table
-    for name, w in zip(names, weights):
-        if w == 0:
+    for name, w in zip(names, weights[rows].T):
+        if not w.any():
             continue
         member_phi, member_names, x = member_contributions(work, models_dir, name, members[name], split, lesions,
                                                            rows)

@@ -2138,6 +2138,40 @@ def test_a_reason_says_what_the_lesions_own_value_says(name, value, said):
     assert f"{concept}: {reasons.describe(kind, value)}" == said
 
 
+def test_reasons_combine_the_members_by_the_weights_that_ranked_each_lesion(monkeypatch):
+    """Two members, each whose contribution is one measurement: the lesions of fold 0, ranked with
+    weights 1/0, give the first member's measurement; those of fold 1, weighted 0/1, the second's."""
+    lesions = {"patient_id": np.array(["a"] * 4), "fold": np.array([0, 0, 1, 1]), "target": np.zeros(4)}
+    own = {"m1": "tbp_lv_areaMM2_pn_z", "m2": "tbp_lv_L_pn_z"}
+
+    def contributions(work, models_dir, name, made_by, split, lesions, rows):
+        return np.ones((len(rows), 2)), [own[name]], np.full((len(rows), 1), 2.0)
+    monkeypatch.setattr(reasons, "member_contributions", contributions)
+    weights = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    first = reasons.explain("", "", ["m1", "m2"], weights, dict.fromkeys(own), "train", lesions, np.arange(4.0))[0]
+    assert [r.partition(":")[0] for r in first] == ["area", "area", "lightness", "lightness"]
+
+
+@slow
+def test_out_of_fold_reasons_use_the_weights_chosen_on_the_other_folds(reported, tmp_path, monkeypatch):
+    work = copy_work(reported, tmp_path / "work")
+    given = {}
+    explain = reasons.explain
+
+    def spy(*args):  # each split's weights, as ensemble.py hands them over
+        given[args[5]] = args[3]
+        return explain(*args)
+    monkeypatch.setattr(ensemble, "explain", spy)
+    ensemble.main(["--work", work, "--names", "tab,tab_cnx"])
+    with open(os.path.join(work, "models", "ensemble.json")) as f:
+        spec = json.load(f)
+    folds = common.read_lesions(work, "train")["fold"]
+    want = np.array([spec["fold_weights"][str(k)] for k in folds])
+    assert len({tuple(w) for w in spec["fold_weights"].values()}) > 1  # the folds' weights differ: a real check
+    np.testing.assert_array_equal(given["train"], want)
+    np.testing.assert_array_equal(given["test"], np.tile(spec["weights"], (len(given["test"]), 1)))
+
+
 @slow
 def test_contributions_add_up_to_the_raw_scores_of_the_boosters_that_scored_the_lesion(reported):
     """Test lesions: every booster of the GBDT; train lesions: those of the fold that held them out
