@@ -1500,11 +1500,11 @@ def forced_nonfinite(ids, index, reduced):
     return np.array([ids[i] in spec and reduced or ids[i] + "!" in spec for i in index], bool)
 
 
-def check_finite_outputs(embs, logits, ids, index, dtype, what, lenient=False):
-    """A tile that decodes must get a finite embedding and logit: NaN means "no image" downstream.
-    lenient (a submission): the tiles whose outputs are not finite get NaN, with one warning line.
-    ids[index[i]] names row i of the batch."""
-    import torch
+def check_finite_outputs(embs, logits, ids, index, what, lenient=False):
+    """A tile that decodes must get a finite embedding and logit, in float32 at the last (predict
+    scores again in float32 what reduced precision left not finite): NaN means "no image"
+    downstream. lenient (a submission): the tiles whose outputs are not finite get NaN, with one
+    warning line. ids[index[i]] names row i of the batch."""
     bad = ~(np.isfinite(logits) & np.isfinite(embs).all(1))
     if bad.any() and lenient:
         log(f"warning: {what or 'prediction'}: the model's output for {bad.sum()} tile(s) that decode is not finite, "
@@ -1512,12 +1512,9 @@ def check_finite_outputs(embs, logits, ids, index, dtype, what, lenient=False):
         embs[bad], logits[bad] = np.nan, np.nan
     elif bad.any():
         first = np.flatnonzero(bad)[0]
-        fp16 = (": retrain with a lower --lr, or score on a GPU with bf16 (compute capability 8.0 and up)"
-                if dtype == torch.float16 else "")
         raise DataError(f"{what or 'prediction'}: the model's output for {ids[index[first]]} (a tile that decodes) is "
-                        f"not finite (logit {logits[first]}; {bad.sum()} of the {len(index)} tiles of its batch) under "
-                        f"{str(dtype or torch.float32)[6:]}: the weights hold NaN or inf, or the forward pass "
-                        f"overflows{fp16}")
+                        f"not finite (logit {logits[first]}; {bad.sum()} of the {len(index)} tiles of its batch) in "
+                        "float32: the weights hold NaN or inf, or the forward pass overflows")
 
 
 def score_batch(model, x, device, dtype, ids, index):
@@ -1551,7 +1548,7 @@ def predict(model, loader, out_size, mean, std, device, dtype, progress="", leni
             bad = ~(np.isfinite(z) & np.isfinite(f).all(1))
             if bad.any() and dtype is not None:
                 f[bad], z[bad] = score_batch(model, x[torch.from_numpy(bad).to(device)], device, None, ids, index[bad])
-            check_finite_outputs(f, z, ids, index, dtype, progress, lenient)
+            check_finite_outputs(f, z, ids, index, progress, lenient)
             embs[rows], logits[rows] = f, z
         if progress and ((batch + 1) % 50 == 0 or seen == n):
             log(f"{progress}: {seen}/{n} images, {seen / (time.time() - t0):.0f} images/s")

@@ -152,7 +152,7 @@ def submission_reasons(args, models_dir, names, weights, members, test, ens_test
     except Exception as e:
         if not args.predict_only:
             raise
-        print(f"warning: triage.csv without reasons: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        log(f"warning: triage.csv without reasons: {type(e).__name__}: {e}")
         return [np.full(len(ens_test), "", dtype=object) for _ in REASONS]
 
 

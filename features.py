@@ -61,7 +61,8 @@ def record_folds(work, train, models_dir, n_folds=5, seed=42):
     models of an earlier run came with it. A folds.csv made from other training data is refused:
     reused, it could put one patient in two folds."""
     path, travelled = os.path.join(work, "folds.csv"), os.path.join(models_dir, "folds.csv")
-    if not os.path.exists(path) and os.path.exists(travelled):
+    copied = not os.path.exists(path) and os.path.exists(travelled)
+    if copied:
         atomic_copy(travelled, path)
         log(f"{path}: the folds of {travelled}, which the fold models there were trained on")
     if not os.path.exists(path):
@@ -71,14 +72,19 @@ def record_folds(work, train, models_dir, n_folds=5, seed=42):
                   [train["isic_id"], train["patient_id"], train["target"].astype(int), folds])
         log(f"wrote {path}: {n_folds} folds grouped by patient, seed {seed}")
         return folds
-    old = read_lesions(work, "train", recorded=False)  # this stage's own file: its record is rewritten below
-    check_ids(path, old["isic_id"], train["isic_id"])
-    for c in ("patient_id", "target"):
-        differs = np.flatnonzero(old[c] != train[c])
-        if len(differs):
-            raise DataError(f"{path}: made from other training data ({c} of isic_id {train['isic_id'][differs[0]]} "
-                            f"differs in {len(differs)} row(s)): use a new --work, or delete folds.csv and rerun "
-                            "every stage")
+    try:
+        old = read_lesions(work, "train", recorded=False)  # this stage's own file: its record is rewritten below
+        check_ids(path, old["isic_id"], train["isic_id"])
+        for c in ("patient_id", "target"):
+            differs = np.flatnonzero(old[c] != train[c])
+            if len(differs):
+                raise DataError(f"{travelled if copied else path}: made from other training data ({c} of isic_id "
+                                f"{train['isic_id'][differs[0]]} differs in {len(differs)} row(s)): use a new "
+                                "--work, or delete folds.csv and rerun every stage")
+    except DataError:
+        if copied:  # a refused copy is not left to be reused
+            os.remove(path)
+        raise
     return old["fold"]
 
 

@@ -206,9 +206,9 @@ def train_boosters(args, model_dir, names, test, x_test, inputs):
             atomic_write(os.path.join(partial, boosters[-1]), lambda f: f.write(text.encode()))
         if not np.isfinite(fold_pred).all() or np.ptp(fold_pred) == 0:  # ranks nothing: never committed
             shutil.rmtree(partial)
-            raise DataError(f"{args.name} fold {k}: every prediction is {fold_pred[0]:g}: the boosters learned nothing "
-                            "(no split: --min-leaf above a bag's rows, or --indeterminate-weight leaving no negatives "
-                            "of weight above 0?): no model written")
+            what = (f"every prediction is {fold_pred[0]:g}: the boosters learned nothing (no split: --min-leaf above "
+                    "a bag's rows?)" if np.isfinite(fold_pred).all() else "predictions that are not finite (--lr?)")
+            raise DataError(f"{args.name} fold {k}: {what}: no model written")
         oof[val] = fold_pred
         score = pauc_or_nan(y[val], fold_pred)
         log(f"{args.name} fold {k}: {len(trn)} train rows, {len(val)} validation rows, pAUC {score:.4f}")

@@ -128,9 +128,9 @@ def top_reasons(phi, values, names, n=N_REASONS):
     out = [[""] * len(phi) for _ in range(n)]
     for i in np.flatnonzero(np.isfinite(by_concept).all(1)):
         for r, k in enumerate(np.argsort(-by_concept[i], kind="stable")[:n]):
-            j = columns[k][np.argmax(phi[i, columns[k]])]
-            out[r][i] = (f"{labels[k]}: {describe(kinds[j], float(values[i, j]))}"
-                         + " (lowers the score)" * bool(by_concept[i, k] <= 0))
+            lowers = by_concept[i, k] <= 0  # then the phrase is of the feature that lowers it most
+            j = columns[k][np.argmax(phi[i, columns[k]] * (-1 if lowers else 1))]
+            out[r][i] = f"{labels[k]}: {describe(kinds[j], float(values[i, j]))}" + " (lowers the score)" * bool(lowers)
     return out
 
 
