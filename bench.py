@@ -463,8 +463,7 @@ def reason_figures(cache, test_lesions, gbdts=4, per_patient=FULL_ROWS / FULL_PA
     total = t_load + t_select + t_shap + t_phrases
     what = f"{gbdts} GBDTs x {n_boosters} boosters of {defaults.rounds} rounds"
     return [(f"reasons: loading the test features, once a GBDT ({gbdts})", test_lesions, x.shape[1], t_load, ""),
-            ("reasons: each patient's top 15", len(rows), "", t_select,
-             f"{test_lesions // int(per_patient):,} patients"),
+            ("reasons: each patient's top 15", len(rows), "", t_select, f"{len(np.unique(patients)):,} patients"),
             (f"reasons: TreeSHAP contributions of the top 15s, {what}", len(rows), x.shape[1], t_shap, ""),
             ("reasons: concepts and phrases", len(rows), x.shape[1], t_phrases, ""),
             (f"**reasons for the triage, {test_lesions:,} test lesions**", test_lesions, x.shape[1], total,
@@ -725,9 +724,10 @@ def ablation_figures(cache, patients, test_patients, variants, seeds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=common.positive(int), default=FULL_ROWS, help="train rows of the full-size runs")
+    parser.add_argument("--rows", type=common.number(int, 1000, 10_000_000), default=FULL_ROWS,
+                        help="train rows of the full-size runs")
     parser.add_argument("--cache", default="bench_data", help="folder for the generated CSVs (reused)")
-    parser.add_argument("--gbdt-rows", type=common.positive(int), nargs="+",
+    parser.add_argument("--gbdt-rows", type=common.number(int, 1000, 10_000_000), nargs="+",
                         help="row counts of the gbdt scaling runs (default: rows/4, rows/2, rows); "
                              "without --rows among them, gbdt at --rows is extrapolated linearly")
     parser.add_argument("--no-gbdt", action="store_true", help="without the gbdt.py scaling runs")
@@ -736,7 +736,7 @@ def main(argv=None):
     parser.add_argument("--gpu-estimate", action="store_true",
                         help="only the projections for Kaggle's GPUs: time from counted FLOPs, training memory, "
                              "the submission notebook's time (no GPU needed)")
-    parser.add_argument("--test-lesions", type=common.positive(int), default=500_000,
+    parser.add_argument("--test-lesions", type=common.number(int, 1000, 10_000_000), default=500_000,
                         help="with --gpu-estimate or --reasons: hidden test size")
     parser.add_argument("--gpu", action="store_true",
                         help="only the GPU measurements: training and extraction images/s, the predict loop, "
@@ -748,7 +748,7 @@ def main(argv=None):
                              "settings), or gbdt.py's speed levers from the previous defaults to the new ones")
     parser.add_argument("--ablation-seeds", type=common.SEED, nargs="+", default=[42, 7],
                         help="with --ablation: the seeds of the folds, each a features.py run")
-    parser.add_argument("--ablation-patients", type=common.positive(int), default=400,
+    parser.add_argument("--ablation-patients", type=common.number(int, 20, 100_000), default=400,
                         help="with --ablation: train patients")
     parser.add_argument("--reasons", action="store_true",
                         help="only the cost of the triage's reasons at --test-lesions test lesions")

@@ -120,11 +120,6 @@ def number(kind, low=None, high=None, low_open=False, high_open=False, also=()):
     return parse
 
 
-def positive(kind):
-    """An argparse type: a finite number of type `kind` above 0."""
-    return number(kind, 0, low_open=True)
-
-
 SEED = number(int, 0, 2 ** 30)  # NumPy refuses a negative seed; LightGBM's (seed + fold and bag) is a C int
 
 # the names that other stages' outputs already take, in WORK/models, WORK/preds and WORK/records:
@@ -145,14 +140,6 @@ def gbdt_name(text):
     if taken:
         raise argparse.ArgumentTypeError(f"{text!r} is {taken}: choose another name")
     return text
-
-
-def gbdt_names(text):
-    """An argparse type: distinct GBDT names, comma-separated."""
-    names = [gbdt_name(n) for n in text.split(",")]
-    if len(set(names)) < len(names):
-        raise argparse.ArgumentTypeError(f"{text!r}: a name twice")
-    return names
 
 
 # ---------------------------------------------------------------- atomic writes, id-checked arrays
@@ -934,34 +921,6 @@ def pauc_or_nan(y_true, y_pred):
     """pAUC, or NaN where the rows hold one class (a fold or validation set without positives)."""
     y_true = np.asarray(y_true)
     return pauc(y_true, y_pred) if 0 < y_true.sum() < len(y_true) else float("nan")
-
-
-def within_patient(score, patients):
-    """For each lesion: how many of its patient's lesions score higher, and how many score the same
-    (itself included)."""
-    n = len(score)
-    patient = codes(patients)
-    order = np.lexsort((-score, patient))
-    c, s = patient[order], score[order]
-    new_patient = np.r_[True, c[1:] != c[:-1]]
-    new_value = new_patient | np.r_[True, s[1:] != s[:-1]]
-    patient_start = np.maximum.accumulate(np.where(new_patient, np.arange(n), 0))
-    value_start = np.maximum.accumulate(np.where(new_value, np.arange(n), 0))
-    group = np.cumsum(new_value) - 1
-    above, tied = np.empty(n), np.empty(n)
-    above[order], tied[order] = value_start - patient_start, np.bincount(group)[group]
-    return above, tied
-
-
-def retrieval_sensitivity(y, score, patients, k):
-    """Top-k retrieval sensitivity: (the share of all malignant lesions that are among their
-    patient's k highest-scored, the mean over patients with a malignant lesion of the share of
-    theirs that are). A lesion tied at the cut counts as (places left) / (lesions tied)."""
-    above, tied = within_patient(score, patients)
-    found = np.clip((k - above) / tied, 0, 1) * y
-    patient = codes(patients)
-    per_patient = np.bincount(patient, found) / np.maximum(np.bincount(patient, y), 1)
-    return found.sum() / y.sum(), per_patient[np.bincount(patient, y) > 0].mean()
 
 
 def rank_in_patient(score, patients):

@@ -36,10 +36,18 @@ import sys
 
 import numpy as np
 
-from common import (DataError, add_path_flags, file_digest, gbdt_names, log, models_folder, pauc, rank01,
+from common import (DataError, add_path_flags, file_digest, gbdt_name, log, models_folder, pauc, rank01,
                     rank_in_patient, read_json, read_lesions, read_manifest, read_preds, run_main, stage_locks,
                     write_args, write_csv, write_json, write_preds, write_record)
 from reasons import REASONS, explain, member_images
+
+
+def gbdt_names(text):
+    """An argparse type: distinct GBDT names, comma-separated."""
+    names = [gbdt_name(n) for n in text.split(",")]
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: a name twice")
+    return names
 
 
 def rank_average(preds, weights):

@@ -33,15 +33,43 @@ from collections import Counter
 
 import numpy as np
 
-from common import (MIN_TPR, add_path_flags, atomic_write, check_classes, check_ids, check_labels, check_record,
+from common import (MIN_TPR, add_path_flags, atomic_write, check_classes, check_ids, check_labels, check_record, codes,
                     default_data_dir, file_digest, log, models_folder, open_h5, pauc, pauc_or_nan, rank01,
-                    rank_in_patient, read_csv, read_image_bytes, read_lesions, read_preds, retrieval_sensitivity,
-                    roc_points, run_main, stage_locks, write_args)
+                    rank_in_patient, read_csv, read_image_bytes, read_lesions, read_preds, roc_points, run_main,
+                    stage_locks, write_args)
 from ensemble import read_ensemble_json
 from reasons import REASONS
 
 TOP_K = (5, 10, 15)
 MAX_TILES, MAX_TILE_BYTES = 200, 4 * 2 ** 20
+
+
+def within_patient(score, patients):
+    """For each lesion: how many of its patient's lesions score higher, and how many score the same
+    (itself included)."""
+    n = len(score)
+    patient = codes(patients)
+    order = np.lexsort((-score, patient))
+    c, s = patient[order], score[order]
+    new_patient = np.r_[True, c[1:] != c[:-1]]
+    new_value = new_patient | np.r_[True, s[1:] != s[:-1]]
+    patient_start = np.maximum.accumulate(np.where(new_patient, np.arange(n), 0))
+    value_start = np.maximum.accumulate(np.where(new_value, np.arange(n), 0))
+    group = np.cumsum(new_value) - 1
+    above, tied = np.empty(n), np.empty(n)
+    above[order], tied[order] = value_start - patient_start, np.bincount(group)[group]
+    return above, tied
+
+
+def retrieval_sensitivity(y, score, patients, k):
+    """Top-k retrieval sensitivity: (the share of all malignant lesions that are among their
+    patient's k highest-scored, the mean over patients with a malignant lesion of the share of
+    theirs that are). A lesion tied at the cut counts as (places left) / (lesions tied)."""
+    above, tied = within_patient(score, patients)
+    found = np.clip((k - above) / tied, 0, 1) * y
+    patient = codes(patients)
+    per_patient = np.bincount(patient, found) / np.maximum(np.bincount(patient, y), 1)
+    return found.sum() / y.sum(), per_patient[np.bincount(patient, y) > 0].mean()
 
 
 def fold_scores(y, folds, pred):

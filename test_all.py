@@ -2274,13 +2274,13 @@ def test_retrieval_sensitivity_matches_brute_force_ties_included():
         y[0] = 1
         score = rng.integers(0, 4, 24) / 3.0 if trial % 2 else rng.normal(size=24)  # many ties, or none
         for k in (1, 2, 3):
-            got = common.retrieval_sensitivity(y, score, patients, k)
+            got = report.retrieval_sensitivity(y, score, patients, k)
             assert got == pytest.approx(retrieval_brute_force(y, score, patients, k), abs=1e-12)
         checked += 1
     assert checked >= 20
     # a hand-worked tie at the cut: two malignant of three tied lesions, two places left: 2 x 2/3 found
     y, score = np.array([1, 1, 0, 0]), np.array([0.5, 0.5, 0.5, 0.9])
-    assert common.retrieval_sensitivity(y, score, np.zeros(4), 3) == pytest.approx((2 / 3, 2 / 3))
+    assert report.retrieval_sensitivity(y, score, np.zeros(4), 3) == pytest.approx((2 / 3, 2 / 3))
 
 
 def test_rank_in_patient_is_one_for_the_lesion_to_look_at_first():
