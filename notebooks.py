@@ -25,9 +25,8 @@ import subprocess
 import sys
 import time
 
-from common import (KAGGLE_INPUT, DataError, atomic_copy, atomic_write, file_digest, find_input, folder_problem,
-                    found_data_dir, input_folders, log, read_json, read_lesions, run_main, write_dataset_metadata,
-                    write_json)
+from common import (KAGGLE_INPUT, DataError, atomic_copy, atomic_write, file_digest, find_input, found_data_dir,
+                    input_folders, log, read_lesions, read_manifest, run_main, write_dataset_metadata, write_json)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CODE = ["common.py", "demo.py", "features.py", "train_backbone.py", "extract.py", "gbdt.py", "reasons.py",
@@ -95,11 +94,11 @@ def copy_models_in(models_in, work):
     digest = file_digest(folds)
     for path in sorted(glob.glob(os.path.join(glob.escape(models_in), "*", "fold*", "manifest.json"))):
         fold_dir = os.path.dirname(path)
-        problem = folder_problem(fold_dir)
-        if problem is None and read_json(path, "train_backbone.py", {"lesions": "digest"})["lesions"] != digest:
-            problem = "made with another folds.csv than the one beside features.json (two runs' folders mixed)"
-        if problem:
-            raise DataError(f"{fold_dir}: {problem}: train that fold again, or attach the models dataset whole")
+        arch, fold = os.path.basename(os.path.dirname(fold_dir)), os.path.basename(fold_dir)[4:]
+        again = f"train_backbone.py --arch {arch} --fold {fold}, or attach the models dataset whole"
+        if read_manifest(fold_dir, again, schema={"lesions": "digest"})["lesions"] != digest:
+            raise DataError(f"{fold_dir}: made with another folds.csv than the one beside features.json (two runs' "
+                            f"folders mixed): run {again}")
     target = os.path.join(work, "models")
     for folder, dirs, files in os.walk(models_in):  # files copied without their read-only modes
         out = os.path.join(target, os.path.relpath(folder, models_in))
